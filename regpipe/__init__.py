@@ -1,0 +1,25 @@
+"""regpipe: batch-level regularizers for fast image data loaders.
+
+The public API: the :class:`Batch` data model, the ops (classes that sample parameters and call a pure
+function), the :mod:`regpipe.functional` pure functions, the :class:`Cascade` controller, and the
+loader adapters in :mod:`regpipe.loaders`.
+"""
+
+from regpipe.batch import Batch, MixRecord, identity_affine, labels_to_targets
+from regpipe.cascade import Cascade, CascadeEvent
+from regpipe.ops import GradualSumMix, SumMix, TestTimeSumAugmentation, mix_batch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Cascade",
+    "CascadeEvent",
+    "GradualSumMix",
+    "MixRecord",
+    "SumMix",
+    "TestTimeSumAugmentation",
+    "identity_affine",
+    "labels_to_targets",
+    "mix_batch",
+]

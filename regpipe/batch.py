@@ -1,0 +1,165 @@
+"""The one data model that flows through a regpipe pipeline.
+
+Every op takes a :class:`Batch` and returns a new :class:`Batch` (``dataclasses.replace``); nothing
+is mutated in place, so a batch can be kept for later (the saliency loss compares a mixed batch with
+the batch it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Batch", "MixRecord", "identity_affine", "labels_to_targets"]
+
+
+def identity_affine(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Identity 2x3 affine matrices, shape ``(n, 2, 3)`` (the ``affine_grid`` convention: output -> input)."""
+    eye = torch.zeros(n, 2, 3, device=device, dtype=dtype)
+    eye[:, 0, 0] = 1.0
+    eye[:, 1, 1] = 1.0
+    return eye
+
+
+def labels_to_targets(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Integer labels ``(N,)`` -> dense one-hot targets ``(N, num_classes)``.
+
+    Raises:
+        TypeError: labels are not an integer tensor.
+        ValueError: labels are not 1-D or fall outside ``[0, num_classes)`` (the offending value is named).
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {type(labels).__name__} "
+                        f"{getattr(labels, 'dtype', '')}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} is out of range for num_classes={num_classes}")
+    return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+@dataclass(frozen=True)
+class MixRecord:
+    """Which rows of the pre-mix batch make each output row, and with which weights.
+
+    Output row ``i`` is ``sum_g weights[i, g] * parent_row[sources[i, g]]``.
+
+    Attributes:
+        sources: ``(N_out, k)`` int64, row indices into the batch *before* mixing.
+        weights: ``(N_out, k)`` float, the mixing weights (rows sum to 1).
+        source_ids: ``(N_out, k)`` int64, the dataset ids of those rows.
+    """
+
+    sources: torch.Tensor
+    weights: torch.Tensor
+    source_ids: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.sources.dim() != 2:
+            raise ValueError(f"MixRecord.sources must be (N_out, k), got {tuple(self.sources.shape)}")
+        for name in ("weights", "source_ids"):
+            value = getattr(self, name)
+            if value.shape != self.sources.shape:
+                raise ValueError(f"MixRecord.{name} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(self.sources.shape)} like sources")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as regpipe ops see it.
+
+    Attributes:
+        inputs: ``(N, C, H, W)`` images, float (or uint8 straight from a loader).
+        targets: ``(N, K)`` dense soft targets, floating point, rows sum to 1.
+        source_ids: ``(N,)`` int64, dataset index of each row's seed sample (for a mixed row: of its
+            first component; ``mixing.source_ids`` has all of them).
+        affine: ``(N, 2, 3)`` float, output -> input coordinates of the geometric ops applied so far
+            (identity when none ran). Filled with identities when omitted.
+        mixing: the :class:`MixRecord` of the last mixing op, or ``None``.
+        patchup: the PatchUp plan drawn for this batch, or ``None``.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    source_ids: torch.Tensor
+    affine: torch.Tensor | None = None
+    mixing: MixRecord | None = None
+    patchup: Any | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        # Shape and dtype checks only: they cost no device synchronisation. Value checks (label range)
+        # happen where values are still on the host (`labels_to_targets`, the loaders).
+        for name in ("inputs", "targets", "source_ids"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"Batch.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        x, y, ids = self.inputs, self.targets, self.source_ids
+        if x.dim() != 4:
+            raise ValueError(f"Batch.inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
+        n = x.shape[0]
+        if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
+            raise TypeError(f"Batch.inputs must be floating point or uint8, got {x.dtype}")
+        if y.dim() != 2 or y.shape[0] != n:
+            raise ValueError(f"Batch.targets must be (N, K) with N={n}, got shape {tuple(y.shape)}")
+        if not y.dtype.is_floating_point:
+            raise TypeError(f"Batch.targets must be dense soft targets (floating point), got {y.dtype}; "
+                            "use labels_to_targets() for integer labels")
+        if ids.shape != (n,):
+            raise ValueError(f"Batch.source_ids must be (N,) with N={n}, got shape {tuple(ids.shape)}")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"Batch.source_ids must be int64, got {ids.dtype}")
+        if self.affine is None:
+            object.__setattr__(self, "affine", identity_affine(n, device=x.device))
+        elif self.affine.shape != (n, 2, 3):
+            raise ValueError(f"Batch.affine must be (N, 2, 3) with N={n}, got shape {tuple(self.affine.shape)}")
+        if self.mixing is not None and self.mixing.sources.shape[0] != n:
+            raise ValueError(f"Batch.mixing describes {self.mixing.sources.shape[0]} rows, the batch has {n}")
+
+    @classmethod
+    def from_labels(cls, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    source_ids: torch.Tensor | None = None) -> "Batch":
+        """Build a batch from integer labels (one-hot targets); ``source_ids`` default to ``arange(N)``."""
+        if source_ids is None:
+            source_ids = torch.arange(inputs.shape[0], device=inputs.device)
+        targets = labels_to_targets(labels, num_classes).to(inputs.device)
+        return cls(inputs=inputs, targets=targets, source_ids=source_ids.to(inputs.device, torch.int64))
+
+    @property
+    def size(self) -> int:
+        """Number of rows ``N``."""
+        return self.inputs.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.targets.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def replace(self, **changes: Any) -> "Batch":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """Move every tensor to ``device``."""
+        mixing = self.mixing
+        if mixing is not None:
+            mixing = MixRecord(*(t.to(device, non_blocking=non_blocking)
+                                 for t in (mixing.sources, mixing.weights, mixing.source_ids)))
+        return dataclasses.replace(
+            self,
+            inputs=self.inputs.to(device, non_blocking=non_blocking),
+            targets=self.targets.to(device, non_blocking=non_blocking),
+            source_ids=self.source_ids.to(device, non_blocking=non_blocking),
+            affine=self.affine.to(device, non_blocking=non_blocking),
+            mixing=mixing,
+        )

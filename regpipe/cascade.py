@@ -1,0 +1,159 @@
+"""Cascading Sum Augmentation controller (SPEC 1.2): stage k, plateau patience, best-checkpoint restore."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["Cascade", "CascadeEvent"]
+
+
+@dataclass(frozen=True)
+class CascadeEvent:
+    """What :meth:`Cascade.report` decided after one evaluation."""
+
+    improved: bool
+    advanced: bool  # moved to the next stage (the best checkpoint was restored first)
+    finished: bool  # the last stage ended: stop training
+    k: int  # the stage's k from now on
+
+
+def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """Deep copy of a state dict with every tensor moved to the CPU (a checkpoint that survives training)."""
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {key: move(v) for key, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        return copy.deepcopy(value)
+    return move(state)
+
+
+class Cascade:
+    """Decides the number of sum groups ``k`` stage by stage.
+
+    Train at ``stages[stage]``; after every evaluation call :meth:`report` with the validation metric.
+    An improvement stores a checkpoint (model and, if given, optimizer state, on the CPU). When the
+    metric has not improved for ``patience`` evaluations, or the stage has used ``stage_epochs``
+    evaluations, the best checkpoint is loaded back into the model (and optimizer) and the next stage
+    starts. After the last stage (``k = 1``, clean fine-tune; or ``stop_at=2`` for test-time sum
+    augmentation) :attr:`finished` is set.
+
+    Args:
+        stages: strictly decreasing numbers of sum groups, e.g. ``(8, 4, 2, 1)``.
+        patience: evaluations without improvement before the stage ends.
+        stage_epochs: optional cap on evaluations per stage (an int for all, or one per stage).
+        mode: ``"max"`` (accuracy) or ``"min"`` (loss).
+        stop_at: drop the stages below this k (``2`` skips the clean fine-tune).
+        min_delta: an improvement must exceed the best by more than this.
+
+    Example:
+        >>> cascade = Cascade(stages=(4, 2, 1), patience=1)
+        >>> [cascade.report(m).k for m in (0.5, 0.4, 0.6, 0.6)]
+        [4, 2, 2, 1]
+    """
+
+    def __init__(self, stages: Sequence[int] = (8, 4, 2, 1), patience: int = 3,
+                 stage_epochs: int | Sequence[int] | None = None, mode: Literal["max", "min"] = "max",
+                 stop_at: int = 1, min_delta: float = 0.0) -> None:
+        stages = tuple(int(k) for k in stages)
+        if not stages or any(k < 1 for k in stages) or any(a <= b for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"stages must be a non-empty strictly decreasing sequence of k >= 1, got {stages}")
+        stages = tuple(k for k in stages if k >= stop_at)
+        if not stages:
+            raise ValueError(f"stop_at={stop_at} leaves no stage")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if isinstance(stage_epochs, int) or stage_epochs is None:
+            budgets = (stage_epochs,) * len(stages)
+        else:
+            budgets = tuple(stage_epochs)
+            if len(budgets) != len(stages):
+                raise ValueError(f"stage_epochs has {len(budgets)} entries for {len(stages)} stages {stages}")
+        if any(b is not None and b < 1 for b in budgets):
+            raise ValueError(f"stage_epochs must be >= 1, got {budgets}")
+        self.stages, self.patience, self.stage_epochs = stages, patience, budgets
+        self.mode, self.min_delta = mode, float(min_delta)
+        self.stage = 0
+        self.best = -math.inf if mode == "max" else math.inf
+        self.evals_since_best = 0
+        self.evals_in_stage = 0
+        self.finished = False
+        self.history: list[dict[str, Any]] = []
+        self._best_checkpoint: dict[str, Any] | None = None
+
+    @property
+    def k(self) -> int:
+        """Number of sum groups of the current stage."""
+        return self.stages[self.stage]
+
+    def _better(self, metric: float) -> bool:
+        if self.mode == "max":
+            return metric > self.best + self.min_delta
+        return metric < self.best - self.min_delta
+
+    def report(self, metric: float, model: torch.nn.Module | None = None,
+               optimizer: torch.optim.Optimizer | None = None) -> CascadeEvent:
+        """Take one evaluation's metric; may restore the best checkpoint into ``model``/``optimizer``."""
+        metric = float(metric)
+        if math.isnan(metric):
+            raise ValueError("the validation metric is NaN")
+        if self.finished:
+            raise RuntimeError("the cascade has finished; no more stages to train")
+        self.evals_in_stage += 1
+        improved = self._better(metric)
+        if improved:
+            self.best, self.evals_since_best = metric, 0
+            if model is not None:
+                self._best_checkpoint = _cpu_copy({
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else None})
+        else:
+            self.evals_since_best += 1
+        budget = self.stage_epochs[self.stage]
+        stage_over = self.evals_since_best >= self.patience or (budget is not None and self.evals_in_stage >= budget)
+        advanced = False
+        if stage_over:
+            self.restore_best(model, optimizer)
+            if self.stage + 1 < len(self.stages):
+                self.stage += 1
+                advanced = True
+            else:
+                self.finished = True
+            self.evals_since_best = 0
+            self.evals_in_stage = 0
+        self.history.append({"metric": metric, "k": self.k, "improved": improved, "advanced": advanced})
+        return CascadeEvent(improved=improved, advanced=advanced, finished=self.finished, k=self.k)
+
+    def restore_best(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Load the best checkpoint into ``model`` (and ``optimizer``); False when there is none yet."""
+        if model is None or self._best_checkpoint is None:
+            return False
+        model.load_state_dict(self._best_checkpoint["model"])
+        if optimizer is not None and self._best_checkpoint["optimizer"] is not None:
+            optimizer.load_state_dict(self._best_checkpoint["optimizer"])
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": self.stages, "stage": self.stage, "best": self.best,
+                "evals_since_best": self.evals_since_best, "evals_in_stage": self.evals_in_stage,
+                "finished": self.finished, "history": copy.deepcopy(self.history),
+                "best_checkpoint": self._best_checkpoint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["stages"]) != self.stages:
+            raise ValueError(f"checkpoint stages {tuple(state['stages'])} differ from this cascade's {self.stages}")
+        self.stage, self.best = int(state["stage"]), float(state["best"])
+        self.evals_since_best, self.evals_in_stage = int(state["evals_since_best"]), int(state["evals_in_stage"])
+        self.finished = bool(state["finished"])
+        self.history = copy.deepcopy(state["history"])
+        self._best_checkpoint = state["best_checkpoint"]

@@ -1,0 +1,175 @@
+"""The ``regpipe`` command: ``train`` (the main job), ``compare`` and ``show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from regpipe.recipes import RECIPES
+from regpipe.train import TrainConfig
+
+__all__ = ["main", "build_parser"]
+
+_DEFAULTS = TrainConfig()
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> None:
+    d = _DEFAULTS
+    if with_recipe:
+        parser.add_argument("--recipe", default=d.recipe, choices=sorted(RECIPES),
+                            help=f"what to train with (default: {d.recipe})")
+        parser.add_argument("--seed", type=int, default=d.seed, help="seed of data subset, init, order and ops")
+        parser.add_argument("--out", default="runs/train", help="output directory for metrics.json (default: runs/train)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=d.dataset,
+                      help="fashion-mnist (default) | npz:DIR (train.npz, test.npz) | npz:TRAIN.npz,TEST.npz | "
+                           "folder:ROOT (ROOT/train, ROOT/test: a sub-folder per class)")
+    data.add_argument("--data-dir", default=d.data_dir,
+                      help="folder with the Fashion-MNIST idx .gz files (default: $REGPIPE_DATA_DIR or "
+                           "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
+    data.add_argument("--shape", default=d.shape, choices=["cifar", "native"],
+                      help="cifar: 3x32x32 (pad + repeat channel, default); native: as stored (1x28x28)")
+    data.add_argument("--samples-per-class", type=int, default=d.samples_per_class,
+                      help=f"stratified, seeded training subset (default: {d.samples_per_class}; 0 = all)")
+    data.add_argument("--val-per-class", type=int, default=d.val_per_class,
+                      help=f"held-out validation samples per class, for cascade decisions (default: {d.val_per_class})")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch budget (default: {d.epochs})")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help=f"loader batch size (default: {d.batch_size})")
+    opt.add_argument("--lr", type=float, default=d.lr, help=f"SGD-Nesterov learning rate, cosine decay (default: {d.lr})")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    opt.add_argument("--loss", default=d.loss, choices=["ce", "bce"],
+                     help="ce: soft-target cross-entropy (default); bce: the Sum Augmentation paper's multi-hot BCE")
+    opt.add_argument("--model", default=d.model,
+                     help="preact-small (default), preact-resnet18, or package.module:factory "
+                          "(called with num_classes=, in_channels=)")
+    opt.add_argument("--device", default=d.device, help="auto (CUDA if present, default), cpu, cuda, cuda:1, ...")
+    opt.add_argument("--channels-last", action="store_true", help="channels_last inputs and model")
+    mix = parser.add_argument_group("sum augmentation")
+    mix.add_argument("--k", type=int, default=d.k, help=f"sum groups of the 'sum' recipe (default: {d.k})")
+    mix.add_argument("--k0", type=int, default=d.k0, help=f"starting inputs of the 'gradual' recipe (default: {d.k0})")
+    mix.add_argument("--mix-mode", default=d.mix_mode, choices=["group", "permute"],
+                     help="group: N rows -> N/k mixed rows (the thesis's, default); permute: keep N rows")
+    mix.add_argument("--fine-tune-frac", type=float, default=d.fine_tune_frac,
+                     help=f"share of the epochs trained clean after the gradual phase (default: {d.fine_tune_frac})")
+    mix.add_argument("--stages", type=_int_list, default=d.stages,
+                     help=f"cascade stages, decreasing k (default: {','.join(map(str, d.stages))})")
+    mix.add_argument("--patience", type=int, default=d.patience,
+                     help=f"cascade: evaluations without improvement before the next stage (default: {d.patience})")
+    mix.add_argument("--stop-at", type=int, default=d.stop_at,
+                     help="cascade: last k (2 skips the clean fine-tune, for test-time sum augmentation)")
+    mix.add_argument("--no-bn-recalibration", action="store_true",
+                     help="evaluate mixed phases with the BN statistics as trained (default: re-estimate on clean batches)")
+    mix.add_argument("--tta-draws", type=int, default=d.tta_draws,
+                     help="also report test accuracy with test-time sum augmentation (k=2) over this many draws")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace, **overrides: object) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["samples_per_class"] = args.samples_per_class or None
+    values["bn_recalibration"] = not args.no_bn_recalibration
+    values["progress"] = not args.no_progress
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from regpipe.train import train
+    from regpipe.report import epoch_table
+
+    metrics = train(_config(args))
+    print(epoch_table(metrics))
+    print(f"\nrecipe={metrics['recipe']} seed={metrics['seed']} final test accuracy "
+          f"{metrics['test_accuracy']:.4f} ({metrics['train_seconds']:.0f} s on {metrics['device']}); "
+          f"metrics in {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from regpipe.report import compare
+
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown or not recipes:
+        raise SystemExit(f"regpipe compare: unknown recipe(s) {unknown or args.recipes!r}; choose from {sorted(RECIPES)}")
+    if args.seeds < 1:
+        raise SystemExit(f"regpipe compare: --seeds must be >= 1, got {args.seeds}")
+    configs = {r: [_config(args, recipe=r, seed=args.first_seed + s, out=str(Path(args.out) / r / f"seed{args.first_seed + s}"))
+                   for s in range(args.seeds)] for r in recipes}
+    table = compare(configs, Path(args.out))
+    print(table)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from regpipe.show import show
+
+    path = show(args.what, Path(args.out), data_dir=args.data_dir, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regpipe",
+        description="Batch-level regularizers for fast image loaders. Trains on Fashion-MNIST "
+                    "(Debian's dataset-fashion-mnist) unless told otherwise.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser("train", help="train one recipe and write metrics.json (the main job)",
+                             description="Train one recipe on one seed, evaluate every epoch, write OUT/metrics.json "
+                                         "and print a summary table.")
+    _add_train_options(p_train, with_recipe=True)
+    p_train.set_defaults(func=_cmd_train)
+
+    p_cmp = sub.add_parser("compare", help="run several recipes on the same seeds and tabulate test error",
+                           description="Run recipes on the same seeds; write OUT/compare.json, OUT/compare.md "
+                                       "(mean ± std test error) and OUT/compare.png.")
+    p_cmp.add_argument("--recipes", default="baseline,gradual", help="comma-separated recipes (default: baseline,gradual)")
+    p_cmp.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p_cmp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ... (default: 0)")
+    p_cmp.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    _add_train_options(p_cmp, with_recipe=False)
+    p_cmp.set_defaults(func=_cmd_compare)
+
+    p_show = sub.add_parser("show", help="draw what an op does into a PNG",
+                            description="sum: images mixed with k = 1, 2, 4, 8. gradual: mixes along t and the GCC "
+                                        "coefficients against t.")
+    p_show.add_argument("what", choices=["sum", "gradual"], help="which op to draw")
+    p_show.add_argument("--out", default=None, help="PNG path (default: regpipe-show-WHAT.png)")
+    p_show.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
+    p_show.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    p_show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "show" and args.out is None:
+        args.out = f"regpipe-show-{args.what}.png"
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"regpipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

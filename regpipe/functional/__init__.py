@@ -1,0 +1,16 @@
+"""Pure functions: tensors in, tensors out, every random choice passed in (see SPEC.md)."""
+
+from regpipe.functional.losses import interpolated_loss, multi_hot_bce, soft_target_cross_entropy
+from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
+from regpipe.functional.tta import test_time_sum_predict
+
+__all__ = [
+    "check_weights",
+    "gcc_weights",
+    "interpolated_loss",
+    "mix_sources",
+    "multi_hot_bce",
+    "soft_target_cross_entropy",
+    "sum_mix",
+    "test_time_sum_predict",
+]

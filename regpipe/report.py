@@ -1,0 +1,89 @@
+"""Tables and plots of training runs (``regpipe train`` summary, ``regpipe compare``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["epoch_table", "summarize", "markdown_table", "compare", "plot_compare"]
+
+
+def epoch_table(metrics: Mapping[str, Any]) -> str:
+    """A fixed-width table of a run's epochs: loss, test accuracy, images/s and the recipe's state."""
+    rows = metrics["epochs"]
+    extra = sorted({k for r in rows for k in r} - {"epoch", "train_loss", "test_accuracy", "images_per_s", "lr"})
+    head = ["epoch", "train_loss", "test_acc", "img/s", *extra]
+    lines = ["  ".join(f"{h:>10}" for h in head)]
+    for r in rows:
+        cells = [f"{r['epoch']:>10d}", f"{r['train_loss']:>10.4f}", f"{r['test_accuracy']:>10.4f}",
+                 f"{r['images_per_s']:>10.0f}"] + [f"{r.get(k, ''):>10}" for k in extra]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per recipe: mean and sample std of the final test error over seeds (std 0 for one seed)."""
+    rows = []
+    for recipe, metrics in runs.items():
+        errors = [1.0 - m["test_accuracy"] for m in metrics]
+        rows.append({"recipe": recipe, "seeds": [m["seed"] for m in metrics], "test_errors": errors,
+                     "mean_test_error": statistics.fmean(errors),
+                     "std_test_error": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                     "mean_test_accuracy": 1.0 - statistics.fmean(errors)})
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| recipe | seeds | test error (mean ± std) | test accuracy (mean) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {len(r['seeds'])} | {100 * r['mean_test_error']:.2f} ± "
+                     f"{100 * r['std_test_error']:.2f} % | {100 * r['mean_test_accuracy']:.2f} % |")
+    return "\n".join(lines)
+
+
+def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
+    """Mean test accuracy per epoch for each recipe (min-max band over seeds), saved as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("the compare plot needs matplotlib: pip install 'regpipe[plot]'") from err
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for recipe, metrics in runs.items():
+        length = min(len(m["epochs"]) for m in metrics)
+        curves = [[e["test_accuracy"] for e in m["epochs"][:length]] for m in metrics]
+        epochs = list(range(1, length + 1))
+        mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+        ax.plot(epochs, mean, label=recipe)
+        ax.fill_between(epochs, [min(c[i] for c in curves) for i in range(length)],
+                        [max(c[i] for c in curves) for i in range(length)], alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("regpipe compare (mean over seeds, band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(configs: Mapping[str, Sequence[Any]], out: Path) -> str:
+    """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table."""
+    from regpipe.train import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {recipe: [train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}
+    rows = summarize(runs)
+    table = markdown_table(rows)
+    first = next(iter(configs.values()))[0]
+    setting = (f"{first.dataset}, samples per class: {first.samples_per_class or 'all'}, epochs: {first.epochs}, "
+               f"model: {first.model}, batch size: {first.batch_size}")
+    (out / "compare.json").write_text(json.dumps({"setting": setting, "summary": rows, "runs": runs}, indent=2))
+    (out / "compare.md").write_text(f"# regpipe compare\n\n{setting}\n\n{table}\n")
+    plot_compare(runs, out / "compare.png")
+    return f"{setting}\n\n{table}\n\nwritten: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"

@@ -1,0 +1,84 @@
+"""``regpipe show``: pictures of what an op does, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from regpipe.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from regpipe.functional.sum_mix import gcc_weights, sum_mix
+
+__all__ = ["show", "mixed_grid"]
+
+_COLUMNS = 6
+
+
+def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each weight vector ``w`` (k,), the first ``_COLUMNS`` rows of ``sum_mix`` in group mode.
+
+    ``images``: ``(>= k * _COLUMNS, C, H, W)`` uint8. Returns one ``(_COLUMNS, C, H, W)`` float tensor per row.
+    """
+    out = []
+    for w in weight_rows:
+        k = w.numel()
+        x = images[: k * _COLUMNS]
+        y = torch.zeros(x.shape[0], 1)
+        mixed, _ = sum_mix(x, y + 1.0, w)
+        out.append(mixed / 255.0)
+    return out
+
+
+def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Path:
+    """Draw ``what`` (``"sum"`` or ``"gradual"``) into the PNG ``out``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("regpipe show needs matplotlib: pip install 'regpipe[plot]'") from err
+    if what not in ("sum", "gradual"):
+        raise ValueError(f"cannot show {what!r}: choose 'sum' or 'gradual'")
+    data = load_fashion_mnist("test", data_dir=data_dir, shape="native")
+    pick = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))[: 8 * _COLUMNS]
+    images, labels = data.images[pick], data.labels[pick]
+
+    if what == "sum":
+        ks = [1, 2, 4, 8]
+        weight_rows = [torch.full((k,), 1.0 / k) for k in ks]
+        row_titles = [f"k={k}" for k in ks]
+    else:
+        ts = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+        weight_rows = [gcc_weights(4, t) for t in ts]
+        row_titles = [f"t={t:.1f}\n" + " ".join(f"{c:.2f}" for c in w.tolist()) for t, w in zip(ts, weight_rows)]
+    grids = mixed_grid(images, weight_rows)
+    n_rows = len(grids) + (1 if what == "gradual" else 0)
+    fig = plt.figure(figsize=(1.6 * _COLUMNS + 1.5, 1.6 * n_rows + 0.5))
+    for r, (grid, w, title) in enumerate(zip(grids, weight_rows, row_titles)):
+        for c in range(_COLUMNS):
+            ax = fig.add_subplot(n_rows, _COLUMNS, r * _COLUMNS + c + 1)
+            ax.imshow(grid[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            members = [FASHION_MNIST_CLASSES[int(labels[g * _COLUMNS + c])] for g in range(w.numel()) if w[g] > 0]
+            ax.set_title(" + ".join(m.split("/")[0][:7] for m in members[:2]) + (" ..." if len(members) > 2 else ""),
+                         fontsize=6)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+    if what == "gradual":
+        ax = fig.add_subplot(n_rows, 1, n_rows)
+        ts = torch.linspace(0, 1, 201)
+        coeffs = torch.stack([gcc_weights(4, float(t)) for t in ts])
+        for j in range(coeffs.shape[1]):
+            ax.plot(ts.numpy(), coeffs[:, j].numpy(), label=f"c{j}")
+        ax.set_xlabel("t (progress of the gradual phase)")
+        ax.set_ylabel("GCC weight, k0=4")
+        ax.legend(fontsize=7, ncol=4)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Sum Augmentation: group mix for k = 1, 2, 4, 8" if what == "sum"
+                 else "Gradually Cascading Sum Augmentation (k0 = 4): mixes and coefficients along t")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

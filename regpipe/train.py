@@ -1,0 +1,239 @@
+"""The training loop behind ``regpipe train`` and ``regpipe compare``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from regpipe.bn import clean_bn_statistics
+from regpipe.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
+from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
+from regpipe.loaders.torch import TorchLoader
+from regpipe.models import build_model
+from regpipe.ops.tta import TestTimeSumAugmentation
+from regpipe.recipes import build_recipe
+
+__all__ = ["TrainConfig", "train", "prepare_data", "resolve_device"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one training run (the CLI flags map 1:1 onto these fields)."""
+
+    recipe: str = "gradual"
+    epochs: int = 15
+    seed: int = 0
+    samples_per_class: int | None = 100
+    model: str = "preact-small"
+    device: str = "auto"
+    out: str | None = None
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    shape: Literal["cifar", "native"] = "cifar"
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    loss: Literal["ce", "bce"] = "ce"
+    val_per_class: int = 50
+    k: int = 4
+    k0: int = 4
+    mix_mode: Literal["group", "permute"] = "group"
+    fine_tune_frac: float = 0.2
+    stages: tuple[int, ...] = (4, 2, 1)
+    patience: int = 3
+    stop_at: int = 1
+    bn_recalibration: bool = True
+    bn_batches: int = 16
+    tta_draws: int = 0
+    channels_last: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "val_per_class", "bn_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_class is not None and self.samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be >= 1, got {self.samples_per_class}")
+        if self.loss not in ("ce", "bce"):
+            raise ValueError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given (CUDA requested but absent is an error)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+@dataclass(frozen=True)
+class RunData:
+    train: ImageArrays
+    val: ImageArrays
+    test: ImageArrays
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def prepare_data(cfg: TrainConfig) -> RunData:
+    """Load the dataset and split it: a stratified validation set is carved first (seeded), then the
+    optional ``samples_per_class`` training subset is drawn from the rest, so every recipe with the same
+    seed trains on the same samples whether it reads the validation set or not."""
+    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, shape=cfg.shape)
+    test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, shape=cfg.shape)
+    val_idx = stratified_indices(full.labels, cfg.val_per_class, seed=cfg.seed + 10_000)
+    rest = torch.ones(len(full.labels), dtype=torch.bool)
+    rest[val_idx] = False
+    rest_idx = rest.nonzero().squeeze(1)
+    if cfg.samples_per_class is not None:
+        train_idx = rest_idx[stratified_indices(full.labels[rest_idx], cfg.samples_per_class, seed=cfg.seed)]
+    else:
+        train_idx = rest_idx
+    train = full.subset(train_idx)
+    pixels = train.images.float().div_(255.0)
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return RunData(train=train, val=full.subset(val_idx), test=test, mean=mean, std=std)
+
+
+def _eval_inputs(arrays: ImageArrays, data: RunData, device: torch.device, batch_size: int) -> TorchLoader:
+    loader = DataLoader(ArrayDataset(arrays), batch_size=batch_size, shuffle=False)
+    return TorchLoader(loader, arrays.num_classes, device=device, mean=data.mean, std=data.std)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: TorchLoader, tta: TestTimeSumAugmentation | None = None) -> float:
+    """Top-1 accuracy of ``model`` (already in the mode wanted) over ``loader``'s batches."""
+    correct = total = 0
+    for batch in loader:
+        if tta is None:
+            pred = model(batch.inputs).argmax(dim=1)
+        else:
+            pred = tta.predict(model, batch.inputs).argmax(dim=1)
+        correct += int((pred == batch.targets.argmax(dim=1)).sum())
+        total += batch.size
+    return correct / max(total, 1)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one recipe on one seed; returns (and writes to ``cfg.out/metrics.json``) the metrics."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = prepare_data(cfg)
+    num_classes = data.train.num_classes
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=data.train.images.shape[1]).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                              generator=shuffle)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(data.train.labels)} training samples")
+    recipe = build_recipe(cfg, steps_per_epoch)
+    batches = TorchLoader(train_loader, num_classes, device=device, ops=recipe.ops, mean=data.mean, std=data.std,
+                          channels_last=cfg.channels_last)
+    # Clean batches for re-estimating BatchNorm statistics while the recipe mixes (SPEC 1.2).
+    bn_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True,
+                           generator=torch.Generator().manual_seed(cfg.seed + 1))
+    bn_batches = TorchLoader(bn_loader, num_classes, device=device, mean=data.mean, std=data.std)
+    test_batches = _eval_inputs(data.test, data, device, cfg.eval_batch_size)
+    val_batches = _eval_inputs(data.val, data, device, cfg.eval_batch_size)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    loss_fn = soft_target_cross_entropy if cfg.loss == "ce" else multi_hot_bce
+
+    def evaluation_model():
+        if recipe.mixing() and cfg.bn_recalibration:
+            clean = [b.inputs for _, b in zip(range(cfg.bn_batches), bn_batches)]
+            return clean_bn_statistics(model, clean)
+        return _eval_mode(model)
+
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc=f"{cfg.recipe} seed {cfg.seed}", disable=not cfg.progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        state = recipe.describe()
+        loss_sum, images, tick = 0.0, 0, time.perf_counter()
+        for batch in batches:
+            logits = model(batch.inputs)
+            loss = loss_fn(logits, batch.targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            recipe.after_step()
+            loss_sum += loss.item()
+            images += batch.size
+        seconds = time.perf_counter() - tick
+        with evaluation_model() as net:
+            test_acc = evaluate(net, test_batches)
+            val_acc = evaluate(net, val_batches) if recipe.needs_validation else None
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_accuracy": test_acc,
+               "images_per_s": images / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0], **state}
+        if val_acc is not None:
+            row["val_accuracy"] = val_acc
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{test_acc:.4f}", **{k: v for k, v in state.items()})
+        if val_acc is not None and recipe.after_eval(val_acc, model, optimizer):
+            break
+
+    with evaluation_model() as net:
+        final_acc = evaluate(net, test_batches)
+        tta_acc = None
+        if cfg.tta_draws > 0:
+            tta_acc = evaluate(net, test_batches, TestTimeSumAugmentation(k=2, draws=cfg.tta_draws, seed=cfg.seed))
+    metrics: dict[str, Any] = {
+        "recipe": cfg.recipe, "seed": cfg.seed, "device": str(device), "test_accuracy": final_acc,
+        "train_seconds": time.perf_counter() - started, "train_samples": len(data.train.labels),
+        "epochs": history, "config": _jsonable(asdict(cfg)),
+    }
+    if tta_acc is not None:
+        metrics["test_accuracy_tta"] = tta_acc
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+class _eval_mode:
+    """Context manager: the model in eval mode, its previous mode restored on exit."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> torch.nn.Module:
+        return self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
