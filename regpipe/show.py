@@ -14,15 +14,15 @@ __all__ = ["show", "mixed_grid"]
 _COLUMNS = 6
 
 
-def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """For each weight vector ``w`` (k,), the first ``_COLUMNS`` rows of ``sum_mix`` in group mode.
+def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
+    """For each weight vector ``w`` (k,), the ``columns`` rows of ``sum_mix`` in group mode.
 
-    ``images``: ``(>= k * _COLUMNS, C, H, W)`` uint8. Returns one ``(_COLUMNS, C, H, W)`` float tensor per row.
+    ``images``: ``(>= k * columns, C, H, W)`` uint8. Returns one ``(columns, C, H, W)`` float tensor per row.
     """
     out = []
     for w in weight_rows:
         k = w.numel()
-        x = images[: k * _COLUMNS]
+        x = images[: k * columns]
         y = torch.zeros(x.shape[0], 1)
         mixed, _ = sum_mix(x, y + 1.0, w)
         out.append(mixed / 255.0)
@@ -40,7 +40,10 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
     if what not in ("sum", "gradual"):
         raise ValueError(f"cannot show {what!r}: choose 'sum' or 'gradual'")
     data = load_fashion_mnist("test", data_dir=data_dir, shape="native")
-    pick = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))[: 8 * _COLUMNS]
+    columns = min(_COLUMNS, len(data.labels) // 8)
+    if columns < 1:
+        raise ValueError(f"regpipe show needs at least 8 test images, the dataset has {len(data.labels)}")
+    pick = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))[: 8 * columns]
     images, labels = data.images[pick], data.labels[pick]
 
     if what == "sum":
@@ -51,16 +54,16 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
         ts = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
         weight_rows = [gcc_weights(4, t) for t in ts]
         row_titles = [f"t={t:.1f}\n" + " ".join(f"{c:.2f}" for c in w.tolist()) for t, w in zip(ts, weight_rows)]
-    grids = mixed_grid(images, weight_rows)
+    grids = mixed_grid(images, weight_rows, columns)
     n_rows = len(grids) + (1 if what == "gradual" else 0)
-    fig = plt.figure(figsize=(1.6 * _COLUMNS + 1.5, 1.6 * n_rows + 0.5))
+    fig = plt.figure(figsize=(1.6 * columns + 1.5, 1.6 * n_rows + 0.5))
     for r, (grid, w, title) in enumerate(zip(grids, weight_rows, row_titles)):
-        for c in range(_COLUMNS):
-            ax = fig.add_subplot(n_rows, _COLUMNS, r * _COLUMNS + c + 1)
+        for c in range(columns):
+            ax = fig.add_subplot(n_rows, columns, r * columns + c + 1)
             ax.imshow(grid[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            members = [FASHION_MNIST_CLASSES[int(labels[g * _COLUMNS + c])] for g in range(w.numel()) if w[g] > 0]
+            members = [FASHION_MNIST_CLASSES[int(labels[g * columns + c])] for g in range(w.numel()) if w[g] > 0]
             ax.set_title(" + ".join(m.split("/")[0][:7] for m in members[:2]) + (" ..." if len(members) > 2 else ""),
                          fontsize=6)
             if c == 0:

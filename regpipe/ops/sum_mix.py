@@ -50,6 +50,15 @@ class _MixOp:
         self.drop_remainder = drop_remainder
         self.rng = DeviceGenerator(seed)
 
+    def _base_state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "drop_remainder": self.drop_remainder, "rng": self.rng.state_dict()}
+
+    def _load_base_state(self, state: dict[str, Any]) -> None:
+        if state["mode"] not in ("group", "permute"):
+            raise ValueError(f"state has an unknown mode {state['mode']!r}")
+        self.mode, self.drop_remainder = state["mode"], bool(state["drop_remainder"])
+        self.rng.load_state_dict(state["rng"])
+
     def _mix(self, batch: Batch, weights: torch.Tensor | list[float]) -> Batch:
         k = len(weights)
         perms = None
@@ -94,11 +103,11 @@ class SumMix(_MixOp):
         return self._mix(batch, self.weights())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, "rng": self.rng.state_dict()}
+        return {"groups": self.groups, **self._base_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.groups = int(state["groups"])
-        self.rng.load_state_dict(state["rng"])
+        self._load_base_state(state)
 
 
 class GradualSumMix(_MixOp):
@@ -147,10 +156,10 @@ class GradualSumMix(_MixOp):
 
     def state_dict(self) -> dict[str, Any]:
         return {"k0": self.k0, "gradual_steps": self.gradual_steps, "step_count": self.step_count,
-                "rng": self.rng.state_dict()}
+                **self._base_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.k0 = int(state["k0"])
         self.gradual_steps = int(state["gradual_steps"])
         self.step_count = int(state["step_count"])
-        self.rng.load_state_dict(state["rng"])
+        self._load_base_state(state)

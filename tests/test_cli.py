@@ -1,0 +1,113 @@
+"""End-to-end runs of the `regpipe` command on small data (one short epoch each)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakedata import write_fake_fmnist
+from regpipe.cli import main
+from regpipe.data import FASHION_MNIST_DIR
+
+TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fmnist")
+    write_fake_fmnist(directory, n_train=100, n_test=30)
+    return directory
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "sum", "cascade", "gradual"])
+def test_train_writes_metrics(recipe: str, fake_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / recipe
+    assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY,
+                 "--epochs", "2", "--tta-draws", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == recipe and metrics["seed"] == 0
+    assert metrics["train_samples"] == 40  # 4 per class, stratified
+    assert 1 <= len(metrics["epochs"]) <= 2
+    for row in metrics["epochs"]:
+        assert {"train_loss", "test_accuracy", "images_per_s"} <= row.keys()
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["train_loss"] > 0
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["test_accuracy_tta"] <= 1.0
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_train_is_deterministic(fake_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        main(["train", "--recipe", "gradual", "--data-dir", str(fake_dir), "--out", str(tmp_path / name), *TINY])
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        runs.append([(e["train_loss"], e["test_accuracy"]) for e in metrics["epochs"]])
+    assert runs[0] == runs[1]
+
+
+def test_compare_writes_table_json_and_plot(fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "baseline,sum", "--seeds", "2", "--data-dir", str(fake_dir),
+                 "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    assert [r["recipe"] for r in summary] == ["baseline", "sum"]
+    for row in summary:
+        assert row["seeds"] == [0, 1] and len(row["test_errors"]) == 2
+        assert row["mean_test_error"] == pytest.approx(sum(row["test_errors"]) / 2)
+    table = (out / "compare.md").read_text()
+    assert "| baseline | 2 |" in table and "±" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("what", ["sum", "gradual"])
+def test_show_draws_png(what: str, fake_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / f"{what}.png"
+    assert main(["show", what, "--data-dir", str(fake_dir), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_input_gives_clear_errors(fake_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data-dir", str(tmp_path / "nowhere"), *TINY, "--out", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert main(["train", "--data-dir", str(fake_dir), "--model", "nope", *TINY, "--out", str(tmp_path)]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["train", "--data-dir", str(fake_dir), "--samples-per-class", "50", "--epochs", "1",
+                 "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "class" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown recipe"):
+        main(["compare", "--recipes", "baseline,bogus", "--data-dir", str(fake_dir)])
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "bogus"])
+
+
+def test_module_factory_model(fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "factory"
+    assert main(["train", "--recipe", "baseline", "--model", "regpipe.models:preact_resnet_small",
+                 "--data-dir", str(fake_dir), "--out", str(out), *TINY]) == 0
+    assert (out / "metrics.json").exists()
+
+
+def test_help_is_complete() -> None:
+    for argv in ([], ["train"], ["compare"], ["show"]):
+        result = subprocess.run([sys.executable, "-m", "regpipe", *argv, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "usage: regpipe" in result.stdout
+    train_help = subprocess.run([sys.executable, "-m", "regpipe", "train", "--help"], capture_output=True,
+                                text=True).stdout
+    for flag in ("--recipe", "--epochs", "--seed", "--samples-per-class", "--model", "--device", "--out"):
+        assert flag in train_help
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_train_on_real_fashion_mnist(tmp_path: Path) -> None:
+    """The main job on the real embedded dataset, short: 10 samples per class, one epoch."""
+    out = tmp_path / "real"
+    assert main(["train", "--recipe", "gradual", "--samples-per-class", "10", "--val-per-class", "5",
+                 "--epochs", "1", "--batch-size", "20", "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_samples"] == 100
+    assert metrics["test_accuracy"] > 0.1  # better than chance on 10 classes after one epoch on 100 images
