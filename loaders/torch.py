@@ -18,9 +18,10 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
 
     ``mean``/``std`` are ``(C,)`` in the 0..1 scale. The memory format of ``images`` is kept.
     """
-    x = images.to(dtype)
     if images.dtype == torch.uint8:
-        x = x.div_(255.0)
+        x = images.to(dtype).div_(255.0)
+    else:
+        x = images.to(dtype, copy=True)  # the in-place ops below must not touch the caller's tensor
     c = x.shape[1]
     if mean.numel() != c or std.numel() != c:
         raise ValueError(f"mean/std have {mean.numel()}/{std.numel()} values for {c} channels")

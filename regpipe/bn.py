@@ -29,7 +29,7 @@ def clean_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> It
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m.momentum, {k: v.clone() for k, v in m._buffers.items() if v is not None}) for m in norms]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BN stays frozen
     try:
         if norms:
             for m in norms:
@@ -46,4 +46,5 @@ def clean_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> It
             m.momentum = momentum
             for name, value in buffers.items():
                 m._buffers[name].copy_(value)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training

@@ -140,7 +140,9 @@ class Cascade:
             return False
         model.load_state_dict(self._best_checkpoint["model"])
         if optimizer is not None and self._best_checkpoint["optimizer"] is not None:
-            optimizer.load_state_dict(self._best_checkpoint["optimizer"])
+            # load a copy: the optimizer adopts the given CPU tensors as its state, and later steps
+            # would otherwise overwrite the stored best checkpoint
+            optimizer.load_state_dict(_cpu_copy(self._best_checkpoint["optimizer"]))
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -316,11 +316,6 @@ def test_checkpoint_is_independent_of_later_parameter_updates() -> None:
     assert_optimizer_state_equal(optimizer.state_dict(), best_opt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cascade.py:143 restore_best passes the stored optimizer checkpoint to optimizer.load_state_dict "
-    "without copying; torch keeps the very same CPU tensors as momentum buffers, so later optimizer.step() "
-    "calls mutate the stored best checkpoint in place and a second restore (next stage ends without a new "
-    "best) loads corrupted momentum buffers"))
 def test_second_restore_of_same_checkpoint_restores_optimizer_state() -> None:
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
