@@ -19,9 +19,11 @@ $(VENV)/bin/python:
 venv: $(VENV)/bin/python
 
 # Install torch first and on its own, so that no later requirement pulls a different (multi-GB) build.
+# `make demo` needs the plot extra only; `make test` the dev extra (pytest, hypothesis, matplotlib, pillow).
+EXTRAS ?= plot
 deps: venv
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 
 # Debian's dataset-fashion-mnist package puts the idx files under $(FASHION_MNIST_DIR).
 dataset:
@@ -38,6 +40,7 @@ demo: deps dataset
 	$(VENV)/bin/regpipe train $(DEMO_ARGS)
 
 # The whole suite except runs marked `slow` (RUN_SLOW=1 includes them).
+test: EXTRAS = dev
 test: deps dataset
 	$(PY) -m pytest -q $(if $(RUN_SLOW),-m "slow or not slow",)
 

@@ -25,19 +25,24 @@ from regpipe.functional import soft_target_cross_entropy, sum_mix
 from regpipe.models import preact_resnet_small
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+              warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each case; the cases are interleaved round-robin so that drift and noise
+    on a shared machine hit all of them alike (the ratios are what we report)."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in cases.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mix_rows(device: torch.device, repeats: int) -> list[dict]:
@@ -55,10 +60,9 @@ def mix_rows(device: torch.device, repeats: int) -> list[dict]:
             "sum_mix k=2 permute float": lambda: sum_mix(xf, y, [0.5, 0.5], perms=torch.randperm(
                 shape[0], device=device, generator=g).unsqueeze(0)),
         }
-        base = None
-        for name, fn in cases.items():
-            ms = median_ms(fn, device, repeats)
-            base = base or ms
+        medians = median_ms(cases, device, repeats)
+        base = medians["copy (float clone)"]
+        for name, ms in medians.items():
             rows.append({"name": name, "provider": "torch", "shape": list(shape), "dtype": "float32",
                          "device": str(device), "median_ms": ms, "ratio": ms / base,
                          "baseline": "copy (float clone)"})
@@ -77,24 +81,23 @@ def step_rows(device: torch.device, repeats: int, batch_size: int = 64) -> list[
         "sum k=4 permute": SumMix(groups=4, mode="permute"),
         "gradual k0=4 permute, t=0.5": _gradual_at_half(),
     }
-    rows, base = [], None
-    for name, op in ops.items():
+    def step_with(op: Callable[[Batch], Batch]) -> Callable[[], None]:
         def step() -> None:
             b = op(batch)
             loss = soft_target_cross_entropy(model(b.inputs), b.targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        ms = median_ms(step, device, repeats)
-        base = base or ms
+        return step
+
+    cases = {name: step_with(op) for name, op in ops.items()}
+    cases.update({f"op only: {name}": (lambda op=op: op(batch)) for name, op in list(ops.items())[1:]})
+    medians = median_ms(cases, device, repeats)
+    base = medians["plain step"]
+    rows = []
+    for name, ms in medians.items():
         rows.append({"name": name, "provider": "torch", "shape": [batch_size, 3, 32, 32], "dtype": "float32",
                      "device": str(device), "median_ms": ms, "ratio": ms / base, "baseline": "plain step"})
-    # The op alone on the same batch, as a share of the plain step.
-    for name, op in list(ops.items())[1:]:
-        ms = median_ms(lambda: op(batch), device, repeats)
-        rows.append({"name": f"op only: {name}", "provider": "torch", "shape": [batch_size, 3, 32, 32],
-                     "dtype": "float32", "device": str(device), "median_ms": ms, "ratio": ms / base,
-                     "baseline": "plain step"})
     return rows
 
 

@@ -7,7 +7,9 @@ loader adapters in :mod:`regpipe.loaders`.
 
 from regpipe.batch import Batch, MixRecord, identity_affine, labels_to_targets
 from regpipe.cascade import Cascade, CascadeEvent
-from regpipe.ops import GradualSumMix, SumMix, TestTimeSumAugmentation, mix_batch
+from regpipe.hooks import PatchUpHook
+from regpipe.ops import GradualSumMix, PatchUp, PatchUpPlan, SumMix, TestTimeSumAugmentation, mix_batch
+from regpipe.sampler import LossDeltaOrderer, LossOrderer, LossSampler
 
 __version__ = "0.1.0"
 
@@ -16,7 +18,13 @@ __all__ = [
     "Cascade",
     "CascadeEvent",
     "GradualSumMix",
+    "LossDeltaOrderer",
+    "LossOrderer",
+    "LossSampler",
     "MixRecord",
+    "PatchUp",
+    "PatchUpHook",
+    "PatchUpPlan",
     "SumMix",
     "TestTimeSumAugmentation",
     "identity_affine",

@@ -73,6 +73,18 @@ def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> No
                      help="evaluate mixed phases with the BN statistics as trained (default: re-estimate on clean batches)")
     mix.add_argument("--tta-draws", type=int, default=d.tta_draws,
                      help="also report test accuracy with test-time sum augmentation (k=2) over this many draws")
+    pu = parser.add_argument_group("patchup")
+    pu.add_argument("--patchup-layers", type=lambda t: tuple(n for n in t.split(",") if n), default=d.patchup_layers,
+                    help="module names of PatchUp layers 1, 2, ... (layer 0 = input space); default: "
+                         f"{','.join(d.patchup_layers)} (after the stem conv, after the first residual stage)")
+    pu.add_argument("--patchup-loss", default=d.patchup_loss, choices=["bce", "ce"],
+                    help="bce: the official BCE on softmax (default); ce: cross-entropy with the same weighting")
+    sc = parser.add_argument_group("scoring samplers")
+    sc.add_argument("--delta-k", type=int, default=d.delta_k,
+                    help=f"loss-delta: candidate batches scored per step (default: {d.delta_k})")
+    sc.add_argument("--delta-relative", action="store_true", help="loss-delta: score the relative loss drop")
+    sc.add_argument("--order", default=d.order, choices=["ascending", "descending"],
+                    help=f"loss-order: hand out low- or high-loss samples first (default: {d.order})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -109,7 +121,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise SystemExit(f"regpipe compare: --seeds must be >= 1, got {args.seeds}")
     configs = {r: [_config(args, recipe=r, seed=args.first_seed + s, out=str(Path(args.out) / r / f"seed{args.first_seed + s}"))
                    for s in range(args.seeds)] for r in recipes}
-    table = compare(configs, Path(args.out))
+    table = compare(configs, Path(args.out), reuse=not args.rerun)
     print(table)
     return 0
 
@@ -142,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     p_cmp.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ... (default: 0)")
     p_cmp.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    p_cmp.add_argument("--rerun", action="store_true",
+                       help="train every run again (default: reuse runs in OUT finished with the same settings)")
     _add_train_options(p_cmp, with_recipe=False)
     p_cmp.set_defaults(func=_cmd_compare)
 

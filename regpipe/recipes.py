@@ -1,13 +1,16 @@
 """Recipes: which ops a training run applies, and how their schedules follow the run.
 
-A recipe turns a :class:`TrainConfig` into ops for the loader plus two callbacks: ``after_step`` (after
-each optimizer step) and ``after_eval`` (after each epoch's validation, may restore a checkpoint and
-stop the run). Later issues add recipes to :data:`RECIPES`.
+A recipe turns a :class:`TrainConfig` and the run's :class:`RecipeContext` (model, optimizer, data)
+into ops for the loader, optionally a batch sampler for the DataLoader, a training loss of its own
+(``compute_loss``) or a whole epoch loop of its own (``run_epoch``, for samplers that take the
+optimizer step themselves), and two callbacks: ``after_step`` (after each optimizer step) and
+``after_eval`` (after each epoch's validation, may restore a checkpoint and stop the run). Later
+issues add recipes to :data:`RECIPES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +18,37 @@ import torch
 
 from regpipe.batch import Batch
 from regpipe.cascade import Cascade
+from regpipe.hooks.patchup import PatchUpHook
+from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
+from regpipe.sampler import LossDeltaOrderer, LossOrderer
 
-__all__ = ["Recipe", "RECIPES", "build_recipe"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: One training step's report: the batch, its loss (scalar tensor or float) and extra log values.
+StepReport = tuple[Batch, "torch.Tensor | float", dict[str, Any]]
+
+__all__ = ["Recipe", "RecipeContext", "RECIPES", "build_recipe"]
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe may use from the run.
+
+    Attributes:
+        steps_per_epoch: optimizer steps per epoch.
+        model, optimizer, loss_fn: the run's model, optimizer and ``(logits, targets) -> scalar`` loss.
+        train: the training arrays (``regpipe.data.ImageArrays``), for samplers that score samples.
+        prepare: ``(images, labels, indices) tuple -> Batch`` on the device, normalised (no ops applied).
+        validation: returns the held-out validation set as one :class:`Batch` on the device.
+    """
+
+    steps_per_epoch: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    train: Any
+    prepare: Callable[..., Batch]
+    validation: Callable[[], Batch]
 
 
 @dataclass
@@ -33,6 +64,12 @@ class Recipe:
         after_eval: called with the validation accuracy, the model and optimizer after each epoch;
             returns True to stop training.
         describe: a short state for the logs (``{"k": 4}``, ``{"t": 0.3}``).
+        compute_loss: ``(model, batch, loss_fn) -> scalar`` training loss; ``None``: ``loss_fn(model(x), targets)``.
+        batch_sampler: a ``torch.utils.data.Sampler`` of index lists for the training DataLoader, or ``None``
+            (shuffled batches).
+        run_epoch: ``batches -> iterator of (batch, loss, log)`` that takes every optimizer step itself;
+            ``None``: the training loop's plain step.
+        close: releases what the recipe attached to the model (hooks).
         state: objects with ``state_dict()`` to checkpoint with the run.
     """
 
@@ -43,20 +80,24 @@ class Recipe:
     after_step: Callable[[], None] = lambda: None
     after_eval: Callable[[float, torch.nn.Module, torch.optim.Optimizer], bool] = lambda metric, model, opt: False
     describe: Callable[[], dict[str, Any]] = dict
+    compute_loss: Callable[[torch.nn.Module, Batch, LossFn], torch.Tensor] | None = None
+    batch_sampler: Any | None = None
+    run_epoch: Callable[[Iterable[Batch]], Iterator[StepReport]] | None = None
+    close: Callable[[], None] = lambda: None
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _baseline(cfg: Any, steps_per_epoch: int) -> Recipe:
+def _baseline(cfg: Any, ctx: RecipeContext) -> Recipe:
     return Recipe("baseline")
 
 
-def _sum(cfg: Any, steps_per_epoch: int) -> Recipe:
+def _sum(cfg: Any, ctx: RecipeContext) -> Recipe:
     op = SumMix(groups=cfg.k, mode=cfg.mix_mode, seed=cfg.seed, drop_remainder=True)
     return Recipe("sum", ops=[op], mixing=lambda: op.groups > 1, describe=lambda: {"k": op.groups},
                   state={"sum_mix": op})
 
 
-def _cascade(cfg: Any, steps_per_epoch: int) -> Recipe:
+def _cascade(cfg: Any, ctx: RecipeContext) -> Recipe:
     stages = tuple(cfg.stages)
     # The epoch budget is shared between the stages; a stage also ends early on a plateau.
     share = max(1, cfg.epochs // len(stages))
@@ -74,26 +115,79 @@ def _cascade(cfg: Any, steps_per_epoch: int) -> Recipe:
                   state={"cascade": cascade, "sum_mix": op})
 
 
-def _gradual(cfg: Any, steps_per_epoch: int) -> Recipe:
+def _gradual(cfg: Any, ctx: RecipeContext) -> Recipe:
     if not 0.0 <= cfg.fine_tune_frac < 1.0:
         raise ValueError(f"fine_tune_frac must be in [0, 1), got {cfg.fine_tune_frac}")
     gradual_epochs = max(1, round(cfg.epochs * (1.0 - cfg.fine_tune_frac)))
-    op = GradualSumMix(k0=cfg.k0, gradual_steps=max(1, gradual_epochs * steps_per_epoch), mode=cfg.mix_mode,
+    op = GradualSumMix(k0=cfg.k0, gradual_steps=max(1, gradual_epochs * ctx.steps_per_epoch), mode=cfg.mix_mode,
                        seed=cfg.seed, drop_remainder=True)
     return Recipe("gradual", ops=[op], mixing=lambda: op.t < 1.0, after_step=op.step,
                   describe=lambda: {"t": round(op.t, 4)}, state={"gradual_sum_mix": op})
 
 
-RECIPES: dict[str, Callable[[Any, int], Recipe]] = {
+def _patchup(mode: str) -> Callable[[Any, int, torch.nn.Module], Recipe]:
+    def build(cfg: Any, ctx: RecipeContext) -> Recipe:
+        # Official CIFAR setting (SPEC 2): layers {0: input, 1: after the stem conv, 2: after the first
+        # residual stage}; gamma/prob per mode; lam ~ Beta(2, 2); BCE on softmax as the loss.
+        layers = list(cfg.patchup_layers)
+        op = PatchUp(mode=mode, candidate_layers=tuple(range(len(layers) + 1)), seed=cfg.seed)
+        hook = PatchUpHook(ctx.model, layers)
+
+        def compute_loss(net: torch.nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
+            return hook.loss(hook.forward(batch), batch, kind=cfg.patchup_loss)
+
+        return Recipe(f"patchup-{mode}", ops=[op], compute_loss=compute_loss, close=hook.close,
+                      describe=lambda: {"prob": op.patchup_prob}, state={"patchup": op})
+    return build
+
+
+def _loss_delta(variant: str) -> Callable[[Any, RecipeContext], Recipe]:
+    def build(cfg: Any, ctx: RecipeContext) -> Recipe:
+        # SPEC 6.2: K candidate batches, each scored by the loss drop of one trial step (on itself, or
+        # on a held-out external batch: here up to 512 rows of the validation split); the winner's
+        # computed step is committed.
+        external = None
+        external_size = None
+        if variant == "external":
+            external = ctx.validation()
+            external_size = min(512, external.size)
+        holder: dict[str, LossDeltaOrderer] = {}
+
+        def run_epoch(batches: Iterable[Batch]) -> Iterator[StepReport]:
+            if "orderer" not in holder:
+                holder["orderer"] = LossDeltaOrderer(
+                    batches, ctx.model, ctx.loss_fn, ctx.optimizer, k=cfg.delta_k, variant=variant,
+                    relative=cfg.delta_relative, external=external, external_size=external_size, seed=cfg.seed)
+            for batch, info in holder["orderer"]:
+                yield batch, info.loss, {"score": info.score}
+
+        name = "loss-delta" if variant == "same" else "loss-delta-external"
+        return Recipe(name, run_epoch=run_epoch, describe=lambda: {"K": cfg.delta_k})
+    return build
+
+
+def _loss_order(cfg: Any, ctx: RecipeContext) -> Recipe:
+    # SPEC 6.1: per-sample loss ordering over a random pool of 4 batches, hardest first.
+    sampler = LossOrderer(ctx.train, ctx.model, cfg.batch_size, order=cfg.order, drop_last=True,
+                          prepare=ctx.prepare, seed=cfg.seed)
+    return Recipe("loss-order", batch_sampler=sampler, describe=lambda: {"order": cfg.order})
+
+
+RECIPES: dict[str, Callable[[Any, RecipeContext], Recipe]] = {
     "baseline": _baseline,
     "sum": _sum,
     "cascade": _cascade,
     "gradual": _gradual,
+    "patchup-soft": _patchup("soft"),
+    "patchup-hard": _patchup("hard"),
+    "loss-delta": _loss_delta("same"),
+    "loss-delta-external": _loss_delta("external"),
+    "loss-order": _loss_order,
 }
 
 
-def build_recipe(cfg: Any, steps_per_epoch: int) -> Recipe:
+def build_recipe(cfg: Any, ctx: RecipeContext) -> Recipe:
     """The :class:`Recipe` named ``cfg.recipe``; ``ValueError`` listing the known names otherwise."""
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; choose from {sorted(RECIPES)}")
-    return RECIPES[cfg.recipe](cfg, steps_per_epoch)
+    return RECIPES[cfg.recipe](cfg, ctx)

@@ -19,9 +19,13 @@ def epoch_table(metrics: Mapping[str, Any]) -> str:
     lines = ["  ".join(f"{h:>10}" for h in head)]
     for r in rows:
         cells = [f"{r['epoch']:>10d}", f"{r['train_loss']:>10.4f}", f"{r['test_accuracy']:>10.4f}",
-                 f"{r['images_per_s']:>10.0f}"] + [f"{r.get(k, ''):>10}" for k in extra]
+                 f"{r['images_per_s']:>10.0f}"] + [_cell(r.get(k, "")) for k in extra]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:>10.4g}" if isinstance(value, float) else f"{value!s:>10}"
 
 
 def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -72,12 +76,41 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
     return path
 
 
-def compare(configs: Mapping[str, Sequence[Any]], out: Path) -> str:
-    """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table."""
+def finished_run(cfg: Any) -> dict[str, Any] | None:
+    """The metrics of a finished run of exactly ``cfg`` in ``cfg.out``, or ``None``.
+
+    A run counts when its ``metrics.json`` records the same settings (the progress bar aside); a
+    setting added to regpipe after the run was made must be at its default. This makes ``regpipe
+    compare`` resumable: an interrupted comparison re-runs only what is missing.
+    """
+    from dataclasses import asdict, fields
+
+    path = Path(cfg.out) / "metrics.json" if cfg.out is not None else None
+    if path is None or not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    stored = metrics.get("config", {})
+    current = json.loads(json.dumps(asdict(cfg)))
+    defaults = json.loads(json.dumps(asdict(type(cfg)())))
+    for f in fields(cfg):
+        if f.name in ("progress", "out"):
+            continue
+        expected = stored[f.name] if f.name in stored else defaults[f.name]
+        if current[f.name] != expected:
+            return None
+    return metrics
+
+
+def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True) -> str:
+    """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table.
+
+    With ``reuse``, runs already finished with the same settings (see :func:`finished_run`) are read
+    back instead of trained again.
+    """
     from regpipe.train import train
 
     out.mkdir(parents=True, exist_ok=True)
-    runs = {recipe: [train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}
+    runs = {recipe: [(reuse and finished_run(cfg)) or train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}
     rows = summarize(runs)
     table = markdown_table(rows)
     first = next(iter(configs.values()))[0]

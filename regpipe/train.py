@@ -19,7 +19,8 @@ from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
 from regpipe.loaders.torch import TorchLoader
 from regpipe.models import build_model
 from regpipe.ops.tta import TestTimeSumAugmentation
-from regpipe.recipes import build_recipe
+from regpipe.batch import Batch
+from regpipe.recipes import RecipeContext, build_recipe
 
 __all__ = ["TrainConfig", "train", "prepare_data", "resolve_device"]
 
@@ -52,6 +53,11 @@ class TrainConfig:
     stages: tuple[int, ...] = (4, 2, 1)
     patience: int = 3
     stop_at: int = 1
+    patchup_layers: tuple[str, ...] = ("conv1", "layer1")
+    patchup_loss: Literal["bce", "ce"] = "bce"
+    delta_k: int = 4
+    delta_relative: bool = False
+    order: Literal["ascending", "descending"] = "descending"
     bn_recalibration: bool = True
     bn_batches: int = 16
     tta_draws: int = 0
@@ -138,13 +144,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                              generator=shuffle)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(data.train.labels) // cfg.batch_size  # drop_last
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(data.train.labels)} training samples")
-    recipe = build_recipe(cfg, steps_per_epoch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    loss_fn = soft_target_cross_entropy if cfg.loss == "ce" else multi_hot_bce
+
+    plain = TorchLoader((), num_classes, device=device, mean=data.mean, std=data.std)
+    ctx = RecipeContext(steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer, loss_fn=loss_fn,
+                        train=data.train, prepare=plain.to_batch,
+                        validation=lambda: _whole(data.val, plain))
+    recipe = build_recipe(cfg, ctx)
+    if recipe.batch_sampler is not None:
+        train_loader = DataLoader(ArrayDataset(data.train), batch_sampler=recipe.batch_sampler)
+    else:
+        train_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                  generator=torch.Generator().manual_seed(cfg.seed))
     batches = TorchLoader(train_loader, num_classes, device=device, ops=recipe.ops, mean=data.mean, std=data.std,
                           channels_last=cfg.channels_last)
     # Clean batches for re-estimating BatchNorm statistics while the recipe mixes (SPEC 1.2).
@@ -154,12 +173,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     test_batches = _eval_inputs(data.test, data, device, cfg.eval_batch_size)
     val_batches = _eval_inputs(data.val, data, device, cfg.eval_batch_size)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    loss_fn = soft_target_cross_entropy if cfg.loss == "ce" else multi_hot_bce
+    def plain_steps(batches: TorchLoader):
+        for batch in batches:
+            if recipe.compute_loss is None:
+                loss = loss_fn(model(batch.inputs), batch.targets)
+            else:
+                loss = recipe.compute_loss(model, batch, loss_fn)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            yield batch, loss.detach(), {}
+
+    run_epoch = recipe.run_epoch or plain_steps
 
     def evaluation_model():
         if recipe.mixing() and cfg.bn_recalibration:
@@ -173,25 +200,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for epoch in bar:
         model.train()
         state = recipe.describe()
-        loss_sum, images, tick = 0.0, 0, time.perf_counter()
-        for batch in batches:
-            logits = model(batch.inputs)
-            loss = loss_fn(logits, batch.targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        loss_sum, images, steps, tick = 0.0, 0, 0, time.perf_counter()
+        logged: dict[str, list[float]] = {}
+        for batch, loss, log in run_epoch(batches):
             scheduler.step()
             recipe.after_step()
-            loss_sum += loss.item()
+            loss_sum += float(loss)
             images += batch.size
+            steps += 1
+            for key, value in log.items():
+                if math.isfinite(float(value)):  # a step without a choice reports nan
+                    logged.setdefault(key, []).append(float(value))
         seconds = time.perf_counter() - tick
         with evaluation_model() as net:
             test_acc = evaluate(net, test_batches)
             val_acc = evaluate(net, val_batches) if recipe.needs_validation else None
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "test_accuracy": test_acc,
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "test_accuracy": test_acc,
                "images_per_s": images / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0], **state}
+        # Per-step values a recipe reports (e.g. the chosen loss-delta scores): their epoch mean.
+        row.update({f"mean_{key}": sum(v) / len(v) for key, v in logged.items() if v})
         if val_acc is not None:
             row["val_accuracy"] = val_acc
         history.append(row)
@@ -199,6 +226,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if val_acc is not None and recipe.after_eval(val_acc, model, optimizer):
             break
 
+    recipe.close()
     with evaluation_model() as net:
         final_acc = evaluate(net, test_batches)
         tta_acc = None
@@ -216,6 +244,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _whole(arrays: ImageArrays, plain: TorchLoader) -> Batch:
+    """All of ``arrays`` as one normalised :class:`Batch` on the device."""
+    return plain.to_batch((arrays.images, arrays.labels, torch.arange(len(arrays.labels))))
 
 
 class _eval_mode:

@@ -23,7 +23,7 @@ def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("recipe", ["baseline", "sum", "cascade", "gradual"])
+@pytest.mark.parametrize("recipe", ["baseline", "sum", "cascade", "gradual", "patchup-soft"])
 def test_train_writes_metrics(recipe: str, fake_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / recipe
     assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY,
@@ -111,3 +111,51 @@ def test_train_on_real_fashion_mnist(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_samples"] == 100
     assert metrics["test_accuracy"] > 0.1  # better than chance on 10 classes after one epoch on 100 images
+
+
+def test_compare_reuses_finished_runs(fake_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "resume"
+    argv = ["compare", "--recipes", "baseline", "--seeds", "1", "--data-dir", str(fake_dir), "--out", str(out), *TINY]
+    assert main(argv) == 0
+    first = json.loads((out / "compare.json").read_text())["summary"]
+
+    import regpipe.train
+
+    def no_training(cfg):
+        raise AssertionError(f"run {cfg.recipe}/{cfg.seed} was trained again")
+
+    monkeypatch.setattr(regpipe.train, "train", no_training)
+    assert main(argv) == 0  # everything read back
+    assert json.loads((out / "compare.json").read_text())["summary"] == first
+    with pytest.raises(AssertionError, match="trained again"):
+        main([*argv, "--lr", "0.01"])  # another setting: must train
+    with pytest.raises(AssertionError, match="trained again"):
+        main([*argv, "--rerun"])
+
+
+@pytest.mark.parametrize("recipe", ["patchup-soft", "patchup-hard"])
+def test_train_patchup_recipes(recipe: str, fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / recipe
+    assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"] == recipe and metrics["epochs"][0]["train_loss"] > 0
+
+
+def test_patchup_layer_that_does_not_exist(fake_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--recipe", "patchup-soft", "--patchup-layers", "conv1,nope", "--data-dir", str(fake_dir),
+                 "--out", str(tmp_path), *TINY]) == 2
+    assert "layer 'nope' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["loss-delta", "loss-delta-external", "loss-order"])
+def test_train_scoring_sampler_recipes(recipe: str, fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / recipe
+    assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY,
+                 "--delta-k", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["epochs"][0]
+    assert metrics["recipe"] == recipe and row["train_loss"] > 0
+    # 40 samples, batch 8, drop_last: 5 steps, every batch used once
+    assert row["images_per_s"] > 0
+    if recipe.startswith("loss-delta"):
+        assert "mean_score" in row  # the chosen scores are logged

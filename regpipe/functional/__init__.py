@@ -1,16 +1,34 @@
 """Pure functions: tensors in, tensors out, every random choice passed in (see SPEC.md)."""
 
 from regpipe.functional.losses import interpolated_loss, multi_hot_bce, soft_target_cross_entropy
+from regpipe.functional.patchup import (
+    block_mask,
+    box_holes,
+    cutmix_box,
+    patchup_gamma,
+    patchup_loss,
+    patchup_mix,
+    patchup_targets,
+    unchanged_fraction,
+)
 from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
 from regpipe.functional.tta import test_time_sum_predict
 
 __all__ = [
+    "block_mask",
+    "box_holes",
     "check_weights",
+    "cutmix_box",
     "gcc_weights",
     "interpolated_loss",
     "mix_sources",
     "multi_hot_bce",
+    "patchup_gamma",
+    "patchup_loss",
+    "patchup_mix",
+    "patchup_targets",
     "soft_target_cross_entropy",
     "sum_mix",
     "test_time_sum_predict",
+    "unchanged_fraction",
 ]

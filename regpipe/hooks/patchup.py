@@ -1,0 +1,212 @@
+"""PatchUp, model side: apply a :class:`~regpipe.ops.patchup.PatchUpPlan` inside any model (SPEC 2).
+
+The user names the candidate layers once; per step the hook mixes the output of the plan's layer
+through a one-shot forward hook (or the inputs, for layer 0, through a forward pre-hook on the
+model), records the realised unchanged fraction ``u`` and computes the PatchUp loss from it.
+Between steps no hook is registered, so every other forward (evaluation, BN re-estimation) runs
+untouched.
+
+Example:
+    >>> import torch
+    >>> from regpipe import Batch
+    >>> from regpipe.hooks import PatchUpHook
+    >>> from regpipe.models import preact_resnet_small
+    >>> from regpipe.ops.patchup import PatchUp
+    >>> model = preact_resnet_small(num_classes=4)
+    >>> batch = Batch.from_labels(torch.rand(8, 3, 32, 32), torch.arange(8) % 4, num_classes=4)
+    >>> batch = PatchUp(mode="soft", candidate_layers=(0, 1, 2))(batch)
+    >>> with PatchUpHook(model, {1: "conv1", 2: "layer1"}) as hook:
+    ...     logits = hook.forward(batch)
+    ...     loss = hook.loss(logits, batch)
+    >>> loss.shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regpipe.batch import Batch
+from regpipe.functional.losses import soft_target_cross_entropy
+from regpipe.functional.patchup import LossKind, patchup_loss, patchup_mix, unchanged_fraction
+from regpipe.ops.patchup import PatchUpPlan
+
+__all__ = ["PatchUpHook", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DataParallel/DistributedDataParallel (``.module``) or ``torch.compile``
+    (``._orig_mod``) wrappers, unwrapped repeatedly."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class PatchUpHook:
+    """Apply PatchUp plans at named layers of any ``nn.Module`` (SPEC 2.3-2.5).
+
+    Args:
+        model: the model as it is called (possibly wrapped by DDP or ``torch.compile``).
+        layers: ``{index: module name}`` with indices ``>= 1`` (index 0 is input space and needs no
+            name), or a list of names numbered ``1..n``. Names are those of ``named_modules()`` of the
+            unwrapped model (a wrapper's ``module.`` prefix is accepted too).
+
+    Raises:
+        ValueError: a name that no module has (the error lists a few valid names), or an index < 1.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[int, str] | list[str] | tuple[str, ...]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        if isinstance(layers, (list, tuple)):
+            layers = {i + 1: name for i, name in enumerate(layers)}
+        if not isinstance(layers, dict) or not layers:
+            raise ValueError(f"layers must be a non-empty dict {{index: name}} or list of names, got {layers!r}")
+        inner = dict(unwrap_model(model).named_modules())
+        outer = dict(model.named_modules())
+        self.modules: dict[int, nn.Module] = {}
+        for index, name in layers.items():
+            if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+                raise ValueError(f"layer indices must be integers >= 1 (0 is input space), got {index!r}")
+            module = inner.get(name, outer.get(name)) if name else None
+            if module is None:
+                valid = [n for n in inner if n][:8]
+                raise ValueError(f"layer {name!r} not found in {type(unwrap_model(model)).__name__}; "
+                                 f"valid names include {valid}")
+            self.modules[index] = module
+        self.layers: dict[int, str] = dict(layers)
+        self.plan: PatchUpPlan | None = None
+        self.unchanged: torch.Tensor | None = None  # u of the last applied plan, 0-d or (N,)
+        self._applied: PatchUpPlan | None = None
+        self._handle: Any | None = None
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> "PatchUpHook":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove any registered hook and forget the plan; the model is left exactly as it was."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.plan = None
+
+    # -- applying a plan -------------------------------------------------------------------------
+    def set_plan(self, plan: PatchUpPlan | None) -> None:
+        """Arm ``plan`` for the next forward of the model (``None`` or ``apply=False``: a plain forward).
+
+        Raises:
+            ValueError: the plan's layer has no module in this hook.
+        """
+        self.close()
+        self.unchanged, self._applied = None, None
+        if plan is None or not plan.apply:
+            self.plan = plan
+            return
+        if plan.layer == 0:
+            self._handle = self.model.register_forward_pre_hook(self._pre_hook)
+        elif plan.layer in self.modules:
+            self._handle = self.modules[plan.layer].register_forward_hook(self._hook)
+        else:
+            raise ValueError(f"the plan mixes at layer {plan.layer}, this hook knows layers "
+                             f"{sorted(self.layers)} (0 = input space)")
+        self.plan = plan
+
+    def _mix(self, h: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan is None:  # only reachable if a caller keeps a stale handle
+            raise RuntimeError("PatchUpHook fired without an armed plan")
+        if not isinstance(h, torch.Tensor) or h.dim() != 4:
+            raise ValueError(f"PatchUp at layer {plan.layer} ({self.layers.get(plan.layer, 'input')}) needs an "
+                             f"(N, C, H, W) tensor, got {getattr(h, 'shape', type(h).__name__)}")
+        plan.check_rows(h.shape[0])
+        holes = plan.mask(h.shape, h.device, h.dtype)
+        mixed = patchup_mix(h, holes, plan.perm.to(h.device), plan.lam.to(h.device), plan.mode)
+        # SPEC 2.4: u = unchanged fraction of one sample's mask (or of every row's, per sample).
+        self.unchanged = unchanged_fraction(holes)
+        self._applied = plan
+        # One shot: the hook fires once per armed plan (a module called twice is mixed once).
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return mixed
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return self._mix(output)
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not args:
+            raise ValueError("PatchUp at layer 0 mixes the model's first positional argument; none was given")
+        return (self._mix(args[0]), *args[1:])
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run the model on ``batch.inputs`` with ``batch.patchup`` applied; returns the logits.
+
+        Raises:
+            ValueError: the plan was drawn for another batch size, or its layer never ran.
+        """
+        plan = batch.patchup
+        if plan is not None and not isinstance(plan, PatchUpPlan):
+            raise TypeError(f"batch.patchup must be a PatchUpPlan or None, got {type(plan).__name__}")
+        if plan is not None:
+            plan.check_rows(batch.size)
+        self.set_plan(plan)
+        try:
+            logits = self.model(batch.inputs)
+        finally:
+            armed = self._handle is not None
+            self.close()
+        if armed:
+            raise ValueError(f"the model never ran layer {plan.layer} ({self.layers.get(plan.layer)!r}) "
+                             "during the forward: PatchUp was not applied")
+        return logits
+
+    # -- the loss --------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, batch: Batch, kind: LossKind = "bce",
+             loss_alpha: float = 1.0, loss_beta: float = 1.0) -> torch.Tensor:
+        """The PatchUp loss of the last forward (SPEC 2.4), or the plain loss when no plan applied.
+
+        Plain steps use the same ``kind`` on ``batch.targets``: BCE on softmax probabilities (as the
+        official plain step does) or soft-target cross-entropy.
+
+        Args:
+            logits: ``(N, K)`` outputs of the forward that applied ``batch.patchup``.
+            batch: the batch carrying the plan and ``(N, K)`` targets.
+            kind: ``"bce"`` (official) or ``"ce"``.
+            loss_alpha: weight of the ``target_a`` term.
+            loss_beta: weight of the ``target_rw`` term.
+
+        Returns:
+            Scalar float32 loss.
+
+        Raises:
+            ValueError: shapes mismatch, or the hook did not apply this batch's plan.
+        """
+        if kind not in ("bce", "ce"):
+            raise ValueError(f"kind must be 'bce' or 'ce', got {kind!r}")
+        if logits.dim() != 2 or logits.shape != batch.targets.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match the batch targets {tuple(batch.targets.shape)}")
+        plan = batch.patchup
+        if plan is None or not plan.apply:
+            y = batch.targets.float()
+            if kind == "bce":
+                return F.binary_cross_entropy(torch.softmax(logits.float(), dim=1), y)
+            return soft_target_cross_entropy(logits, y)
+        if self._applied is not plan or self.unchanged is None:
+            raise ValueError("this hook did not apply the batch's PatchUp plan in its last forward; "
+                             "call hook.forward(batch) (or set_plan(batch.patchup) and the model) first")
+        return patchup_loss(logits, batch.targets, plan.perm.to(logits.device), plan.lam.to(logits.device),
+                            self.unchanged.to(logits.device), plan.mode, kind=kind,
+                            loss_alpha=loss_alpha, loss_beta=loss_beta)

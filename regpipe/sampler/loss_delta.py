@@ -1,0 +1,396 @@
+"""Maximum loss delta orderer: train on the candidate batch whose step lowers the loss most (SPEC 6.2).
+
+For each of the ``K`` candidate batches ``B_j`` in a buffer, from the same (parameters, buffers,
+optimizer state):
+
+    theta_j' = one optimizer step from theta on B_j
+    score_j  = L(theta; E_j) - L(theta_j'; E_j)        (relative: divided by L(theta; E_j))
+
+with ``E_j = B_j`` (``variant="same"``) or an external batch ``E`` (``variant="external"``, redrawn at
+each epoch start). The step of ``argmax_j score_j`` is committed -- its already computed state is
+copied back from a second preallocated snapshot, not recomputed -- and the other candidates stay in
+the buffer; every batch of the epoch is used exactly once and the buffer drains at the epoch end.
+
+How the state is kept exact (all choices **(ours)**):
+
+* A trial is a plain step: ``optimizer.zero_grad(); loss = loss_fn(model(x), y); loss.backward();
+  optimizer.step()`` in the model's current mode, so its BatchNorm running-statistics update is the
+  plain step's. The same-batch ``L(theta; B_j)`` is that forward's loss (train mode: batch statistics).
+* The other score losses (``L(theta'; E_j)``, ``L(theta; E)``) run in the model's current mode under
+  ``torch.no_grad()`` inside :func:`~regpipe.sampler.snapshot.frozen_running_stats`: in train mode they
+  use batch statistics and update no running statistics, so they leave no trace in the state.
+* Between trials the start state is restored in place (:class:`~regpipe.sampler.snapshot.StateSnapshot`);
+  the best trial's post-step state is saved in a second snapshot and restored at the end (skipped when
+  the last candidate wins: its state is already live). Afterwards parameters, buffers and optimizer
+  state equal -- bitwise on deterministic kernels -- those of a plain step on the winner.
+  With the exact commit ``.grad`` holds the last trial's gradients, not the winner's; the global RNG
+  (dropout) has been advanced by every trial.
+* Under DDP (any model with ``no_sync()``; ``commit="auto"``) trials run inside ``model.no_sync()``:
+  each rank scores its own candidates on local gradients. The winner's local step is not the step
+  DDP would take (DDP averages gradients over ranks), so an exact commit is impossible there: the
+  start state is restored and the winner's step is recomputed through DDP with gradient sync.
+  ``commit="recompute"`` forces that path on one process too.
+
+``approximate=True`` is an **approximation**: ``score_j = sum_groups lr * <g(B_j), g(E_j)>`` (the
+first-order predicted loss drop of a plain SGD step; for momentum or Adam it is only a proxy), with no
+trial step. Each candidate costs one forward/backward; the winner's gradients and BatchNorm buffers are
+kept, and the committed step is ``optimizer.step()`` on them -- the same state as a plain step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from regpipe.batch import Batch
+from regpipe.sampler.snapshot import StateSnapshot, frozen_running_stats, tracked_parameters
+
+__all__ = ["LossDeltaOrderer", "DeltaStep", "draw_external"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExternalSource = Batch | Callable[[torch.Generator], Batch]
+
+
+@dataclass(frozen=True)
+class DeltaStep:
+    """What one committed step of :class:`LossDeltaOrderer` did (for training logs).
+
+    Attributes:
+        epoch, step: epoch index and step index within the epoch (0-based).
+        loss: the committed batch's training loss before its step.
+        score: the winner's score (``nan`` with no choice: one candidate, or a step between rescorings).
+        scores: every candidate's score in buffer (arrival) order; empty when nothing was scored.
+        winner, candidates: the winner's buffer position and the buffer size. rescored: scored now.
+    """
+
+    epoch: int
+    step: int
+    loss: float
+    score: float
+    scores: tuple[float, ...]
+    winner: int
+    candidates: int
+    rescored: bool
+
+
+def draw_external(pool: Batch, size: int, generator: torch.Generator) -> Batch:
+    """Draw ``size`` rows of ``pool`` without replacement (the SPEC 6.2 external batch).
+
+    Args:
+        pool: held-out rows, inputs ``(M, C, H, W)``, targets ``(M, K)``.
+        size: rows to draw, ``1 <= size <= M``.
+        generator: a CPU ``torch.Generator`` (the index draw is tiny; it is moved to the pool's device).
+
+    Raises:
+        ValueError: ``size`` is not in ``[1, M]`` (both numbers are named).
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"external_size must be an int >= 1, got {size!r}")
+    if pool.size < size:
+        raise ValueError(f"the external set has {pool.size} rows, fewer than external_size={size}")
+    idx = torch.randperm(pool.size, generator=generator)[:size].to(pool.device)
+    mixing = pool.mixing
+    return Batch(inputs=pool.inputs[idx], targets=pool.targets[idx], source_ids=pool.source_ids[idx],
+                 affine=pool.affine[idx] if pool.affine is not None else None,
+                 mixing=None if mixing is None else
+                 type(mixing)(*(t[idx] for t in (mixing.sources, mixing.weights, mixing.source_ids))))
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(f"{type(optimizer).__name__}.step() requires a closure (it re-evaluates the loss, "
+                        "e.g. LBFGS); the loss-delta orderer needs an optimizer whose step() takes none")
+
+
+class LossDeltaOrderer:
+    """Reorder a batch stream by loss delta and take the training steps (SPEC 6.2).
+
+    Iterating the orderer runs one epoch over ``batches`` and yields ``(batch, DeltaStep)`` *after* the
+    batch's optimizer step was taken -- the loop only logs, steps schedulers, evaluates.
+
+    Args:
+        batches: re-iterable source of :class:`~regpipe.Batch` es (a ``TorchLoader``, DALI or FFCV
+            adapter), iterated once per epoch.
+        model: the model (``nn.Module``; DDP-wrapped is fine). Its mode is left to the caller.
+        loss_fn: ``loss_fn(logits (N, K), targets (N, K)) -> scalar`` (e.g. ``soft_target_cross_entropy``).
+        optimizer: any ``torch.optim.Optimizer`` whose ``step()`` needs no closure.
+        k: buffer size ``K >= 1``; ``K = 1`` is plain training in arrival order.
+        variant: ``"same"`` (``E_j = B_j``) or ``"external"`` (``E_j = E``).
+        relative: divide the score by ``L(theta; E_j)``.
+        external: for ``"external"``: a held-out :class:`~regpipe.Batch` (``external_size`` rows are
+            redrawn from it at each epoch start; used whole when ``external_size`` is ``None`` or equal
+            to its size) or a callable ``generator -> Batch`` called at each epoch start.
+        external_size: rows of the external batch (SPEC 6.2: 512), or ``None``.
+        approximate: first-order **approximate** scores (see the module docstring).
+        seed: seeds the CPU generator of the external draws.
+        rescore_every: score the buffer every ``r`` steps; in between, hand out the remaining
+            candidates of the last scoring in score order (then arrival order) with plain steps.
+        commit: ``"exact"`` (restore the winner's computed state), ``"recompute"`` (restore the start
+            state and redo the winner's step, through DDP's gradient sync), ``"auto"``: recompute when
+            ``model`` has ``no_sync`` (DDP), else exact.
+
+    Attributes:
+        last_step: the :class:`DeltaStep` of the latest step. last_scores: its scores, ``(n,)`` float64
+            CPU tensor, or ``None`` when nothing was scored. external_batch: this epoch's ``E``.
+
+    Raises:
+        ValueError: ``k`` or ``rescore_every`` < 1, an unknown ``variant``/``commit``, ``external``
+            missing for ``"external"`` (or given for ``"same"``), an external set with fewer rows than
+            ``external_size`` (at construction for a Batch, at the epoch start for a callable),
+            ``commit="exact"`` on a DDP model.
+        TypeError: an optimizer that is not a ``torch.optim.Optimizer`` or whose step needs a closure;
+            ``batches`` yielding something other than a :class:`~regpipe.Batch`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from regpipe import Batch
+        >>> from regpipe.functional.losses import soft_target_cross_entropy
+        >>> from regpipe.sampler import LossDeltaOrderer
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        >>> batches = [Batch.from_labels(torch.randn(8, 3, 6, 6), torch.arange(8) % 2, 2, torch.arange(8) + 8 * i)
+        ...            for i in range(5)]
+        >>> orderer = LossDeltaOrderer(batches, model, soft_target_cross_entropy, optimizer, k=4)
+        >>> for epoch in range(2):
+        ...     used = []
+        ...     for batch, info in orderer:  # the step on `batch` is already taken
+        ...         used.append(int(batch.source_ids[0]))  # log info.loss, info.score, info.scores here
+        >>> sorted(used)
+        [0, 8, 16, 24, 32]
+        >>> orderer.last_step.candidates, orderer.last_step.scores  # the drained buffer's last batch: no choice
+        (1, ())
+    """
+
+    def __init__(self, batches: Iterable[Batch], model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                 k: int = 4, variant: Literal["same", "external"] = "same", relative: bool = False,
+                 external: ExternalSource | None = None, external_size: int | None = 512,
+                 approximate: bool = False, seed: int = 0, rescore_every: int = 1,
+                 commit: Literal["auto", "exact", "recompute"] = "auto") -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(rescore_every, bool) or not isinstance(rescore_every, int) or rescore_every < 1:
+            raise ValueError(f"rescore_every must be an int >= 1, got {rescore_every!r}")
+        if variant not in ("same", "external"):
+            raise ValueError(f"variant must be 'same' or 'external', got {variant!r}")
+        if commit not in ("auto", "exact", "recompute"):
+            raise ValueError(f"commit must be 'auto', 'exact' or 'recompute', got {commit!r}")
+        if variant == "external" and external is None:
+            raise ValueError("variant='external' needs an external Batch or a callable returning one")
+        if variant == "same" and external is not None:
+            raise ValueError("external was given but variant='same' does not use it; pass variant='external'")
+        if external_size is not None and (isinstance(external_size, bool) or not isinstance(external_size, int)
+                                          or external_size < 1):
+            raise ValueError(f"external_size must be an int >= 1 or None, got {external_size!r}")
+        if isinstance(external, Batch) and external_size is not None and external.size < external_size:
+            raise ValueError(f"the external set has {external.size} rows, fewer than external_size={external_size}")
+        if external is not None and not isinstance(external, Batch) and not callable(external):
+            raise TypeError(f"external must be a Batch or a callable, got {type(external).__name__}")
+        _check_optimizer(optimizer)
+        if commit == "exact" and hasattr(model, "no_sync"):
+            raise ValueError("commit='exact' with a DDP model would commit unsynchronised local steps and let "
+                             "the ranks diverge; use commit='auto' or 'recompute'")
+        self.batches, self.model, self.loss_fn, self.optimizer = batches, model, loss_fn, optimizer
+        self.k, self.variant, self.relative, self.approximate = k, variant, bool(relative), bool(approximate)
+        self.external, self.external_size = external, external_size
+        self.seed, self.rescore_every = seed, rescore_every
+        self.recompute = commit == "recompute" or (commit == "auto" and hasattr(model, "no_sync"))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.external_batch: Batch | None = None
+        self.last_step: DeltaStep | None = None
+        self.last_scores: torch.Tensor | None = None
+        self._params = tracked_parameters(model, optimizer)
+        # SPEC 6.2 rollback: one snapshot of the start state, one of the best trial's state (exact);
+        # approximate mode keeps buffers (+ the best trial's gradients) only.
+        if approximate:
+            self._start = StateSnapshot(model, None, params=False, buffers=True)
+            self._best = StateSnapshot(model, None, params=False, buffers=True, grads=True)
+        else:
+            self._start = StateSnapshot(model, optimizer)
+            self._best = StateSnapshot(model, optimizer)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    # -- epoch loop ----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[Batch, DeltaStep]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if self.variant == "external":
+            self.external_batch = self._draw_external()
+        source = iter(self.batches)
+        buffer: list[Batch] = []
+        ranking: list[int] = []  # buffer positions in stale score order, between rescorings
+        exhausted, step = False, 0
+        while True:
+            while not exhausted and len(buffer) < self.k:
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if not isinstance(batch, Batch):
+                    raise TypeError(f"batches must yield regpipe Batch objects, got {type(batch).__name__}")
+                buffer.append(batch)
+            if not buffer:
+                return
+            if len(buffer) == 1 or (step % self.rescore_every and ranking):
+                winner = ranking.pop(0) if ranking and len(buffer) > 1 else 0
+                loss = self._plain_step(buffer[winner])
+                info = DeltaStep(epoch, step, loss, math.nan, (), winner, len(buffer), False)
+                self.last_scores = None
+            else:
+                winner, loss, scores = self._score_and_commit(buffer)
+                # stale ranking for the steps until the next rescoring: best first, non-finite last
+                order = sorted(range(len(buffer)), key=lambda j: -scores[j] if math.isfinite(scores[j]) else math.inf)
+                ranking = [j for j in order if j != winner]
+                info = DeltaStep(epoch, step, loss, scores[winner], tuple(scores), winner, len(buffer), True)
+                self.last_scores = torch.tensor(scores, dtype=torch.float64)
+            chosen = buffer.pop(winner)
+            ranking = [j - (j > winner) for j in ranking if j != winner]  # positions shift after the pop
+            self.last_step = info
+            step += 1
+            yield chosen, info
+
+    def _draw_external(self) -> Batch:
+        source = self.external
+        if isinstance(source, Batch):
+            if self.external_size is None or self.external_size == source.size:
+                return source
+            return draw_external(source, self.external_size, self.generator)
+        assert source is not None
+        batch = source(self.generator)
+        if not isinstance(batch, Batch):
+            raise TypeError(f"the external callable must return a Batch, got {type(batch).__name__}")
+        if self.external_size is not None and batch.size < self.external_size:
+            raise ValueError(f"the external set has {batch.size} rows, fewer than external_size={self.external_size}")
+        return batch
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model(batch.inputs), batch.targets)
+
+    def _plain_step(self, batch: Batch) -> float:
+        """``zero_grad; forward; backward; step`` -- the reference step (through DDP's sync if wrapped)."""
+        self.optimizer.zero_grad()
+        loss = self._forward_loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _score_loss(self, batch: Batch) -> torch.Tensor:
+        """A score loss: current mode, no grad, running statistics untouched."""
+        with torch.no_grad(), frozen_running_stats(self.model):
+            return self._forward_loss(batch).detach()
+
+    def _trial_context(self) -> contextlib.AbstractContextManager:
+        return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
+
+    def _score_and_commit(self, buffer: list[Batch]) -> tuple[int, float, list[float]]:
+        n = len(buffer)
+        external = self.external_batch if self.variant == "external" else None
+        self._start.save()
+        grads_e: list[torch.Tensor | None] | None = None
+        before_e: torch.Tensor | None = None
+        if external is not None:
+            if self.approximate:
+                grads_e, before_e = self._external_gradient(external)
+            else:
+                before_e = self._score_loss(external)
+        scores: list[float] = []
+        losses: list[float] = []
+        best = -1
+        for j, batch in enumerate(buffer):
+            if j:
+                self._start.restore()
+            with self._trial_context():
+                self.optimizer.zero_grad()
+                loss = self._forward_loss(batch)
+                loss.backward()
+                if not self.approximate:
+                    self.optimizer.step()
+            loss = loss.detach()
+            before = before_e if before_e is not None else loss
+            if self.approximate:
+                drop = self._predicted_drop(grads_e)
+            else:
+                drop = before - self._score_loss(external if external is not None else batch)
+            score = float(drop / before if self.relative else drop)  # SPEC 6.2 (relative variant)
+            scores.append(score)
+            losses.append(float(loss))
+            if not math.isfinite(score):
+                warnings.warn(f"loss-delta score of candidate {j} (source ids starting "
+                              f"{batch.source_ids[:4].tolist()}) is {score}; it is not chosen", RuntimeWarning)
+            better = best < 0 or (math.isfinite(score) and (not math.isfinite(scores[best]) or score > scores[best]))
+            if better:
+                best = j
+                if j < n - 1 and not self.recompute:
+                    self._best.save()
+        if not any(math.isfinite(s) for s in scores):
+            warnings.warn(f"all {n} loss-delta scores are non-finite ({scores}); taking the first candidate "
+                          "in arrival order", RuntimeWarning)
+        self._commit(buffer[best], last=best == n - 1)
+        return best, losses[best], scores
+
+    def _commit(self, winner: Batch, last: bool) -> None:
+        if self.recompute:  # DDP: redo the winner's step with gradient sync (module docstring)
+            self._start.restore()
+            self._plain_step(winner)
+            return
+        if not last:
+            self._best.restore()
+        if self.approximate:  # gradients and BN buffers of the winner's forward are live now
+            self.optimizer.step()
+
+    # -- first-order approximation -------------------------------------------------------------------------
+    def _external_gradient(self, external: Batch) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        self.optimizer.zero_grad()
+        with frozen_running_stats(self.model), self._trial_context():
+            loss = self._forward_loss(external)
+            loss.backward()
+        grads = [p.grad.detach().clone() if p.grad is not None else None for p in self._params]
+        return grads, loss.detach()
+
+    def _predicted_drop(self, grads_e: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """``sum_groups lr * <g_B, g_E>`` over the live gradients (``g_E = g_B`` when ``grads_e`` is None)."""
+        index = {id(p): i for i, p in enumerate(self._params)}
+        total = torch.zeros((), dtype=torch.float64)
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                g = p.grad
+                other = g if grads_e is None else grads_e[index[id(p)]]
+                if g is not None and other is not None:
+                    total = total + lr * torch.dot(g.reshape(-1).double(), other.reshape(-1).double()).cpu()
+        return total
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and RNG state. Buffered batches are not saved: a run resumed from a mid-epoch
+        checkpoint starts the next epoch (the epoch counter counts epochs started)."""
+        return {"epoch": self.epoch, "seed": self.seed, "generator": self.generator.get_state(),
+                "k": self.k, "variant": self.variant, "relative": self.relative,
+                "approximate": self.approximate, "rescore_every": self.rescore_every}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (configuration keys are checked, not applied)."""
+        for key in ("k", "variant", "relative", "approximate", "rescore_every"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state[key]!r}, this orderer has {getattr(self, key)!r}")
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"])
