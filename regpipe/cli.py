@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_show = sub.add_parser("show", help="draw what an op does into a PNG",
                             description="sum: images mixed with k = 1, 2, 4, 8. gradual: mixes along t and the GCC "
-                                        "coefficients against t.")
-    p_show.add_argument("what", choices=["sum", "gradual"], help="which op to draw")
+                                        "coefficients against t. patchup: masks and mixed feature maps at the input, "
+                                        "after the stem conv and after the first stage.")
+    p_show.add_argument("what", choices=["sum", "gradual", "patchup"], help="which op to draw")
     p_show.add_argument("--out", default=None, help="PNG path (default: regpipe-show-WHAT.png)")
     p_show.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
     p_show.add_argument("--seed", type=int, default=0, help="which images are drawn")

@@ -9,7 +9,7 @@ import torch
 from regpipe.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from regpipe.functional.sum_mix import gcc_weights, sum_mix
 
-__all__ = ["show", "mixed_grid"]
+__all__ = ["show", "mixed_grid", "draw_patchup"]
 
 _COLUMNS = 6
 
@@ -37,8 +37,10 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("regpipe show needs matplotlib: pip install 'regpipe[plot]'") from err
-    if what not in ("sum", "gradual"):
-        raise ValueError(f"cannot show {what!r}: choose 'sum' or 'gradual'")
+    if what not in ("sum", "gradual", "patchup"):
+        raise ValueError(f"cannot show {what!r}: choose 'sum', 'gradual' or 'patchup'")
+    if what == "patchup":
+        return draw_patchup(plt, out, data_dir, seed)
     data = load_fashion_mnist("test", data_dir=data_dir, shape="native")
     columns = min(_COLUMNS, len(data.labels) // 8)
     if columns < 1:
@@ -80,6 +82,51 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
         ax.grid(alpha=0.3)
     fig.suptitle("Sum Augmentation: group mix for k = 1, 2, 4, 8" if what == "sum"
                  else "Gradually Cascading Sum Augmentation (k0 = 4): mixes and coefficients along t")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw_patchup(plt, out: Path, data_dir: str | None, seed: int) -> Path:
+    """PatchUp on real images: per layer (0 = input CutMix, 1 = after the stem conv, 2 = after the first
+    stage of the default model) the mask of one channel, a row's feature map, its partner's, and the
+    hard and soft mixes (SPEC 2.2-2.3). The model is freshly initialised: the picture shows where
+    features are exchanged, not what a trained network computes."""
+    from regpipe.functional.patchup import patchup_mix
+    from regpipe.models import preact_resnet_small
+    from regpipe.ops.patchup import PatchUp
+
+    data = load_fashion_mnist("test", data_dir=data_dir, shape="cifar")
+    pick = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(seed))[:8]
+    x = data.images[pick].float().div_(255.0)
+    torch.manual_seed(seed)
+    model = preact_resnet_small().eval()
+    with torch.no_grad():
+        features = {0: x, 1: model.conv1(x)}
+        features[2] = model.layer1(features[1])
+    columns = ["mask (1 = altered)", "row 0", "its partner", "hard mix", "soft mix"]
+    fig, axes = plt.subplots(3, len(columns), figsize=(2.2 * len(columns), 7.2))
+    for layer, h in features.items():
+        op = PatchUp(mode="soft", candidate_layers=(layer,), patchup_prob=1.0, seed=seed + layer)
+        plan = op.draw(h.shape[0], x.shape[2], x.shape[3], "cpu")
+        holes = plan.mask(h.shape, "cpu")
+        lam = plan.lam
+        hard = patchup_mix(h, holes, plan.perm, lam, "hard")
+        soft = patchup_mix(h, holes, plan.perm, lam, "soft" if layer else "hard")
+        partner = int(plan.perm[0])
+        panels = [holes.reshape(-1, *holes.shape[-2:])[0], h[0, 0], h[partner, 0], hard[0, 0], soft[0, 0]]
+        for c, (panel, title) in enumerate(zip(panels, columns)):
+            ax = axes[layer, c]
+            ax.imshow(panel.numpy(), cmap="gray" if c else "magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_title(title, fontsize=9)
+        name = {0: "layer 0: input\n(CutMix box)", 1: "layer 1: conv1", 2: "layer 2: layer1"}[layer]
+        axes[layer, 0].set_ylabel(f"{name}\nu={float(1 - holes.float().mean()):.2f}, lam={float(lam):.2f}", fontsize=8)
+    fig.suptitle("PatchUp (official CIFAR soft setting: gamma=0.75, block 7): channel 0 of each layer")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -62,7 +62,7 @@ def test_compare_writes_table_json_and_plot(fake_dir: Path, tmp_path: Path) -> N
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("what", ["sum", "gradual"])
+@pytest.mark.parametrize("what", ["sum", "gradual", "patchup"])
 def test_show_draws_png(what: str, fake_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / f"{what}.png"
     assert main(["show", what, "--data-dir", str(fake_dir), "--out", str(png)]) == 0
