@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from timing import median_ms
 import torch.nn.functional as F
 
 from regpipe.batch import Batch
@@ -34,19 +35,8 @@ LAYERS = {1: "conv1", 2: "layer1", 3: "layer2"}
 SHAPE = (64, 3, 32, 32)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _median(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    return median_ms({"case": fn}, device, repeats, warmup)["case"]
 
 
 def _row(name: str, shape: tuple[int, ...], device: torch.device, ms: float, base: float, baseline: str) -> dict:
@@ -92,10 +82,10 @@ def step_rows(device: torch.device, repeats: int) -> list[dict]:
     # Round robin, one timed step of every case per round, so that drift on a shared machine hits all alike.
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():
-        median_ms(fn, device, 1, warmup=3)
+        _median(fn, device, 1, warmup=3)
     for _ in range(repeats):
         for name, fn in cases.items():
-            samples[name].append(median_ms(fn, device, 1, warmup=0))
+            samples[name].append(_median(fn, device, 1, warmup=0))
     medians = {name: statistics.median(v) for name, v in samples.items()}
     base = medians["plain step"]
     rows = [_row(name, SHAPE, device, ms, base, "plain step") for name, ms in medians.items()]
@@ -111,7 +101,7 @@ def step_rows(device: torch.device, repeats: int) -> list[dict]:
             def mask_mix() -> None:
                 holes = plan.mask(h.shape, h.device, h.dtype)
                 patchup_mix(h, holes, plan.perm, plan.lam, plan.mode)
-            ms = median_ms(mask_mix, device, repeats)
+            ms = _median(mask_mix, device, repeats)
             what = "CutMix box" if layer == 0 else "block mask b=7"
             name = f"mask+mix only: {what}{', per-sample' if per_sample else ''}"
             rows.append(_row(name, feat_shape, device, ms, patchup_ms, "patchup soft step"))
@@ -123,7 +113,7 @@ def step_rows(device: torch.device, repeats: int) -> list[dict]:
              "patchup loss only (3-term BCE)": lambda: hook.loss(logits, mixed),
              "plain loss only (BCE)": lambda: F.binary_cross_entropy(torch.softmax(logits, 1), batch.targets)}
     for name, fn in extra.items():
-        rows.append(_row(name, SHAPE, device, median_ms(fn, device, repeats), patchup_ms, "patchup soft step"))
+        rows.append(_row(name, SHAPE, device, _median(fn, device, repeats), patchup_ms, "patchup soft step"))
     return rows
 
 

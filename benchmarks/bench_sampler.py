@@ -18,17 +18,15 @@ Usage: ``python benchmarks/bench_sampler.py [--device cpu|cuda|all] [--json FILE
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # one reference: the tests' naive version
 
@@ -37,25 +35,6 @@ from regpipe.functional.losses import soft_target_cross_entropy  # noqa: E402
 from regpipe.models import preact_resnet_small  # noqa: E402
 from regpipe.sampler import LossDeltaOrderer  # noqa: E402
 from tests.test_sampler import naive_loss_delta_step, plain_step  # noqa: E402
-
-
-def median_ms(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-              warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each case, interleaved round-robin (ratios are what we report)."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_state(device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

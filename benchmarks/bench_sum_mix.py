@@ -14,35 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from timing import median_ms
 
 from regpipe import Batch, GradualSumMix, SumMix
 from regpipe.functional import soft_target_cross_entropy, sum_mix
 from regpipe.models import preact_resnet_small
-
-
-def median_ms(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-              warmup: int = 3) -> dict[str, float]:
-    """Median wall time of each case; the cases are interleaved round-robin so that drift and noise
-    on a shared machine hit all of them alike (the ratios are what we report)."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def mix_rows(device: torch.device, repeats: int) -> list[dict]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from regpipe.bn import clean_bn_statistics
-from regpipe.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
+from regpipe.data import ArrayDataset, ImageArrays, load_dataset, stratified_indices
 from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
 from regpipe.loaders.torch import TorchLoader
 from regpipe.models import build_model

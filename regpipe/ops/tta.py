@@ -27,7 +27,7 @@ def draw_partners(draws: int, n: int, k: int, generator: torch.Generator, pool_s
         own = torch.arange(n, device=device).view(1, n, 1)
         return idx + (idx >= own).long()  # skip the row itself
     if pool_size < 1:
-        raise ValueError(f"the reference pool is empty")
+        raise ValueError("the reference pool is empty")
     return torch.randint(0, pool_size, (draws, n, k - 1), generator=generator, device=device)
 
 
