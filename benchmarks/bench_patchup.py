@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -79,14 +78,7 @@ def step_rows(device: torch.device, repeats: int) -> list[dict]:
         "patchup soft per-sample, layer in {0,1,2}": patchup_step(
             PatchUp(mode="soft", candidate_layers=(0, 1, 2), per_sample=True)),
     }
-    # Round robin, one timed step of every case per round, so that drift on a shared machine hits all alike.
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
-        _median(fn, device, 1, warmup=3)
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            samples[name].append(_median(fn, device, 1, warmup=0))
-    medians = {name: statistics.median(v) for name, v in samples.items()}
+    medians = median_ms(cases, device, repeats)  # interleaved round-robin (benchmarks/timing.py)
     base = medians["plain step"]
     rows = [_row(name, SHAPE, device, ms, base, "plain step") for name, ms in medians.items()]
 
