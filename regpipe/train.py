@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +63,6 @@ class TrainConfig:
     tta_draws: int = 0
     channels_last: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "val_per_class", "bn_batches"):
@@ -235,7 +234,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "recipe": cfg.recipe, "seed": cfg.seed, "device": str(device), "test_accuracy": final_acc,
         "train_seconds": time.perf_counter() - started, "train_samples": len(data.train.labels),
-        "epochs": history, "config": _jsonable(asdict(cfg)),
+        "epochs": history, "config": asdict(cfg),
     }
     if tta_acc is not None:
         metrics["test_accuracy_tta"] = tta_acc
@@ -262,11 +261,3 @@ class _eval_mode:
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.was_training)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
