@@ -70,7 +70,6 @@ class Recipe:
         run_epoch: ``batches -> iterator of (batch, loss, log)`` that takes every optimizer step itself;
             ``None``: the training loop's plain step.
         close: releases what the recipe attached to the model (hooks).
-        state: objects with ``state_dict()`` to checkpoint with the run.
     """
 
     name: str
@@ -84,7 +83,6 @@ class Recipe:
     batch_sampler: Any | None = None
     run_epoch: Callable[[Iterable[Batch]], Iterator[StepReport]] | None = None
     close: Callable[[], None] = lambda: None
-    state: dict[str, Any] = field(default_factory=dict)
 
 
 def _baseline(cfg: Any, ctx: RecipeContext) -> Recipe:
@@ -93,8 +91,7 @@ def _baseline(cfg: Any, ctx: RecipeContext) -> Recipe:
 
 def _sum(cfg: Any, ctx: RecipeContext) -> Recipe:
     op = SumMix(groups=cfg.k, mode=cfg.mix_mode, seed=cfg.seed, drop_remainder=True)
-    return Recipe("sum", ops=[op], mixing=lambda: op.groups > 1, describe=lambda: {"k": op.groups},
-                  state={"sum_mix": op})
+    return Recipe("sum", ops=[op], mixing=lambda: op.groups > 1, describe=lambda: {"k": op.groups})
 
 
 def _cascade(cfg: Any, ctx: RecipeContext) -> Recipe:
@@ -111,8 +108,7 @@ def _cascade(cfg: Any, ctx: RecipeContext) -> Recipe:
         return event.finished
 
     return Recipe("cascade", ops=[op], needs_validation=True, mixing=lambda: op.groups > 1,
-                  after_eval=after_eval, describe=lambda: {"k": op.groups},
-                  state={"cascade": cascade, "sum_mix": op})
+                  after_eval=after_eval, describe=lambda: {"k": op.groups})
 
 
 def _gradual(cfg: Any, ctx: RecipeContext) -> Recipe:
@@ -122,7 +118,7 @@ def _gradual(cfg: Any, ctx: RecipeContext) -> Recipe:
     op = GradualSumMix(k0=cfg.k0, gradual_steps=max(1, gradual_epochs * ctx.steps_per_epoch), mode=cfg.mix_mode,
                        seed=cfg.seed, drop_remainder=True)
     return Recipe("gradual", ops=[op], mixing=lambda: op.t < 1.0, after_step=op.step,
-                  describe=lambda: {"t": round(op.t, 4)}, state={"gradual_sum_mix": op})
+                  describe=lambda: {"t": round(op.t, 4)})
 
 
 def _patchup(mode: str) -> Callable[[Any, int, torch.nn.Module], Recipe]:
@@ -137,7 +133,7 @@ def _patchup(mode: str) -> Callable[[Any, int, torch.nn.Module], Recipe]:
             return hook.loss(hook.forward(batch), batch, kind=cfg.patchup_loss)
 
         return Recipe(f"patchup-{mode}", ops=[op], compute_loss=compute_loss, close=hook.close,
-                      describe=lambda: {"prob": op.patchup_prob}, state={"patchup": op})
+                      describe=lambda: {"prob": op.patchup_prob})
     return build
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from regpipe.bn import clean_bn_statistics
-from regpipe.data import ArrayDataset, ImageArrays, load_dataset, stratified_indices
+from regpipe.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
 from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
 from regpipe.loaders.torch import TorchLoader
 from regpipe.models import build_model
@@ -100,13 +100,13 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, shape=cfg.shape)
     test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, shape=cfg.shape)
     val_idx = stratified_indices(full.labels, cfg.val_per_class, seed=cfg.seed + 10_000)
-    rest = torch.ones(len(full.labels), dtype=torch.bool)
-    rest[val_idx] = False
-    rest_idx = rest.nonzero().squeeze(1)
     if cfg.samples_per_class is not None:
-        train_idx = rest_idx[stratified_indices(full.labels[rest_idx], cfg.samples_per_class, seed=cfg.seed)]
+        # a stratified draw disjoint from the validation set (split_train_val's job, used the other way round)
+        train_idx = split_train_val(full.labels, cfg.samples_per_class, seed=cfg.seed, exclude=val_idx)
     else:
-        train_idx = rest_idx
+        keep = torch.ones(len(full.labels), dtype=torch.bool)
+        keep[val_idx] = False
+        train_idx = keep.nonzero().squeeze(1)
     train = full.subset(train_idx)
     pixels = train.images.float().div_(255.0)
     mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
