@@ -86,6 +86,8 @@ class Batch:
             (identity when none ran). Filled with identities when omitted.
         mixing: the :class:`MixRecord` of the last mixing op, or ``None``.
         patchup: the PatchUp plan drawn for this batch, or ``None``.
+        photometric: ``(N, 2)`` float, the brightness and contrast factors applied to each row
+            (``None``: none applied, i.e. all ones).
     """
 
     inputs: torch.Tensor
@@ -94,6 +96,7 @@ class Batch:
     affine: torch.Tensor | None = None
     mixing: MixRecord | None = None
     patchup: Any | None = field(default=None)
+    photometric: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Shape and dtype checks only: they cost no device synchronisation. Value checks (label range)
@@ -120,6 +123,8 @@ class Batch:
             object.__setattr__(self, "affine", identity_affine(n, device=x.device))
         elif self.affine.shape != (n, 2, 3):
             raise ValueError(f"Batch.affine must be (N, 2, 3) with N={n}, got shape {tuple(self.affine.shape)}")
+        if self.photometric is not None and self.photometric.shape != (n, 2):
+            raise ValueError(f"Batch.photometric must be (N, 2) with N={n}, got shape {tuple(self.photometric.shape)}")
         if self.mixing is not None and self.mixing.sources.shape[0] != n:
             raise ValueError(f"Batch.mixing describes {self.mixing.sources.shape[0]} rows, the batch has {n}")
 
@@ -149,6 +154,23 @@ class Batch:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def rows(self, index: torch.Tensor) -> "Batch":
+        """The rows ``index`` (``(M,)`` int64, repeats allowed) of every per-row field, mixing record included.
+
+        Raises:
+            ValueError: the batch carries a PatchUp plan (it pairs rows of the whole batch; draw it after
+                selecting).
+        """
+        if self.patchup is not None:
+            raise ValueError("cannot select rows of a batch that carries a PatchUp plan: apply PatchUp after selecting")
+        index = index.to(self.device)
+        mixing = self.mixing
+        if mixing is not None:
+            mixing = MixRecord(*(t[index] for t in (mixing.sources, mixing.weights, mixing.source_ids)))
+        return Batch(inputs=self.inputs[index], targets=self.targets[index], source_ids=self.source_ids[index],
+                     affine=self.affine[index], mixing=mixing,
+                     photometric=None if self.photometric is None else self.photometric[index])
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """Move every tensor to ``device``."""
         mixing = self.mixing
@@ -162,4 +184,5 @@ class Batch:
             source_ids=self.source_ids.to(device, non_blocking=non_blocking),
             affine=self.affine.to(device, non_blocking=non_blocking),
             mixing=mixing,
+            photometric=None if self.photometric is None else self.photometric.to(device, non_blocking=non_blocking),
         )

@@ -34,20 +34,9 @@ from regpipe.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
 from regpipe.functional.patchup import LossKind, patchup_loss, patchup_mix, unchanged_fraction
 from regpipe.ops.patchup import PatchUpPlan
+from regpipe.hooks.tap import find_module
 
-__all__ = ["PatchUpHook", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DataParallel/DistributedDataParallel (``.module``) or ``torch.compile``
-    (``._orig_mod``) wrappers, unwrapped repeatedly."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+__all__ = ["PatchUpHook"]
 
 
 class PatchUpHook:
@@ -71,17 +60,11 @@ class PatchUpHook:
             layers = {i + 1: name for i, name in enumerate(layers)}
         if not isinstance(layers, dict) or not layers:
             raise ValueError(f"layers must be a non-empty dict {{index: name}} or list of names, got {layers!r}")
-        inner = dict(unwrap_model(model).named_modules())
-        outer = dict(model.named_modules())
         self.modules: dict[int, nn.Module] = {}
         for index, name in layers.items():
             if isinstance(index, bool) or not isinstance(index, int) or index < 1:
                 raise ValueError(f"layer indices must be integers >= 1 (0 is input space), got {index!r}")
-            module = inner.get(name, outer.get(name)) if name else None
-            if module is None:
-                valid = [n for n in inner if n][:8]
-                raise ValueError(f"layer {name!r} not found in {type(unwrap_model(model)).__name__}; "
-                                 f"valid names include {valid}")
+            module = find_module(model, name)
             self.modules[index] = module
         self.layers: dict[int, str] = dict(layers)
         self.plan: PatchUpPlan | None = None

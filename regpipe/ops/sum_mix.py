@@ -30,9 +30,10 @@ def mix_batch(batch: Batch, weights: torch.Tensor | list[float], perms: torch.Te
     n_out = sources.shape[0]
     weight_table = torch.tensor(w, dtype=torch.float32, device=batch.device).expand(n_out, k)
     record = MixRecord(sources=sources, weights=weight_table, source_ids=batch.source_ids[sources])
-    # The affine of a mixed row is that of its first component (mixing is not geometric).
+    # The affine and photometric record of a mixed row are its first component's (mixing is neither).
     return Batch(inputs=inputs, targets=targets, source_ids=batch.source_ids[sources[:, 0]],
-                 affine=batch.affine[sources[:, 0]], mixing=record, patchup=batch.patchup)
+                 affine=batch.affine[sources[:, 0]], mixing=record, patchup=batch.patchup,
+                 photometric=None if batch.photometric is None else batch.photometric[sources[:, 0]])
 
 
 def _draw_perms(k: int, n: int, generator: torch.Generator) -> torch.Tensor:

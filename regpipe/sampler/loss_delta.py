@@ -97,11 +97,7 @@ def draw_external(pool: Batch, size: int, generator: torch.Generator) -> Batch:
     if pool.size < size:
         raise ValueError(f"the external set has {pool.size} rows, fewer than external_size={size}")
     idx = torch.randperm(pool.size, generator=generator)[:size].to(pool.device)
-    mixing = pool.mixing
-    return Batch(inputs=pool.inputs[idx], targets=pool.targets[idx], source_ids=pool.source_ids[idx],
-                 affine=pool.affine[idx] if pool.affine is not None else None,
-                 mixing=None if mixing is None else
-                 type(mixing)(*(t[idx] for t in (mixing.sources, mixing.weights, mixing.source_ids))))
+    return pool.rows(idx)
 
 
 def _check_optimizer(optimizer: Any) -> None:
