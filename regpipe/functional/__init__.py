@@ -1,5 +1,26 @@
 """Pure functions: tensors in, tensors out, every random choice passed in (see SPEC.md)."""
 
+from regpipe.functional.augment import (
+    affine_from_pixels,
+    affine_matrix,
+    affine_to_pixels,
+    brightness_contrast,
+    compose_affine,
+    crop_affine,
+    flip_affine,
+    invert_affine,
+    inverse_warp,
+    valid_mask,
+    warp,
+)
+from regpipe.functional.invariance import depth_weights, invariance_loss
+from regpipe.functional.saliency import (
+    mixed_saliency_loss,
+    normalize_maps,
+    saliency,
+    saliency_consistency_loss,
+    saliency_from_logits,
+)
 from regpipe.functional.losses import interpolated_loss, multi_hot_bce, soft_target_cross_entropy
 from regpipe.functional.patchup import (
     block_mask,
@@ -15,6 +36,24 @@ from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, 
 from regpipe.functional.tta import test_time_sum_predict
 
 __all__ = [
+    "affine_from_pixels",
+    "affine_matrix",
+    "affine_to_pixels",
+    "brightness_contrast",
+    "compose_affine",
+    "crop_affine",
+    "depth_weights",
+    "flip_affine",
+    "invariance_loss",
+    "invert_affine",
+    "inverse_warp",
+    "mixed_saliency_loss",
+    "normalize_maps",
+    "saliency",
+    "saliency_consistency_loss",
+    "saliency_from_logits",
+    "valid_mask",
+    "warp",
     "block_mask",
     "box_holes",
     "check_weights",

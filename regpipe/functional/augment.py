@@ -123,12 +123,12 @@ def inverse_warp(y: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -
 
 
 def valid_mask(theta: torch.Tensor, height: int, width: int, tolerance: float = 1e-3) -> torch.Tensor:
-    """``(N, 1, H, W)`` bool: pixels of the original frame that are still inside the frame after warping
-    with ``theta`` and back (the pixels :func:`inverse_warp` can restore). Computed by sending a
-    frame of ones through the inverse warp, so it agrees with ``grid_sample``'s interpolation: a pixel
-    counts as valid when at least ``1 - tolerance`` of its bilinear weight falls inside the frame."""
+    """``(N, 1, H, W)`` bool: pixels of the original frame that survive warping with ``theta`` and back (the
+    pixels :func:`inverse_warp` can restore). Computed by sending a frame of ones through the warp and
+    the inverse warp, so it agrees with ``grid_sample``'s interpolation on both legs: a pixel counts
+    as valid when at least ``1 - tolerance`` of its bilinear weight came from inside the frame."""
     ones = torch.ones(theta.shape[0], 1, height, width, dtype=theta.dtype, device=theta.device)
-    return inverse_warp(ones, theta) >= 1.0 - tolerance
+    return inverse_warp(warp(ones, theta), theta) >= 1.0 - tolerance
 
 
 def flip_affine(horizontal: torch.Tensor, vertical: torch.Tensor) -> torch.Tensor:
