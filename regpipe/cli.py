@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from regpipe.recipes import RECIPES
+from regpipe.show import SHOWABLE
 from regpipe.train import TrainConfig
 
 __all__ = ["main", "build_parser"]
@@ -21,6 +22,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _float_triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from err
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> None:
@@ -84,6 +95,19 @@ def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> No
     sc.add_argument("--delta-relative", action="store_true", help="loss-delta: score the relative loss drop")
     sc.add_argument("--order", default=d.order, choices=["ascending", "descending"],
                     help=f"loss-order: hand out low- or high-loss samples first (default: {d.order})")
+    rep = parser.add_argument_group("replication, invariance and saliency")
+    rep.add_argument("--replicas", type=int, default=d.replicas,
+                     help=f"copies per seed (m) of the replicate/invariance/saliency recipes (default: {d.replicas}); "
+                          "batches hold batch-size/m seeds so a step sees batch-size rows")
+    rep.add_argument("--inv-layers", type=lambda t: tuple(n for n in t.split(",") if n), default=d.inv_layers,
+                     help=f"module names of the invariance loss, shallow to deep (default: {','.join(d.inv_layers)})")
+    rep.add_argument("--inv-alpha", type=float, default=d.inv_alpha,
+                     help=f"invariance share of the 'invariance' objective (default: {d.inv_alpha})")
+    rep.add_argument("--inv-ratio", type=float, default=d.inv_ratio,
+                     help=f"alpha_last / alpha_first across the invariance layers (default: {d.inv_ratio})")
+    rep.add_argument("--loss-weights", type=_float_triple, default=d.loss_weights,
+                     help="alpha,beta,gamma of class + invariance + saliency (default: 1,1,1; "
+                          "the 'saliency' recipe ignores beta)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -161,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_show = sub.add_parser("show", help="draw what an op does into a PNG",
                             description="sum: images mixed with k = 1, 2, 4, 8. gradual: mixes along t and the GCC "
                                         "coefficients against t. patchup: masks and mixed feature maps at the input, "
-                                        "after the stem conv and after the first stage.")
-    p_show.add_argument("what", choices=["sum", "gradual", "patchup"], help="which op to draw")
+                                        "after the stem conv and after the first stage. replicate: seeds and their "
+                                        "augmented copies. saliency: saliency maps of originals and copies, "
+                                        "before and after the inverse warp.")
+    p_show.add_argument("what", choices=SHOWABLE, help="which op to draw")
     p_show.add_argument("--out", default=None, help="PNG path (default: regpipe-show-WHAT.png)")
     p_show.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
     p_show.add_argument("--seed", type=int, default=0, help="which images are drawn")

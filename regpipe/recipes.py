@@ -18,7 +18,10 @@ import torch
 
 from regpipe.batch import Batch
 from regpipe.cascade import Cascade
+from regpipe.hooks.invariance import InvarianceLoss
 from regpipe.hooks.patchup import PatchUpHook
+from regpipe.hooks.saliency import ConsistencyObjective
+from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast, RandomFlip, Replicate
 from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
 from regpipe.sampler import LossDeltaOrderer, LossOrderer
@@ -70,6 +73,7 @@ class Recipe:
         run_epoch: ``batches -> iterator of (batch, loss, log)`` that takes every optimizer step itself;
             ``None``: the training loop's plain step.
         close: releases what the recipe attached to the model (hooks).
+        step_log: values to log after each plain training step (e.g. the terms of a combined loss).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Recipe:
     batch_sampler: Any | None = None
     run_epoch: Callable[[Iterable[Batch]], Iterator[StepReport]] | None = None
     close: Callable[[], None] = lambda: None
+    step_log: Callable[[], dict[str, Any]] = dict
 
 
 def _baseline(cfg: Any, ctx: RecipeContext) -> Recipe:
@@ -169,6 +174,49 @@ def _loss_order(cfg: Any, ctx: RecipeContext) -> Recipe:
     return Recipe("loss-order", batch_sampler=sampler, describe=lambda: {"order": cfg.order})
 
 
+def replication_augment(seed: int) -> Augment:
+    """The augmentation of the replication recipes: flips, a mild affine, brightness/contrast."""
+    return Augment([RandomFlip(horizontal=0.5), RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                    RandomBrightnessContrast((0.8, 1.2), (0.8, 1.2))], seed=seed)
+
+
+def _seed_sampler(cfg: Any, ctx: RecipeContext) -> torch.utils.data.BatchSampler:
+    """Batches of ``batch_size / m`` seeds, ``steps_per_epoch`` of them per epoch: after replication a step
+    sees ``batch_size`` rows and an epoch as many rows as the baseline's (equal compute; each epoch
+    draws a fresh random ``1/m`` of the training set, so every seed is seen ``epochs / m`` times in
+    ``m`` views)."""
+    m = cfg.replicas
+    if cfg.batch_size % m:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by replicas={m}")
+    seeds = cfg.batch_size // m
+    sampler = torch.utils.data.RandomSampler(range(len(ctx.train.labels)), num_samples=ctx.steps_per_epoch * seeds,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+    return torch.utils.data.BatchSampler(sampler, seeds, drop_last=True)
+
+
+def _replicated(kind: str) -> Callable[[Any, RecipeContext], Recipe]:
+    def build(cfg: Any, ctx: RecipeContext) -> Recipe:
+        if isinstance(cfg.replicas, bool) or cfg.replicas < 2:
+            raise ValueError(f"replicas must be >= 2 for the {kind!r} recipe, got {cfg.replicas}")
+        op = Replicate(cfg.replicas, replication_augment(cfg.seed), include_original=True)
+        recipe = Recipe(kind, ops=[op], batch_sampler=_seed_sampler(cfg, ctx), describe=lambda: {"m": op.m})
+        if kind == "invariance":
+            # SPEC 3.2: (1 - alpha) * task + sum_l alpha_l L_inv^l, alpha_l exponential in depth.
+            hook = InvarianceLoss(ctx.model, cfg.inv_layers, alpha=cfg.inv_alpha, ratio=cfg.inv_ratio)
+            recipe.compute_loss, recipe.close = hook, hook.close
+            recipe.step_log = lambda: {"invariance": hook.last["invariance"]}
+        elif kind in ("saliency", "class+inv+sal"):
+            # SPEC 4: alpha * class + beta * inv + gamma * sal; saliency alone has beta = 0.
+            alpha, beta, gamma = cfg.loss_weights
+            objective = ConsistencyObjective(ctx.model, inv_layers=cfg.inv_layers, alpha=alpha,
+                                             beta=beta if kind == "class+inv+sal" else 0.0, gamma=gamma,
+                                             inv_ratio=cfg.inv_ratio)
+            recipe.compute_loss, recipe.close = objective, objective.close
+            recipe.step_log = lambda: {k: v for k, v in objective.last.items() if k in ("invariance", "saliency")}
+        return recipe
+    return build
+
+
 RECIPES: dict[str, Callable[[Any, RecipeContext], Recipe]] = {
     "baseline": _baseline,
     "sum": _sum,
@@ -179,6 +227,10 @@ RECIPES: dict[str, Callable[[Any, RecipeContext], Recipe]] = {
     "loss-delta": _loss_delta("same"),
     "loss-delta-external": _loss_delta("external"),
     "loss-order": _loss_order,
+    "replicate": _replicated("replicate"),
+    "invariance": _replicated("invariance"),
+    "saliency": _replicated("saliency"),
+    "class+inv+sal": _replicated("class+inv+sal"),
 }
 
 

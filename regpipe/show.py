@@ -12,6 +12,8 @@ from regpipe.functional.sum_mix import gcc_weights, sum_mix
 __all__ = ["show", "mixed_grid", "draw_patchup"]
 
 _COLUMNS = 6
+#: What ``regpipe show`` can draw.
+SHOWABLE = ("sum", "gradual", "patchup", "replicate", "saliency")
 
 
 def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
@@ -37,10 +39,13 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("regpipe show needs matplotlib: pip install 'regpipe[plot]'") from err
-    if what not in ("sum", "gradual", "patchup"):
-        raise ValueError(f"cannot show {what!r}: choose 'sum', 'gradual' or 'patchup'")
+    if what not in SHOWABLE:
+        raise ValueError(f"cannot show {what!r}: choose from {', '.join(SHOWABLE)}")
     if what == "patchup":
         return draw_patchup(plt, out, data_dir, seed)
+    if what in ("replicate", "saliency"):
+        from regpipe.show_consistency import draw_replicate, draw_saliency
+        return (draw_replicate if what == "replicate" else draw_saliency)(plt, out, data_dir, seed)
     data = load_fashion_mnist("test", data_dir=data_dir, shape="native")
     columns = min(_COLUMNS, len(data.labels) // 8)
     if columns < 1:

@@ -58,6 +58,11 @@ class TrainConfig:
     delta_k: int = 4
     delta_relative: bool = False
     order: Literal["ascending", "descending"] = "descending"
+    replicas: int = 4
+    inv_layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    inv_alpha: float = 0.1
+    inv_ratio: float = 10.0
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     bn_recalibration: bool = True
     bn_batches: int = 16
     tta_draws: int = 0
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            yield batch, loss.detach(), {}
+            yield batch, loss.detach(), recipe.step_log()
 
     run_epoch = recipe.run_epoch or plain_steps
 
