@@ -12,7 +12,9 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 MODULES = ["regpipe.batch", "regpipe.cascade", "regpipe.ops.sum_mix", "regpipe.ops.tta", "regpipe.loaders.torch",
-           "regpipe.functional.patchup", "regpipe.ops.patchup", "regpipe.hooks.patchup"]
+           "regpipe.functional.patchup", "regpipe.ops.patchup", "regpipe.hooks.patchup",
+           "regpipe.hooks.tap", "regpipe.ops.augment", "regpipe.functional.invariance", "regpipe.functional.saliency",
+           "regpipe.hooks.invariance", "regpipe.hooks.saliency"]
 
 
 def test_readme_has_python_blocks() -> None:
