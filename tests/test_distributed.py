@@ -1,0 +1,85 @@
+"""Training under torchrun: 2 processes, gloo backend, CPU (issue 8, part 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakedata import write_fake_fmnist
+from regpipe.cli import main
+from regpipe.distributed import DistInfo, RankSlice, rank_seed, reseed_ops
+from regpipe.ops.augment import Replicate
+from regpipe.ops.sum_mix import SumMix
+from regpipe.recipes import replication_augment
+from regpipe.batch import Batch
+
+TESTS = Path(__file__).resolve().parent
+TINY = ["--samples-per-class", "8", "--val-per-class", "2", "--batch-size", "8", "--epochs", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fmnist")
+    write_fake_fmnist(directory, n_train=160, n_test=40)
+    return directory
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "regpipe", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_rank_slice_splits_global_batches() -> None:
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(RankSlice(batches, DistInfo(rank=1, world_size=2))) == [[2, 3], [6, 7]]
+    assert list(RankSlice(batches, DistInfo())) == batches
+    with pytest.raises(ValueError, match="6 samples cannot be split over 4"):
+        list(RankSlice([list(range(6))], DistInfo(rank=0, world_size=4)))
+
+
+def test_ranks_draw_different_parameters_and_rank0_is_unchanged() -> None:
+    batch = Batch.from_labels(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, 2)
+    ops = {rank: [SumMix(2, mode="permute", seed=3), Replicate(2, replication_augment(3))] for rank in (0, 1)}
+    reseed_ops(ops[1], rank=1)
+    assert ops[0][0].rng.seed == 3 and ops[1][0].rng.seed == rank_seed(3, 1) != 3
+    assert ops[1][1].augment.rng.seed == rank_seed(3, 1)
+    mixed = [ops[r][0](batch).mixing.sources for r in (0, 1)]
+    assert not torch.equal(mixed[0], mixed[1])
+    reference = SumMix(2, mode="permute", seed=3)(batch).mixing.sources
+    assert torch.equal(mixed[0], reference)  # rank 0 draws what a one-process run draws
+
+
+def test_two_processes_equal_one_without_batchnorm(fake_dir: Path, tmp_path: Path) -> None:
+    args = ["train", "--recipe", "baseline", "--model", "tinymodels:pooled_linear", "--data-dir", str(fake_dir), *TINY]
+    sys.path.insert(0, str(TESTS))
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    run = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    # Same global batches, gradients averaged over the two halves = the whole batch's gradient.
+    for a, b in zip(one["epochs"], two["epochs"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"])
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+
+
+@pytest.mark.parametrize("recipe", ["cascade", "invariance"])
+def test_recipes_run_under_torchrun(recipe: str, fake_dir: Path, tmp_path: Path) -> None:
+    # cascade: the validation metric is reduced over ranks, so every rank stops at the same epoch (a
+    # disagreement would leave one rank waiting in a collective until the timeout).
+    run = torchrun(["train", "--recipe", recipe, "--data-dir", str(fake_dir), *TINY, "--epochs", "3",
+                    "--stages", "2,1", "--patience", "1", "--replicas", "2", "--out", str(tmp_path / recipe)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / recipe / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert not (tmp_path / recipe / "rank1").exists()
