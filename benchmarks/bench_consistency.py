@@ -14,14 +14,10 @@ Usage: ``python benchmarks/bench_consistency.py [--device cpu|cuda|all] [--json 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 from collections.abc import Callable
 
 import torch
-from timing import median_ms
+from timing import machine_line, median_ms, pick_devices, write_json
 
 from regpipe.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
@@ -85,20 +81,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "all":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    else:
-        devices = [torch.device(args.device)]
+    devices = pick_devices(args.device)
     rows = [r for d in devices for m in args.models.split(",") for r in step_rows(m, d, args.repeats)]
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(machine_line())
     print(f"{'name':52} {'device':>6} {'median ms':>10} {'ratio':>7}")
     for r in rows:
         print(f"{r['name']:52} {r['device']:>6} {r['median_ms']:10.2f} {r['ratio']:7.3f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,10 @@ Usage: ``python benchmarks/bench_patchup.py [--device cpu|cuda|all] [--json FILE
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 from collections.abc import Callable
 
 import torch
-from timing import median_ms
+from timing import machine_line, median_ms, pick_devices, write_json
 import torch.nn.functional as F
 
 from regpipe.batch import Batch
@@ -120,21 +116,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "all":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    else:
-        devices = [torch.device(args.device)]
+    devices = pick_devices(args.device)
     rows = [r for d in devices for r in step_rows(d, args.repeats)]
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print(machine_line())
     print(f"{'name':46} {'device':>6} {'shape':>14} {'median ms':>10} {'ratio':>7}  baseline")
     for r in rows:
         print(f"{r['name']:46} {r['device']:>6} {'x'.join(map(str, r['shape'])):>14} {r['median_ms']:10.3f} "
               f"{r['ratio']:7.3f}  {r['baseline']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ Usage: ``python benchmarks/bench_sum_mix.py [--device cpu|cuda] [--json FILE] [-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections.abc import Callable
 
 import torch
-from timing import median_ms
+from timing import median_ms, write_json
 
 from regpipe import Batch, GradualSumMix, SumMix
 from regpipe.functional import soft_target_cross_entropy, sum_mix
@@ -100,9 +99,7 @@ def main() -> None:
     print(f"{'name':42} {'shape':>18} {'median ms':>10} {'ratio':>7}  baseline")
     for r in rows:
         print(f"{r['name']:42} {'x'.join(map(str, r['shape'])):>18} {r['median_ms']:10.3f} {r['ratio']:7.3f}  {r['baseline']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,40 @@
-"""Shared timing for the benchmark scripts (run them as ``python benchmarks/bench_*.py``)."""
+"""Shared timing and reporting for the benchmark scripts (run them as ``python benchmarks/bench_*.py``).
+
+The timer lives in :mod:`regpipe.timing` so that the installed ``regpipe bench`` uses the same
+interleaved timer; this module re-exports it for the scripts' ``from timing import median_ms`` and adds
+the scripts' shared command-line plumbing.
+"""
 
 from __future__ import annotations
 
-import statistics
+import json
+import os
+import platform
 import time
-from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_ms"]
+from regpipe.timing import median_ms
+
+__all__ = ["machine_line", "median_ms", "pick_devices", "write_json"]
 
 
-def median_ms(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-              warmup: int = 3) -> dict[str, float]:
-    """Median wall time (ms) of each case. The cases are interleaved round-robin, so drift and noise on
-    a shared machine hit all of them alike: the ratios between cases are what the benchmarks report."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+def pick_devices(choice: str) -> list[torch.device]:
+    """``"all"`` -> CPU plus CUDA when available; otherwise the one device named."""
+    if choice == "all":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [torch.device(choice)]
+
+
+def machine_line() -> str:
+    """``# host cpu, torch version, threads, load average, date`` -- the header every result table carries."""
+    return (f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def write_json(rows: list[dict], path: str | None) -> None:
+    """Write the rows to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=2)
