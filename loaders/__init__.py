@@ -1,5 +1,170 @@
-"""Loader adapters (installed as ``regpipe.loaders``): turn a loader's output into regpipe ``Batch`` es."""
+"""Loader adapters (installed as ``regpipe.loaders``): turn a loader's output into regpipe ``Batch`` es.
 
+``regpipe.loaders.torch`` (always), ``regpipe.loaders.dali`` (the ``dali`` extra) and
+``regpipe.loaders.ffcv`` (the ``ffcv`` extra); :func:`make_train_loader` builds the training batches
+of ``regpipe train --loader {torch,dali,ffcv}``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th  # `torch` is the name of the sibling module regpipe.loaders.torch
+
+from regpipe.loaders.common import BatchBuilder, Op
 from regpipe.loaders.torch import TorchLoader, normalize
 
-__all__ = ["TorchLoader", "normalize"]
+__all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS", "make_train_loader"]
+
+LOADERS = ("torch", "dali", "ffcv")
+
+
+class EpochBatches:
+    """A batch sampler's index lists, one pass per epoch, the first pass drawn at construction (so the DALI and
+    FFCV pipelines can be sized from it without an extra pass that would shift the sampler's randomness).
+
+    Attributes:
+        first: the first epoch's index lists.
+        max_size: the largest batch of the first epoch.
+    """
+
+    def __init__(self, batch_sampler: Iterable[Sequence[int]]) -> None:
+        self.batch_sampler = batch_sampler
+        self.first: list[list[int]] | None = [[int(i) for i in b] for b in batch_sampler]
+        if not self.first:
+            raise ValueError("the batch sampler yields no batches")
+        self.max_size = max(len(b) for b in self.first)
+        self.length = len(self.first)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return iter(first)
+        return ([int(i) for i in b] for b in self.batch_sampler)
+
+
+def _write_rows(path: Path, dataset: Any) -> Path:
+    """All rows of a map-style dataset yielding ``(image, label, index)`` into a ``.beton``."""
+    from torch.utils.data import default_collate
+
+    from regpipe.loaders.ffcv import write_beton
+
+    rows = list(range(len(dataset)))
+    fetch = getattr(dataset, "__getitems__", None)
+    samples = fetch(rows) if fetch is not None else [dataset[i] for i in rows]
+    images, labels, ids = default_collate(samples)[:3]
+    return write_beton(path, images, labels, ids=ids)
+
+
+def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[int]], num_classes: int, *,
+                      seed: int = 0, device: th.device | str = "cpu", ops: Sequence[Op] = (),
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      channels_last: bool = False, work_dir: str | Path | None = None) -> Iterable:
+    """The training batch iterable of ``regpipe train --loader KIND``.
+
+    Every kind reads the same index lists from ``batch_sampler`` (shuffled batches, a recipe's seed batches
+    or the loss orderer; asked again every epoch) and yields the same :class:`~regpipe.Batch` es:
+    ``(image, label, index)`` rows of ``dataset`` moved to ``device``, normalised, then ``ops`` (the
+    recipe's) applied on the device. torch: ``DataLoader(dataset, batch_sampler=)``; DALI: a CPU pipeline
+    fed by ``fn.external_source``; FFCV: the dataset written once to a ``.beton`` and read in a
+    traversal order made of the flattened lists (FFCV batches have one size: a sampler with batches of
+    different sizes is an error that says to use ``--loader torch``).
+
+    Args:
+        kind: ``"torch"``, ``"dali"`` or ``"ffcv"``.
+        dataset: map-style, yields ``(image (C, H, W) uint8 or float32, label, index)`` (``ArrayDataset``).
+        batch_sampler: iterable of index lists.
+        work_dir: where FFCV's ``.beton`` goes (default: a fresh temporary folder).
+
+    Raises:
+        ValueError: an unknown ``kind`` (the known ones are listed).
+        ImportError: the library is not installed (names the extra).
+    """
+    if kind not in LOADERS:
+        raise ValueError(f"unknown loader {kind!r}; choose from {list(LOADERS)}")
+    common = dict(device=device, ops=ops, mean=mean, std=std, channels_last=channels_last)
+    if kind == "torch":
+        from torch.utils.data import DataLoader
+
+        return TorchLoader(DataLoader(dataset, batch_sampler=batch_sampler), num_classes, **common)
+    threads = max(1, th.get_num_threads())
+    if kind == "dali":
+        from nvidia.dali import fn, pipeline_def
+
+        from regpipe.loaders.dali import ArraySource, DaliLoader
+
+        epochs = EpochBatches(batch_sampler)
+        source = ArraySource(dataset, epochs)
+
+        @pipeline_def(batch_size=epochs.max_size, num_threads=threads, device_id=None, seed=seed,
+                      prefetch_queue_depth=1)
+        def pipe():
+            x, y, ids = fn.external_source(source=source, num_outputs=3, batch=True, cycle="raise",
+                                           layout=["HWC", "", ""])
+            return x, y, ids
+
+        return _Sized(DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], **common), len(epochs))
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import ToTensor
+
+    from regpipe.loaders.ffcv import FfcvLoader
+
+    epochs = EpochBatches(batch_sampler)
+    sizes = {len(b) for b in epochs.first}
+    if len(sizes) != 1:
+        raise ValueError(f"--loader ffcv needs batches of one size, the sampler gives sizes {sorted(sizes)}; "
+                         "use --loader torch for this recipe")
+    folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="regpipe-ffcv-"))
+    path = _write_rows(folder / "train.beton", dataset)
+    loader = Loader(str(path), batch_size=sizes.pop(), num_workers=threads, order=_sampler_order(epochs),
+                    seed=seed, drop_last=True,
+                    pipelines={"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                               "index": [IntDecoder(), ToTensor()]})
+    th.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: restore it
+    return FfcvLoader(loader, num_classes, **common)
+
+
+class _Sized:
+    """An iterable with a fixed ``len`` (DALI's iterator over an external source does not know its length)."""
+
+    def __init__(self, inner: Any, length: int) -> None:
+        self.inner, self.length = inner, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator:
+        return iter(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _sampler_order(epochs: EpochBatches) -> Any:
+    """An FFCV traversal order that flattens the index lists, one sampler pass per epoch."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class SamplerOrder(TraversalOrder):
+        # FFCV calls an order *instance* with the loader (`order(loader)`), then `sample_order(epoch)`; the
+        # loader asks for epoch 0 twice (its length, then the first pass): cache per epoch.
+        def __init__(self) -> None:
+            self.cache: dict[int, np.ndarray] = {}
+
+        def __call__(self, loader: Any) -> "SamplerOrder":
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            if epoch not in self.cache:
+                self.cache = {epoch: np.asarray([i for batch in epochs for i in batch], dtype=np.uint64)}
+            return self.cache[epoch]
+
+    return SamplerOrder()

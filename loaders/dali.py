@@ -1,0 +1,364 @@
+"""NVIDIA DALI adapter: helpers for a user's ``pipeline_def`` and an iterator that yields regpipe ``Batch`` es.
+
+Add regpipe to an existing DALI pipeline in a few lines::
+
+    from regpipe.loaders.dali import DaliLoader, replicate
+    from regpipe.ops.augment import Augment, RandomAffine, RandomFlip
+
+    @pipeline_def(batch_size=32, num_threads=4, device_id=0)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=root, name="reader")
+        images = fn.decoders.image(jpegs)                                  # (H, W, C) uint8
+        rep = replicate(images, m=4, augment=Augment([RandomFlip(), RandomAffine(degrees=15)]))
+        return rep.images, labels, rep.affine, rep.photometric             # (4, H, W, C) per sample
+
+    batches = DaliLoader(pipe(), num_classes=10, output_map=["images", "labels", "affine", "photometric"],
+                         ops=[GradualSumMix(k0=4, gradual_steps=1000)], reader_name="reader")
+
+Conventions: images leave DALI as ``HWC`` (or ``FHWC`` with ``M`` copies per sample); the loader
+flattens the copies seed-contiguously (row ``s*M + j`` is copy ``j`` of seed ``s``, as
+:class:`~regpipe.ops.augment.Replicate`), repeats labels and ids, and converts the recorded pixel
+matrices (``warp_affine`` with ``inverse_map=True``) to regpipe's normalised convention with
+:func:`~regpipe.functional.augment.affine_from_pixels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from regpipe.batch import Batch, MixRecord
+from regpipe.functional.augment import affine_from_pixels
+from regpipe.functional.sum_mix import check_weights
+from regpipe.loaders import _kernels as K
+from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
+from regpipe.ops.augment import Augment
+
+try:  # DALI is an optional dependency (the `dali` extra)
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali.pipeline import DataNode, Pipeline
+    from nvidia.dali.plugin.numba.fn.experimental import numba_function
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as _err:  # pragma: no cover - exercised only without DALI
+    raise ImportError("regpipe.loaders.dali needs NVIDIA DALI: pip install 'regpipe[dali]' "
+                      "(nvidia-dali-cuda120)") from _err
+
+__all__ = ["DaliLoader", "Replicas", "replicate", "sum_mix", "ArraySource", "REQUIRED", "OPTIONAL"]
+
+#: outputs every pipeline must name in the iterator's ``output_map``
+REQUIRED = ("images", "labels")
+#: outputs the loader reads when present
+OPTIONAL = ("ids", "affine", "photometric", "targets", "mix_sources", "mix_weights")
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Pipeline outputs of :func:`replicate`, per sample.
+
+    Attributes:
+        images: ``(M, H, W, C)`` uint8 copies (layout ``FHWC``).
+        affine: ``(M, 2, 3)`` float32 output -> input matrices in *pixel* coordinates (what ``warp_affine``
+            ran with); the loader converts them with ``affine_from_pixels``.
+        photometric: ``(M, 2)`` float32 brightness and contrast factors.
+        uniforms: ``(M, P)`` float32 uniforms the parameters came from (``params_from_uniforms`` replays them).
+    """
+
+    images: DataNode
+    affine: DataNode
+    photometric: DataNode
+    uniforms: DataNode
+
+
+def _params_fn(spec: np.ndarray, include_original: bool):
+    """numba run function: (uniforms (M, P), shape (3,)) -> pixel matrices (M, 2, 3), factors (M, 2)."""
+    params = K.augment_params
+
+    def run(pixels_out, photo_out, u, shape):
+        m = u.shape[0]
+        theta = np.empty((m, 2, 3))
+        photo = np.empty((m, 3))
+        pixels = np.empty((m, 2, 3))
+        params(u.astype(np.float64), spec, shape[0], shape[1], include_original, theta, photo, pixels)
+        for j in range(m):
+            for r in range(2):
+                for q in range(3):
+                    pixels_out[j, r, q] = pixels[j, r, q]
+            photo_out[j, 0] = photo[j, 0]
+            photo_out[j, 1] = photo[j, 1]
+    return run
+
+
+def _params_setup(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][0] = ins[0][i][0]
+        outs[0][i][1] = 2
+        outs[0][i][2] = 3
+        outs[1][i][0] = ins[0][i][0]
+        outs[1][i][1] = 2
+
+
+def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True) -> Replicas:
+    """Inside a ``pipeline_def``: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample, parameters recorded.
+
+    The random draws are ``fn.random.uniform`` (DALI's seeded generator); a numba kernel turns them into
+    the chain's matrices and colour factors exactly as regpipe's ops define them; the ``M`` copies are one
+    ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros outside), then one
+    ``brightness_contrast`` with per-frame factors.
+
+    Args:
+        images: ``HWC`` uint8 samples (CPU or GPU).
+        m: copies per sample, ``>= 1``.
+        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). Its colour
+            transform needs a fixed ``center`` (128 for uint8: DALI pivots at a fixed value).
+        include_original: copy 0 is the sample itself.
+
+    Raises:
+        ValueError: ``m < 1`` or a colour transform without ``center``.
+        TypeError: a transform DALI cannot run (named).
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (copies per sample) must be an integer >= 1, got {m!r}")
+    spec, count = K.encode_augment(augment)
+    colour = spec[spec[:, 0] == K.COLOUR]
+    if len(colour) and colour[0, 5] <= K.MEAN_PIVOT:
+        raise ValueError("DALI's brightness_contrast pivots at a fixed value: give RandomBrightnessContrast "
+                         "a center (128 for uint8 images)")
+    u = fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
+    shape = images.shape(dtype=types.INT64)
+    pixels, photo = numba_function(u, shape, run_fn=_params_fn(spec, include_original), setup_fn=_params_setup,
+                                   out_types=[types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
+                                   outs_ndim=[3, 2], ins_ndim=[2, 1], device="cpu")
+    frames = fn.stack(*([images] * m), axis_name="F")
+    out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
+                         interp_type=types.INTERP_LINEAR)
+    if len(colour):
+        out = fn.brightness_contrast(out, brightness=fn.per_frame(photo[:, 0]), contrast=fn.per_frame(photo[:, 1]),
+                                     contrast_center=float(colour[0, 5]))
+    return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u)
+
+
+def _mix_fn(weights: np.ndarray, num_classes: int):
+    w = weights.astype(np.float64)
+    k = w.shape[0]
+
+    def run(out_images, out_targets, out_sources, images, labels, keys):
+        n = len(images)
+        sources = np.empty((n, k), dtype=np.int64)
+        for i in range(n):
+            sources[i, 0] = i
+        key = np.empty(n)
+        for g in range(1, k):
+            for i in range(n):
+                key[i] = keys[i][g - 1]
+            order = np.argsort(key)
+            for i in range(n):
+                sources[i, g] = order[i]
+        for i in range(n):
+            dst = out_images[i].reshape(-1)
+            dst[:] = 0.0
+            tgt = out_targets[i]
+            tgt[:] = 0.0
+            for g in range(k):
+                if w[g] == 0.0:
+                    continue
+                src = images[sources[i, g]].reshape(-1)
+                for q in range(dst.shape[0]):
+                    dst[q] += w[g] * src[q]
+                tgt[labels[sources[i, g]][0]] += w[g]  # add per class: same-class partners keep full mass
+                out_sources[i][g] = sources[i, g]
+    return run
+
+
+def _mix_setup_fn(k: int, num_classes: int):
+    def setup(outs, ins):
+        for i in range(len(ins[0])):
+            for d in range(3):
+                outs[0][i][d] = ins[0][i][d]
+            outs[1][i][0] = num_classes
+            outs[2][i][0] = k
+    return setup
+
+
+def sum_mix(images: DataNode, labels: DataNode, weights: Sequence[float], num_classes: int) -> tuple[DataNode, DataNode, DataNode]:
+    """Inside a CPU ``pipeline_def``: Sum Augmentation in permutation mode (SPEC 1.1, keeps the batch size).
+
+    Output sample ``i`` is ``sum_g weights[g] * images[pi_g(i)]`` with ``pi_0`` the identity and ``pi_g``
+    (``g >= 1``) the argsort of per-sample uniforms (DALI's seeded generator); the soft target adds the
+    weights per class. One ``numba_function`` with ``batch_processing=True``.
+
+    Args:
+        images: ``(H, W, C)`` uint8 CPU samples of equal shape.
+        labels: integer labels, one per sample (shape ``(1,)``).
+        weights: ``(k,)`` non-negative, summing to 1 (``(1/k,) * k`` for Sum Augmentation).
+        num_classes: ``K``.
+
+    Returns:
+        ``(images (H, W, C) float32, targets (K,) float32, sources (k,) int64)``: name them ``images``,
+        ``targets`` and ``mix_sources`` in the iterator's output map (and pass ``mix_weights=weights`` to
+        :class:`DaliLoader`).
+    """
+    w = np.asarray(check_weights(weights), dtype=np.float64)
+    k = len(w)
+    keys = fn.random.uniform(range=[0.0, 1.0], shape=[max(k - 1, 1)], dtype=types.FLOAT)
+    labels = fn.cast(fn.reshape(labels, shape=[1]), dtype=types.INT64)
+    mixed, targets, sources = numba_function(
+        images, labels, keys, run_fn=_mix_fn(w, num_classes), setup_fn=_mix_setup_fn(k, num_classes),
+        out_types=[types.FLOAT, types.FLOAT, types.INT64], in_types=[types.UINT8, types.INT64, types.FLOAT],
+        outs_ndim=[3, 1, 1], ins_ndim=[3, 1, 1], batch_processing=True, device="cpu")
+    return mixed, targets, sources
+
+
+class ArraySource:
+    """An ``fn.external_source`` feed (``batch=True``, three outputs: ``HWC`` images, ``(1,)`` int64 labels, ``(1,)``
+    int64 ids) over a map-style dataset, one epoch per ``iter()``.
+
+    Args:
+        dataset: yields ``(image (C, H, W) uint8 or float32 tensor, label, index)`` (e.g. ``regpipe.data.ArrayDataset``;
+            its batched ``__getitems__`` is used when present).
+        batch_sampler: iterable of index lists, asked again every epoch (a torch ``BatchSampler``, a recipe's
+            sampler, regpipe's ``LossOrderer``).
+    """
+
+    def __init__(self, dataset: Any, batch_sampler: Iterable[Sequence[int]]) -> None:
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+
+    def fetch(self, index: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """The samples ``index`` as DALI wants them: lists of ``HWC`` images, ``(1,)`` labels and ``(1,)`` ids."""
+        from torch.utils.data import default_collate
+
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = getitems(list(index)) if getitems is not None else [self.dataset[i] for i in index]
+        images, labels, ids = default_collate(samples)[:3]
+        hwc = torch.as_tensor(images).permute(0, 2, 3, 1).contiguous().numpy()
+        lab = torch.as_tensor(labels).long().reshape(-1, 1).numpy()
+        ids = torch.as_tensor(ids).long().reshape(-1, 1).numpy()
+        return list(hwc), list(lab), list(ids)
+
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]]:
+        for index in self.batch_sampler:
+            yield self.fetch(index)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+
+class DaliLoader(BuilderAdapter):
+    """Wrap a DALI pipeline (or a ``DALIGenericIterator``) so it yields regpipe :class:`Batch` es.
+
+    Per DALI batch: images ``(S, H, W, C)`` (or ``(S, M, H, W, C)`` from :func:`replicate`) become
+    ``(S*M, C, H, W)`` rows (seed-contiguous), labels and ids are repeated per copy, recorded pixel
+    matrices are converted with ``affine_from_pixels``; then the shared builder moves, normalises and
+    checks as :class:`~regpipe.loaders.torch.TorchLoader` does (same errors for the same bad input)
+    and runs ``ops`` on the tensors DALI handed over (CUDA tensors from a GPU pipeline, CPU ones
+    otherwise; ``device`` is where the batch ends up).
+
+    Args:
+        pipeline: a built DALI ``Pipeline``, a list of them, or a ``DALIGenericIterator``.
+        num_classes: ``K``.
+        output_map: names of the pipeline's outputs in order (required with a pipeline). ``images`` and
+            ``labels`` (or ``targets``) are required; ``ids``, ``affine`` (pixel ``(M, 2, 3)`` or ``(2, 3)``),
+            ``photometric``, ``targets`` and ``mix_sources`` are read when present.
+        mix_weights: the weights given to :func:`sum_mix` (recorded in ``Batch.mixing``).
+        device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
+        size, reader_name, last_batch_policy, auto_reset: passed to ``DALIGenericIterator``.
+
+    Raises:
+        ValueError: the output map lacks ``images`` or ``labels`` (both named), or an output has the wrong shape.
+    """
+
+    def __init__(self, pipeline: Any, num_classes: int, output_map: Sequence[str] | None = None, *,
+                 device: torch.device | str = "cpu", ops: Sequence[Op] = (), mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, channels_last: bool = False, non_blocking: bool = True,
+                 keep_uint8: bool = False, mix_weights: Sequence[float] | None = None, size: int = -1,
+                 reader_name: str | None = None, last_batch_policy: Any = None, auto_reset: bool = True) -> None:
+        self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
+                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
+        if isinstance(pipeline, DALIGenericIterator):
+            self.iterator = pipeline
+            names = list(pipeline.output_map)
+        else:
+            if output_map is None:
+                raise ValueError("give output_map: the names of the pipeline's outputs, e.g. ['images', 'labels']")
+            names = list(output_map)
+            pipes = pipeline if isinstance(pipeline, (list, tuple)) else [pipeline]
+            for p in pipes:
+                if not isinstance(p, Pipeline):
+                    raise TypeError(f"pipeline must be a DALI Pipeline or DALIGenericIterator, got {type(p).__name__}")
+            labels_needed = "targets" not in names
+            check_outputs(names, ["images", "labels"] if labels_needed else ["images"], "the DALI pipeline")
+            kwargs: dict[str, Any] = {"auto_reset": auto_reset}
+            if reader_name is not None:
+                kwargs["reader_name"] = reader_name
+            else:
+                kwargs["size"] = size
+            kwargs["last_batch_policy"] = last_batch_policy if last_batch_policy is not None else LastBatchPolicy.DROP
+            self.iterator = DALIGenericIterator(list(pipes), names, **kwargs)
+        check_outputs(names, ["images", "labels"] if "targets" not in names else ["images"], "the DALI pipeline")
+        self.names = names
+        self.mix_weights = None if mix_weights is None else torch.tensor(check_weights(mix_weights), dtype=torch.float32)
+        if "mix_sources" in names and self.mix_weights is None:
+            raise ValueError("the pipeline outputs mix_sources: pass mix_weights= (the weights given to sum_mix)")
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def to_batch(self, outputs: dict[str, torch.Tensor], position: int = 0) -> Batch:
+        """One DALI output dict (name -> tensor) -> :class:`Batch` (no ops applied)."""
+        check_outputs(list(outputs), ["images"] + (["labels"] if "targets" not in outputs else []),
+                      "the DALI iterator's output")
+        images = outputs["images"]
+        if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5):
+            raise ValueError(f"DALI images must be (S, H, W, C) or (S, M, H, W, C) samples, got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        s = images.shape[0]
+        m = images.shape[1] if images.dim() == 5 else 1
+        height, width = images.shape[-3], images.shape[-2]
+        x = images.reshape(s * m, height, width, images.shape[-1]).permute(0, 3, 1, 2)  # NCHW view of NHWC
+
+        def per_seed(name: str) -> torch.Tensor | None:
+            if name not in outputs:
+                return None
+            value = outputs[name].reshape(s, -1)
+            if value.shape[1] != 1:
+                raise ValueError(f"DALI output {name!r} must hold one value per sample, got shape "
+                                 f"{tuple(outputs[name].shape)}")
+            return value[:, 0].cpu().repeat_interleave(m)
+
+        labels = per_seed("labels")
+        ids = per_seed("ids")
+        affine = photometric = None
+        if "affine" in outputs:
+            a = outputs["affine"].float().reshape(-1, 2, 3)
+            if a.shape[0] != s * m:
+                raise ValueError(f"DALI output 'affine' has {a.shape[0]} matrices for {s * m} rows")
+            affine = affine_from_pixels(a, height, width)
+        if "photometric" in outputs:
+            photometric = outputs["photometric"].float().reshape(-1, 2)
+            if photometric.shape[0] != s * m:
+                raise ValueError(f"DALI output 'photometric' has {photometric.shape[0]} rows for {s * m} images")
+        targets = outputs["targets"].cpu().reshape(s, -1).repeat_interleave(m, 0) if "targets" in outputs else None
+        mixing = None
+        if "mix_sources" in outputs:
+            sources = outputs["mix_sources"].reshape(s, -1).long().cpu()
+            seed_ids = ids[::m] if ids is not None else torch.arange(position, position + s)
+            mixing = MixRecord(sources=sources, weights=self.mix_weights.expand(s, -1).clone(),
+                               source_ids=seed_ids[sources])
+        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
+                                  photometric=photometric, mixing=mixing)
+
+    def apply(self, batch: Batch) -> Batch:
+        """Run the ops on a batch."""
+        return self.builder.apply(batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        position = 0
+        for outputs in self.iterator:
+            batch = self.to_batch(outputs[0], position)
+            position += batch.size
+            yield self.apply(batch)

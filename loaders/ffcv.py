@@ -1,0 +1,457 @@
+"""FFCV adapter: numba-compiled ``Operation`` s (replication, CPU sum mixing), a ``Loader`` wrapper that yields
+regpipe ``Batch`` es, and a ``.beton`` writer for regpipe's datasets.
+
+Add regpipe to an existing FFCV pipeline in a few lines::
+
+    from regpipe.loaders.ffcv import FfcvLoader, Replicate
+    rep = Replicate(m=4, augment=Augment([RandomFlip(), RandomAffine(degrees=15)]), seed=0)
+    loader = Loader("train.beton", batch_size=32, order=OrderOption.RANDOM,
+                    pipelines={"image": [NDArrayDecoder(), rep, ToTensor()],
+                               "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+    batches = FfcvLoader(loader, num_classes=10, replicate=rep, ops=[GradualSumMix(k0=4, gradual_steps=1000)])
+
+Randomness is counter-based (SPEC 7: no global RNG): a copy's uniforms depend only on ``(seed, epoch,
+sample index, copy)``, so the loader's worker threads and the wrapper's Python side compute the same
+parameters; the wrapper advances the epoch of its operations at each pass and rebuilds the recorded
+affines from the ``index`` field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numba
+import numpy as np
+import torch
+from numba import objmode
+
+from regpipe.batch import Batch, MixRecord
+from regpipe.functional.sum_mix import check_weights
+from regpipe.loaders import _kernels as K
+from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
+from regpipe.ops.augment import Augment
+
+try:  # FFCV is an optional dependency (the `ffcv` extra)
+    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.loader import Loader
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+    from ffcv.writer import DatasetWriter
+except ImportError as _err:  # pragma: no cover - exercised only without FFCV
+    raise ImportError("regpipe.loaders.ffcv needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
+                      "then pip install 'regpipe[ffcv]'") from _err
+
+__all__ = ["Replicate", "SumMixImages", "SumMixLabels", "FfcvLoader", "write_beton", "write_dataset", "write_npz"]
+
+# One objmode read per batch (the epoch) is all that leaves compiled code; numba warns that objmode blocks
+# parallel execution of that block, which is intended.
+warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel execution",
+                        category=numba.NumbaWarning)
+
+# Epoch of each regpipe operation, read by the compiled code once per batch (objmode) and advanced by the wrapper.
+_EPOCHS: dict[int, int] = {}
+_KEYS = itertools.count(1)
+
+
+def _epoch_of(key: int) -> int:
+    return _EPOCHS.get(key, 0)
+
+
+class _EpochOp(Operation):
+    """An operation whose randomness is keyed by ``(seed, epoch, sample index)``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = seed
+        self.key = next(_KEYS)
+        _EPOCHS[self.key] = 0
+
+    @property
+    def epoch(self) -> int:
+        return _EPOCHS[self.key]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next batches draw for (the wrapper sets it before each pass)."""
+        _EPOCHS[self.key] = int(epoch)
+
+
+def _check_state(op: str, state: State, ndim: int, dtypes: tuple[Any, ...]) -> None:
+    if not state.jit_mode:
+        raise TypeError(f"{op} runs on numpy arrays in FFCV's compiled stage: place it before ToTensor()")
+    if len(state.shape) != ndim or np.dtype(state.dtype) not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{op} needs a field of {ndim}-D {'/'.join(np.dtype(d).name for d in dtypes)} samples, "
+                        f"got shape {tuple(int(d) for d in state.shape)} dtype {np.dtype(state.dtype).name}")
+
+
+@numba.njit(cache=True)
+def _replica_params(seed: int, epoch: int, indices: np.ndarray, spec: np.ndarray, count: int, m: int, height: int,
+                    width: int, include_original: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, M, 2, 3)`` normalised matrices and ``(S, M, 3)`` colour factors of a batch's copies."""
+    s = indices.shape[0]
+    theta = np.empty((s, m, 2, 3))
+    photo = np.empty((s, m, 3))
+    pixels = np.empty((m, 2, 3))
+    u = np.empty((m, max(count, 1)))
+    for i in range(s):
+        K.counter_uniforms(seed, epoch, indices[i], u)
+        K.augment_params(u, spec, height, width, include_original, theta[i], photo[i], pixels)
+    return theta, photo
+
+
+class Replicate(_EpochOp):
+    """FFCV operation: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample -> ``(M, H, W, C)`` (SPEC 3.1).
+
+    Place it after the image decoder (``NDArrayDecoder`` / ``SimpleRGBImageDecoder``) and before
+    ``ToTensor``; pass the same instance to :class:`FfcvLoader` (``replicate=``) with an ``index`` field in
+    the loader, which rebuilds the recorded affines and colour factors from ``(seed, epoch, index)``.
+
+    Args:
+        m: copies per sample, ``>= 1``.
+        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast).
+        include_original: copy 0 is the sample itself.
+        seed: seed of the counter-based draws.
+    """
+
+    def __init__(self, m: int, augment: Augment, include_original: bool = True, seed: int = 0) -> None:
+        super().__init__(seed)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (copies per sample) must be an integer >= 1, got {m!r}")
+        self.m, self.augment, self.include_original = m, augment, include_original
+        self.spec, self.count = K.encode_augment(augment)
+
+    def params(self, indices: np.ndarray, height: int, width: int, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S*M, 2, 3)`` normalised output -> input matrices and ``(S*M, 2)`` brightness/contrast of the copies
+        of samples ``indices`` (``(S,)``) in ``epoch`` (default: the current one), seed-contiguous."""
+        theta, photo = _replica_params(self.seed, self.epoch if epoch is None else epoch,
+                                       np.asarray(indices, dtype=np.int64), self.spec, self.count, self.m, height,
+                                       width, self.include_original)
+        return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
+                torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
+
+    def generate_code(self) -> Callable:
+        seed, key, spec, count, m, include_original = self.seed, self.key, self.spec, self.count, self.m, \
+            self.include_original
+        my_range = Compiler.get_iterator()
+        params, counter, replicate_sample = K.augment_params, K.counter_uniforms, K.replicate_sample
+
+        def replicate(images, dst, indices):
+            with objmode(epoch="int64"):
+                epoch = _epoch_of(key)
+            height, width = images.shape[1], images.shape[2]
+            for i in my_range(images.shape[0]):
+                u = np.empty((m, max(count, 1)))
+                counter(seed, epoch, indices[i], u)
+                theta = np.empty((m, 2, 3))
+                photo = np.empty((m, 3))
+                pixels = np.empty((m, 2, 3))
+                params(u, spec, height, width, include_original, theta, photo, pixels)
+                replicate_sample(images[i], theta, photo, dst[i])
+            return dst[:images.shape[0]]
+
+        replicate.is_parallel = True
+        replicate.with_indices = True
+        return replicate
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        _check_state("Replicate", previous_state, 3, (np.uint8,))
+        shape = (self.m, *previous_state.shape)
+        return replace(previous_state, shape=shape), AllocationQuery(shape, np.dtype(np.uint8))
+
+
+@numba.njit(cache=True)
+def _mix_sources(seed: int, epoch: int, indices: np.ndarray, k: int, permute: bool) -> np.ndarray:
+    """``(N_out, k)`` rows each output row reads: group mode ``[i, n+i, ...]``; permutation mode row ``i`` then
+    ``k - 1`` counter-based permutations keyed by the batch's indices."""
+    n_rows = indices.shape[0]
+    if not permute:
+        n = n_rows // k
+        out = np.empty((n, k), dtype=np.int64)
+        for i in range(n):
+            for g in range(k):
+                out[i, g] = g * n + i
+        return out
+    out = np.empty((n_rows, k), dtype=np.int64)
+    batch_key = 0
+    for i in range(n_rows):
+        batch_key = (batch_key * 1000003 + indices[i]) % 2147483647
+    keys = np.empty(n_rows)
+    for i in range(n_rows):
+        out[i, 0] = i
+    for g in range(1, k):
+        K.counter_uniforms(seed + g, epoch, batch_key, keys)
+        order = np.argsort(keys)
+        for i in range(n_rows):
+            out[i, g] = order[i]
+    return out
+
+
+class _SumMixOp(_EpochOp):
+    def __init__(self, weights: Sequence[float], mode: Literal["group", "permute"] = "group", seed: int = 0) -> None:
+        super().__init__(seed)
+        if mode not in ("group", "permute"):
+            raise ValueError(f"mode must be 'group' or 'permute', got {mode!r}")
+        self.weights = np.asarray(check_weights(weights), dtype=np.float64)
+        self.mode = mode
+
+    def sources(self, indices: np.ndarray, epoch: int | None = None) -> torch.Tensor:
+        """``(N_out, k)`` int64 rows of the loader batch (with dataset ids ``indices``) each mixed row reads."""
+        return torch.from_numpy(_mix_sources(self.seed, self.epoch if epoch is None else epoch,
+                                             np.asarray(indices, dtype=np.int64), len(self.weights),
+                                             self.mode == "permute"))
+
+
+class SumMixImages(_SumMixOp):
+    """FFCV operation: Sum Augmentation on the CPU (SPEC 1.1/1.3): ``(N, ...)`` uint8/float -> ``(N_out, ...)`` float32.
+
+    Group mode (the thesis's): ``N -> N / k`` rows, ``out_i = sum_g w_g x_{g*n+i}`` (``N % k`` trailing rows
+    dropped). Permutation mode keeps ``N`` rows with counter-based permutations. Zero weights are not
+    read. Pair it with :class:`SumMixLabels` built with the same arguments, and pass it to
+    :class:`FfcvLoader` (``mix=``) to record the mix.
+    """
+
+    def generate_code(self) -> Callable:
+        seed, key, weights, k, permute = self.seed, self.key, self.weights, len(self.weights), self.mode == "permute"
+        mix_rows, mix_sources = K.mix_rows, _mix_sources
+
+        def mix(images, dst, indices):
+            with objmode(epoch="int64"):
+                epoch = _epoch_of(key)
+            sources = mix_sources(seed, epoch, indices[:images.shape[0]], k, permute)
+            out = dst[:sources.shape[0]]
+            mix_rows(images, sources, weights, out)
+            return out
+
+        mix.with_indices = True
+        return mix
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        if not previous_state.jit_mode:
+            raise TypeError("SumMixImages runs in FFCV's compiled stage: place it before ToTensor()")
+        if np.dtype(previous_state.dtype) not in (np.dtype(np.uint8), np.dtype(np.float32)):
+            raise TypeError(f"SumMixImages needs uint8 or float32 samples, got {np.dtype(previous_state.dtype).name}")
+        return (replace(previous_state, dtype=np.dtype(np.float32)),
+                AllocationQuery(previous_state.shape, np.dtype(np.float32)))
+
+
+class SumMixLabels(_SumMixOp):
+    """FFCV operation: the soft targets of :class:`SumMixImages`: integer labels ``(N, 1)`` -> ``(N_out, K)`` float32.
+
+    Weights are *added* per class, so two partners of the same class give it the full weight (FFCV's own
+    ``MixupToOneHot`` overwrites and loses that mass).
+    """
+
+    def __init__(self, weights: Sequence[float], num_classes: int, mode: Literal["group", "permute"] = "group",
+                 seed: int = 0) -> None:
+        super().__init__(weights, mode, seed)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+
+    def generate_code(self) -> Callable:
+        seed, key, weights, k, permute = self.seed, self.key, self.weights, len(self.weights), self.mode == "permute"
+        num_classes, mix_sources = self.num_classes, _mix_sources
+
+        def mix(labels, dst, indices):
+            with objmode(epoch="int64"):
+                epoch = _epoch_of(key)
+            sources = mix_sources(seed, epoch, indices[:labels.shape[0]], k, permute)
+            out = dst[:sources.shape[0]]
+            out[:] = 0.0
+            for i in range(sources.shape[0]):
+                for g in range(k):
+                    label = int(labels[sources[i, g]].reshape(-1)[0])
+                    if label < 0 or label >= num_classes:
+                        raise ValueError("label out of range for num_classes")
+                    out[i, label] += weights[g]
+            return out
+
+        mix.with_indices = True
+        return mix
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        if not previous_state.jit_mode or not np.issubdtype(np.dtype(previous_state.dtype), np.integer):
+            raise TypeError(f"SumMixLabels needs integer labels (IntDecoder, before ToTensor), got "
+                            f"dtype {np.dtype(previous_state.dtype).name if previous_state.jit_mode else 'torch'}")
+        shape = (self.num_classes,)
+        return replace(previous_state, shape=shape, dtype=np.dtype(np.float32)), AllocationQuery(shape, np.dtype(np.float32))
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """An FFCV output (numpy array or tensor, often a reused buffer) as a tensor that owns its memory."""
+    t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+    return t.clone() if t.device.type == "cpu" else t
+
+
+class FfcvLoader(BuilderAdapter):
+    """Wrap an FFCV ``Loader`` so it yields regpipe :class:`Batch` es with regpipe's device ops applied.
+
+    The loader's outputs are named by its fields (the ``.beton``'s order). Per batch: images ``(N, H, W, C)``
+    (``(N, M, H, W, C)`` from :class:`Replicate`; ``(N, C, H, W)`` after ``ToTorchImage``) become
+    ``(N*M, C, H, W)`` rows, labels/ids are repeated per copy, the recorded affines and colour factors of
+    :class:`Replicate` and the mix of :class:`SumMixImages` are rebuilt from the ``index`` field, then the
+    shared builder moves, normalises and checks as the torch and DALI adapters do, and ``ops`` run.
+
+    Args:
+        loader: an ``ffcv.loader.Loader``.
+        num_classes: ``K``.
+        replicate: the :class:`Replicate` in the image pipeline, if any.
+        mix: the :class:`SumMixImages` in the image pipeline, if any (with :class:`SumMixLabels` on the labels).
+        image_field, label_field, index_field: field names (``index`` is needed with ``replicate``/``mix``).
+        device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
+
+    Raises:
+        ValueError: a needed field is missing from the loader (named).
+        TypeError: a field of the wrong type in the ``.beton`` (named).
+    """
+
+    def __init__(self, loader: Loader, num_classes: int, *, replicate: Replicate | None = None,
+                 mix: SumMixImages | None = None, image_field: str = "image", label_field: str = "label",
+                 index_field: str = "index", device: torch.device | str = "cpu", ops: Sequence[Op] = (),
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, channels_last: bool = False,
+                 non_blocking: bool = True, keep_uint8: bool = False) -> None:
+        if not isinstance(loader, Loader):
+            raise TypeError(f"loader must be an ffcv.loader.Loader, got {type(loader).__name__}")
+        self.loader = loader
+        self.names = list(loader.pipeline_specs)
+        required = [image_field, label_field] + ([index_field] if replicate is not None or mix is not None else [])
+        check_outputs(self.names, required, "the FFCV loader")
+        handlers = loader.reader.handlers
+        kinds = {image_field: (NDArrayField, RGBImageField), label_field: (IntField,), index_field: (IntField,)}
+        for name, allowed in kinds.items():
+            if name in handlers and not isinstance(handlers[name], allowed):
+                raise TypeError(f"field {name!r} of {loader.fname} is a {type(handlers[name]).__name__}; regpipe "
+                                f"needs {' or '.join(a.__name__ for a in allowed)}")
+        self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
+                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
+        self.replicate, self.mix = replicate, mix
+        self.image_field, self.label_field, self.index_field = image_field, label_field, index_field
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def to_batch(self, outputs: Sequence[Any], position: int = 0, epoch: int | None = None) -> Batch:
+        """One FFCV output tuple (in field order) -> :class:`Batch` (no ops applied)."""
+        if len(outputs) != len(self.names):
+            raise ValueError(f"the FFCV loader yielded {len(outputs)} arrays for fields {self.names}")
+        named = dict(zip(self.names, outputs))
+        epoch = self.epoch if epoch is None else epoch
+        images = _tensor(named[self.image_field])
+        if images.dim() == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+            images = images.permute(0, 2, 3, 1)  # ToTorchImage already gave (N, C, H, W)
+        if images.dim() not in (4, 5):
+            raise ValueError(f"FFCV images must be (N, H, W, C) or (N, M, H, W, C), got {tuple(images.shape)}")
+        s = images.shape[0]
+        m = images.shape[1] if images.dim() == 5 else 1
+        height, width = images.shape[-3], images.shape[-2]
+        x = images.reshape(s * m, height, width, images.shape[-1]).permute(0, 3, 1, 2)
+        labels = _tensor(named[self.label_field])
+        indices = _tensor(named[self.index_field]).reshape(-1).long() if self.index_field in named else None
+        targets = mixing = affine = photometric = None
+        if self.mix is not None:
+            sources = self.mix.sources(indices.numpy(), epoch)
+            if labels.dim() != 2 or labels.shape[0] != s:
+                raise ValueError(f"with SumMixImages the label pipeline must end in SumMixLabels ((N_out, K) soft "
+                                 f"targets), got labels of shape {tuple(labels.shape)}")
+            targets = labels
+            k = sources.shape[1]
+            mixing = MixRecord(sources=sources, weights=torch.from_numpy(self.mix.weights).float().expand(s, k).clone(),
+                               source_ids=indices[sources])
+            ids = indices[sources[:, 0]]
+            labels = None
+        else:
+            labels = labels.reshape(s, -1)
+            if labels.shape[1] != 1:
+                raise ValueError(f"labels must be (N,) = ({s},), got {tuple(named[self.label_field].shape)}")
+            labels = labels[:, 0].repeat_interleave(m)
+            ids = indices.repeat_interleave(m) if indices is not None else None
+        if self.replicate is not None:
+            if m != self.replicate.m:
+                raise ValueError(f"the image field holds {m} copies per sample, Replicate makes {self.replicate.m}")
+            affine, photometric = self.replicate.params(indices.numpy(), height, width, epoch)
+        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
+                                  photometric=photometric, mixing=mixing)
+
+    def apply(self, batch: Batch) -> Batch:
+        """Run the ops on a batch."""
+        return self.builder.apply(batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        for op in (self.replicate, self.mix):
+            if op is not None:
+                op.set_epoch(epoch)
+        self.epoch += 1
+        position = 0
+        threads = torch.get_num_threads()
+        iterator = iter(self.loader)
+        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count at every pass
+        for outputs in iterator:
+            batch = self.to_batch(outputs, position, epoch)
+            position += batch.size
+            yield self.apply(batch)
+
+
+def write_beton(path: str | Path, images: Any, labels: Any, ids: Any = None, num_workers: int = 1) -> Path:
+    """Write ``(N, C, H, W)`` uint8 (or float32) images and ``(N,)`` integer labels to a ``.beton`` with fields
+    ``image`` (``NDArrayField`` ``(H, W, C)``: exact, any channel count), ``label`` and ``index``
+    (``IntField``; ``ids``, default ``0..N-1``).
+
+    Raises:
+        TypeError: images are not uint8/float32 or labels not integers (the wrong field type is named).
+        ValueError: shapes disagree.
+    """
+    images = torch.as_tensor(images)
+    labels = torch.as_tensor(labels)
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"field 'image' must be uint8 (or float32) images, got {images.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"field 'label' must be integer labels, got {labels.dtype}")
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    hwc = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
+    lab = labels.long().numpy()
+    index = np.arange(len(lab)) if ids is None else torch.as_tensor(ids).long().reshape(-1).numpy()
+    if index.shape != lab.shape:
+        raise ValueError(f"ids must be (N,) = ({len(lab)},), got {tuple(index.shape)}")
+
+    class _Rows:
+        def __len__(self) -> int:
+            return len(hwc)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+            return hwc[i], int(lab[i]), int(index[i])
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = DatasetWriter(str(path), {"image": NDArrayField(dtype=hwc.dtype, shape=hwc.shape[1:]),
+                                       "label": IntField(), "index": IntField()}, num_workers=num_workers)
+    writer.from_indexed_dataset(_Rows())
+    return path
+
+
+def write_dataset(path: str | Path, spec: str = "fashion-mnist", split: str = "train", data_dir: str | None = None,
+                  shape: Literal["cifar", "native"] = "cifar") -> Path:
+    """Convert a regpipe dataset (``regpipe.data.load_dataset`` spec: Fashion-MNIST by default) to a ``.beton``."""
+    from regpipe.data import load_dataset
+
+    arrays = load_dataset(spec, split, data_dir=data_dir, shape=shape)
+    return write_beton(path, arrays.images, arrays.labels)
+
+
+def write_npz(path: str | Path, npz: str | Path, shape: Literal["cifar", "native"] = "native") -> Path:
+    """Convert an ``.npz`` with ``images``/``labels`` (``regpipe.data.load_npz``) to a ``.beton``."""
+    from regpipe.data import load_npz
+
+    arrays = load_npz(npz, shape=shape)
+    return write_beton(path, arrays.images, arrays.labels)
