@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: demo test test-all venv deps dataset clean
+.PHONY: demo test test-all venv deps dataset clean loader-sysdeps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,38 @@ dataset:
 demo: deps dataset
 	$(VENV)/bin/regpipe train $(DEMO_ARGS)
 
-# The whole suite except runs marked `slow` (RUN_SLOW=1 includes them).
-test: EXTRAS = dev
-test: deps dataset
+# FFCV 1.0.2 builds from source: its setup.py asks pkg-config for opencv4 and libturbojpeg. As root this
+# installs them with apt; otherwise it says what to install (the FFCV build then fails, naming them).
+LOADER_APT := libturbojpeg0-dev libopencv-dev pkg-config
+loader-sysdeps:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  echo "FFCV build dependencies found (opencv4, libturbojpeg)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(LOADER_APT) || \
+	   (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(LOADER_APT))) >/dev/null; \
+	else \
+	  echo "FFCV needs system packages to build: run 'sudo apt-get install $(LOADER_APT)' (Debian/Ubuntu)"; \
+	fi
+
+# The whole suite except runs marked `slow` (RUN_SLOW=1 includes them). The dali and ffcv extras are
+# installed so the loader adapters are tested with the real libraries (nvidia-dali-cuda120 is ~1 GB and
+# runs its CPU pipelines without a GPU).
+test: EXTRAS = dev,dali,ffcv
+test: loader-sysdeps deps dataset
 	$(PY) -m pytest -q $(if $(RUN_SLOW),-m "slow or not slow",)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# `regpipe bench` against the peers (timm, torchvision, kornia) in their own environment: torchvision
+# needs the torch build it was released with (pip resolves it; on Linux that is PyPI's CUDA build, ~5.5 GiB
+# with its nvidia-* wheels, which also runs on CPU), so the main .venv and `make test` stay light.
+# It lives under build/ (git-ignored). BENCH_ARGS: e.g. BENCH_ARGS="--device cuda" or "--quick".
+PEERS_VENV ?= build/venv-peers
+BENCH_ARGS ?=
+.PHONY: bench-peers
+bench-peers:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q torchvision timm kornia
+	$(PEERS_VENV)/bin/python -m pip install -q -e .
+	$(PEERS_VENV)/bin/regpipe bench --json benchmarks/bench-peers.json $(BENCH_ARGS)

@@ -8,7 +8,7 @@ loader adapters in :mod:`regpipe.loaders`.
 from regpipe.batch import Batch, MixRecord, identity_affine, labels_to_targets
 from regpipe.cascade import Cascade, CascadeEvent
 from regpipe.hooks import PatchUpHook
-from regpipe.ops import GradualSumMix, PatchUp, PatchUpPlan, SumMix, TestTimeSumAugmentation, mix_batch
+from regpipe.ops import GradualSumMix, PatchUp, PatchUpPlan, SignAugment, SumMix, TestTimeSumAugmentation, mix_batch
 from regpipe.sampler import LossDeltaOrderer, LossOrderer, LossSampler
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "PatchUp",
     "PatchUpHook",
     "PatchUpPlan",
+    "SignAugment",
     "SumMix",
     "TestTimeSumAugmentation",
     "identity_affine",

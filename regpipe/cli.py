@@ -41,6 +41,8 @@ def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> No
                             help=f"what to train with (default: {d.recipe})")
         parser.add_argument("--seed", type=int, default=d.seed, help="seed of data subset, init, order and ops")
         parser.add_argument("--out", default="runs/train", help="output directory for metrics.json (default: runs/train)")
+        parser.add_argument("--checkpoint-out", default=None,
+                            help="also save the trained model here (a checkpoint `regpipe sign` reads)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=d.dataset,
                       help="fashion-mnist (default) | npz:DIR (train.npz, test.npz) | npz:TRAIN.npz,TEST.npz | "
@@ -66,6 +68,9 @@ def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> No
                           "(called with num_classes=, in_channels=)")
     opt.add_argument("--device", default=d.device, help="auto (CUDA if present, default), cpu, cuda, cuda:1, ...")
     opt.add_argument("--channels-last", action="store_true", help="channels_last inputs and model")
+    opt.add_argument("--loader", default=d.loader, choices=["torch", "dali", "ffcv"],
+                     help="training data loader: torch DataLoader (default), NVIDIA DALI or FFCV (the dali/ffcv "
+                          "extras); all read the same batches and run the recipe's ops on the device")
     mix = parser.add_argument_group("sum augmentation")
     mix.add_argument("--k", type=int, default=d.k, help=f"sum groups of the 'sum' recipe (default: {d.k})")
     mix.add_argument("--k0", type=int, default=d.k0, help=f"starting inputs of the 'gradual' recipe (default: {d.k0})")
@@ -108,6 +113,15 @@ def _add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> No
     rep.add_argument("--loss-weights", type=_float_triple, default=d.loss_weights,
                      help="alpha,beta,gamma of class + invariance + saliency (default: 1,1,1; "
                           "the 'saliency' recipe ignores beta)")
+    sg = parser.add_argument_group("sign")
+    sg.add_argument("--sign-iters", type=_int_list, default=d.sign_iters,
+                    help=f"SIGN iteration counts K added to the training set (default: {','.join(map(str, d.sign_iters))})")
+    sg.add_argument("--sign-eta", type=float, default=d.sign_eta, help=f"SIGN step size (default: {d.sign_eta})")
+    sg.add_argument("--sign-layer", default=d.sign_layer,
+                    help="module whose output SIGN differentiates (default: the model's features(), the pooled "
+                         "vector before the classifier)")
+    sg.add_argument("--sign-teacher", default=d.sign_teacher,
+                    help="checkpoint of the teacher (default: train the baseline first with the same settings)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -152,8 +166,53 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from regpipe.show import show
 
-    path = show(args.what, Path(args.out), data_dir=args.data_dir, seed=args.seed)
+    path = show(args.what, Path(args.out), data_dir=args.data_dir, seed=args.seed, checkpoint=args.checkpoint)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from regpipe.sign_offline import generate, rank_device
+
+    report = generate(args.checkpoint, args.out, iters=args.iters, dataset=args.dataset, data_dir=args.data_dir,
+                      shape=args.shape, split=args.split, samples_per_class=args.samples_per_class or None,
+                      seed=args.seed, eta=args.eta, at=args.at, clamp=args.clamp, layer=args.layer, model=args.model,
+                      shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                      device=rank_device(args.device), progress=not args.no_progress)
+    print(f"rank {report['rank']}/{report['world_size']}: wrote {len(report['written'])} shard(s), skipped "
+          f"{len(report['skipped'])} finished, of {report['num_shards']}; output in {report['out']}"
+          + (f"; FFCV: {', '.join(report['beton'])}" if report["beton"] else ""))
+    return 0
+
+
+def _add_sign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (regpipe train --checkpoint-out)")
+    p.add_argument("--out", required=True, help="output directory (shards, manifest)")
+    p.add_argument("--iters", type=_int_list, default=(50, 100), help="iteration counts K to write (default: 50,100)")
+    p.add_argument("--eta", type=float, default=1.0, help="step size (default: 1, the paper's)")
+    p.add_argument("--at", default="current", choices=["current", "input"],
+                   help="delta at the current iterate (default) or at the input (Algorithm 1 as printed)")
+    p.add_argument("--clamp", action="store_true", help="project every iterate onto the valid pixel range [0, 1]")
+    p.add_argument("--layer", default=None, help="module to differentiate (default: the model's features())")
+    p.add_argument("--model", default=None, help="architecture the checkpoint must hold (checked; default: any)")
+    p.add_argument("--dataset", default=None, help="dataset spec as in `regpipe train` (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
+    p.add_argument("--shape", default=None, choices=["cifar", "native"], help="default: the checkpoint's")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="(default: train)")
+    p.add_argument("--samples-per-class", type=int, default=0, help="stratified subset (default: 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default: 1024)")
+    p.add_argument("--batch-size", type=int, default=256, help="images transformed at once (default: 256)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype (default: float16)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present; cuda:LOCAL_RANK under torchrun), cpu, cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from regpipe.bench import bench
+
+    bench(args.device, json_path=args.json, quick=args.quick, repeats=args.repeats,
+          progress=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
 
@@ -187,12 +246,38 @@ def build_parser() -> argparse.ArgumentParser:
                                         "coefficients against t. patchup: masks and mixed feature maps at the input, "
                                         "after the stem conv and after the first stage. replicate: seeds and their "
                                         "augmented copies. saliency: saliency maps of originals and copies, "
-                                        "before and after the inverse warp.")
+                                        "before and after the inverse warp. sign: inputs before and after SIGN "
+                                        "(K = 50, 100) and the perturbation delta.")
     p_show.add_argument("what", choices=SHOWABLE, help="which op to draw")
     p_show.add_argument("--out", default=None, help="PNG path (default: regpipe-show-WHAT.png)")
     p_show.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
     p_show.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    p_show.add_argument("--checkpoint", default=None,
+                        help="sign: the trained model to transform with (default: a small model fitted on the spot)")
     p_show.set_defaults(func=_cmd_show)
+
+    p_sign = sub.add_parser("sign", help="transform a dataset with SIGN and write .npz shards (resumable)",
+                            description="Transform a dataset split with the model of a `regpipe train "
+                                        "--checkpoint-out` checkpoint (SIGN, SPEC 5) and write OUT/shard-*.npz "
+                                        "(images_kK float in the 0..1 pixel scale, labels, indices) and "
+                                        "OUT/manifest.json; FFCV .beton files too when ffcv is installed. "
+                                        "Finished shards are skipped on a rerun; under torchrun each rank "
+                                        "transforms its own shards.")
+    _add_sign_options(p_sign)
+    p_sign.set_defaults(func=_cmd_sign)
+
+    p_bench = sub.add_parser("bench", help="time regpipe's ops against the eager reference and the peers",
+                             description="Time, side by side in one run, the fused uint8 -> normalised k-group mix, "
+                                         "the k=2 mix against timm/torchvision/kornia MixUp, block masks against "
+                                         "timm DropBlock2d, and recipe training steps against the plain step. "
+                                         "Peers that are not installed are skipped with a note "
+                                         "(`make bench-peers` installs them in their own environment).")
+    p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default: cpu)")
+    p_bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows (and the machine) to FILE")
+    p_bench.add_argument("--quick", action="store_true", help="small shapes and 2 rounds: a smoke run, not numbers")
+    p_bench.add_argument("--repeats", type=int, default=None,
+                         help="interleaved rounds per group (default: 15, --quick: 2)")
+    p_bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -25,12 +25,13 @@ from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast,
 from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
 from regpipe.sampler import LossDeltaOrderer, LossOrderer
+from regpipe.sign_offline import sign_training_set
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One training step's report: the batch, its loss (scalar tensor or float) and extra log values.
 StepReport = tuple[Batch, "torch.Tensor | float", dict[str, Any]]
 
-__all__ = ["Recipe", "RecipeContext", "RECIPES", "build_recipe"]
+__all__ = ["Recipe", "RecipeContext", "RECIPES", "TRAINING_SETS", "build_recipe", "training_set"]
 
 
 @dataclass
@@ -217,6 +218,28 @@ def _replicated(kind: str) -> Callable[[Any, RecipeContext], Recipe]:
     return build
 
 
+def _sign(cfg: Any, ctx: RecipeContext) -> Recipe:
+    # SPEC 5, the paper's protocol: the training set already holds the samples and their SIGN versions
+    # (TRAINING_SETS["sign"] built it before the run); the training itself is plain.
+    return Recipe("sign")
+
+
+#: Recipes that train on a training set of their own, built before the model: ``(cfg, RunData, device) ->
+#: (dataset yielding (image, label, index), values for metrics.json)``.
+TRAINING_SETS: dict[str, Callable[[Any, Any, torch.device], tuple[torch.utils.data.Dataset, dict[str, Any]]]] = {
+    "sign": sign_training_set,
+}
+
+
+def training_set(cfg: Any, data: Any, device: torch.device) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+    """The dataset a run trains on: the recipe's own (:data:`TRAINING_SETS`) or the training samples."""
+    build = TRAINING_SETS.get(cfg.recipe)
+    if build is None:
+        from regpipe.data import ArrayDataset
+        return ArrayDataset(data.train), {}
+    return build(cfg, data, device)
+
+
 RECIPES: dict[str, Callable[[Any, RecipeContext], Recipe]] = {
     "baseline": _baseline,
     "sum": _sum,
@@ -231,6 +254,7 @@ RECIPES: dict[str, Callable[[Any, RecipeContext], Recipe]] = {
     "invariance": _replicated("invariance"),
     "saliency": _replicated("saliency"),
     "class+inv+sal": _replicated("class+inv+sal"),
+    "sign": _sign,
 }
 
 

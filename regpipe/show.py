@@ -13,7 +13,7 @@ __all__ = ["show", "mixed_grid", "draw_patchup"]
 
 _COLUMNS = 6
 #: What ``regpipe show`` can draw.
-SHOWABLE = ("sum", "gradual", "patchup", "replicate", "saliency")
+SHOWABLE = ("sum", "gradual", "patchup", "replicate", "saliency", "sign")
 
 
 def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
@@ -31,7 +31,7 @@ def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor], columns: i
     return out
 
 
-def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Path:
+def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0, checkpoint: str | None = None) -> Path:
     """Draw ``what`` (``"sum"`` or ``"gradual"``) into the PNG ``out``."""
     try:
         import matplotlib
@@ -43,6 +43,9 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0) -> Pa
         raise ValueError(f"cannot show {what!r}: choose from {', '.join(SHOWABLE)}")
     if what == "patchup":
         return draw_patchup(plt, out, data_dir, seed)
+    if what == "sign":  # `checkpoint`: the model to transform with (default: one fitted on the spot)
+        from regpipe.show_sign import draw_sign
+        return draw_sign(plt, out, data_dir, seed, checkpoint)
     if what in ("replicate", "saliency"):
         from regpipe.show_consistency import draw_replicate, draw_saliency
         return (draw_replicate if what == "replicate" else draw_saliency)(plt, out, data_dir, seed)

@@ -10,17 +10,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from regpipe import distributed
 from regpipe.bn import clean_bn_statistics
 from regpipe.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
 from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
+from regpipe.loaders import make_train_loader
 from regpipe.loaders.torch import TorchLoader
+from regpipe.checkpoint import save_checkpoint
 from regpipe.models import build_model
 from regpipe.ops.tta import TestTimeSumAugmentation
 from regpipe.batch import Batch
-from regpipe.recipes import RecipeContext, build_recipe
+from regpipe.recipes import RecipeContext, build_recipe, training_set
 
 __all__ = ["TrainConfig", "train", "prepare_data", "resolve_device"]
 
@@ -63,11 +66,17 @@ class TrainConfig:
     inv_alpha: float = 0.1
     inv_ratio: float = 10.0
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    sign_iters: tuple[int, ...] = (50, 100)
+    sign_eta: float = 1.0
+    sign_layer: str | None = None
+    sign_teacher: str | None = None
+    checkpoint_out: str | None = None
     bn_recalibration: bool = True
     bn_batches: int = 16
     tta_draws: int = 0
     channels_last: bool = False
     progress: bool = True
+    loader: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "val_per_class", "bn_batches"):
@@ -77,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"samples_per_class must be >= 1, got {self.samples_per_class}")
         if self.loss not in ("ce", "bce"):
             raise ValueError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.loader not in ("torch", "dali", "ffcv"):
+            raise ValueError(f"loader must be 'torch', 'dali' or 'ffcv', got {self.loader!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,14 +130,20 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     return RunData(train=train, val=full.subset(val_idx), test=test, mean=mean, std=std)
 
 
-def _eval_inputs(arrays: ImageArrays, data: RunData, device: torch.device, batch_size: int) -> TorchLoader:
+def _eval_inputs(arrays: ImageArrays, data: RunData, device: torch.device, batch_size: int,
+                 info: distributed.DistInfo = distributed.DistInfo()) -> TorchLoader:
+    """Evaluation batches of this rank's shard (every ``world_size``-th sample from ``rank``)."""
+    if info.distributed:
+        arrays = arrays.subset(torch.arange(info.rank, len(arrays.labels), info.world_size))
     loader = DataLoader(ArrayDataset(arrays), batch_size=batch_size, shuffle=False)
     return TorchLoader(loader, arrays.num_classes, device=device, mean=data.mean, std=data.std)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: TorchLoader, tta: TestTimeSumAugmentation | None = None) -> float:
-    """Top-1 accuracy of ``model`` (already in the mode wanted) over ``loader``'s batches."""
+def evaluate(model: torch.nn.Module, loader: TorchLoader, tta: TestTimeSumAugmentation | None = None,
+             info: distributed.DistInfo = distributed.DistInfo()) -> float:
+    """Top-1 accuracy of ``model`` (already in the mode wanted) over ``loader``'s batches (summed over the
+    ranks' shards under ``torchrun``)."""
     correct = total = 0
     for batch in loader:
         if tta is None:
@@ -135,22 +152,32 @@ def evaluate(model: torch.nn.Module, loader: TorchLoader, tta: TestTimeSumAugmen
             pred = tta.predict(model, batch.inputs).argmax(dim=1)
         correct += int((pred == batch.targets.argmax(dim=1)).sum())
         total += batch.size
+    correct, total = distributed.all_reduce_sum([correct, total], info)
     return correct / max(total, 1)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one recipe on one seed; returns (and writes to ``cfg.out/metrics.json``) the metrics."""
     device = resolve_device(cfg.device)
+    info = distributed.setup(device)
+    if info.distributed and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg)
+    # A recipe may train on more rows than the samples (sign: + their SIGN versions); baseline: the samples.
+    train_set, expansion = training_set(cfg, data, device)
     num_classes = data.train.num_classes
     model = build_model(cfg.model, num_classes=num_classes, in_channels=data.train.images.shape[1]).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    bare = model  # the unwrapped model: evaluation and BN re-estimation run on it, without DDP's syncs
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    steps_per_epoch = len(data.train.labels) // cfg.batch_size  # drop_last
+    steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(data.train.labels)} training samples")
+        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training samples")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
@@ -163,19 +190,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         train=data.train, prepare=plain.to_batch,
                         validation=lambda: _whole(data.val, plain))
     recipe = build_recipe(cfg, ctx)
-    if recipe.batch_sampler is not None:
-        train_loader = DataLoader(ArrayDataset(data.train), batch_sampler=recipe.batch_sampler)
-    else:
-        train_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                  generator=torch.Generator().manual_seed(cfg.seed))
+    distributed.reseed_ops(recipe.ops, info.rank)  # ranks draw their own op parameters
+    # Global batches, identical on every rank (same seed); each rank loads its slice (distributed.py).
+    global_batches, order = recipe.batch_sampler, None
+    if global_batches is None:  # what DataLoader(shuffle=True, drop_last=True, generator=order) draws
+        order = torch.Generator().manual_seed(cfg.seed)
+        global_batches = BatchSampler(RandomSampler(range(len(train_set)), generator=order), cfg.batch_size,
+                                      drop_last=True)
+    # The loader draws its worker base seed from `order` too, as the shuffled DataLoader did.
+    train_loader = DataLoader(train_set, batch_sampler=distributed.RankSlice(global_batches, info), generator=order)
     batches = TorchLoader(train_loader, num_classes, device=device, ops=recipe.ops, mean=data.mean, std=data.std,
                           channels_last=cfg.channels_last)
+    if cfg.loader != "torch":  # DALI or FFCV, fed the same index lists (regpipe.loaders.make_train_loader)
+        batches = make_train_loader(cfg.loader, train_set, distributed.RankSlice(global_batches, info), num_classes,
+                                    seed=cfg.seed, device=device, ops=recipe.ops, mean=data.mean, std=data.std,
+                                    channels_last=cfg.channels_last)
     # Clean batches for re-estimating BatchNorm statistics while the recipe mixes (SPEC 1.2).
     bn_loader = DataLoader(ArrayDataset(data.train), batch_size=cfg.batch_size, shuffle=True,
                            generator=torch.Generator().manual_seed(cfg.seed + 1))
     bn_batches = TorchLoader(bn_loader, num_classes, device=device, mean=data.mean, std=data.std)
-    test_batches = _eval_inputs(data.test, data, device, cfg.eval_batch_size)
-    val_batches = _eval_inputs(data.val, data, device, cfg.eval_batch_size)
+    test_batches = _eval_inputs(data.test, data, device, cfg.eval_batch_size, info)
+    val_batches = _eval_inputs(data.val, data, device, cfg.eval_batch_size, info)
 
     def plain_steps(batches: TorchLoader):
         for batch in batches:
@@ -195,12 +230,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def evaluation_model():
         if recipe.mixing() and cfg.bn_recalibration:
             clean = [b.inputs for _, b in zip(range(cfg.bn_batches), bn_batches)]
-            return clean_bn_statistics(model, clean)
-        return _eval_mode(model)
+            return clean_bn_statistics(bare, clean)
+        return _eval_mode(bare)
 
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"{cfg.recipe} seed {cfg.seed}", disable=not cfg.progress, unit="epoch")
+    bar = tqdm(range(cfg.epochs), desc=f"{cfg.recipe} seed {cfg.seed}", disable=not cfg.progress or not info.is_main,
+               unit="epoch")
     for epoch in bar:
         model.train()
         state = recipe.describe()
@@ -216,12 +252,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if math.isfinite(float(value)):  # a step without a choice reports nan
                     logged.setdefault(key, []).append(float(value))
         seconds = time.perf_counter() - tick
+        loss_sum, images, steps = distributed.all_reduce_sum([loss_sum, images, steps], info)
         with evaluation_model() as net:
-            test_acc = evaluate(net, test_batches)
-            val_acc = evaluate(net, val_batches) if recipe.needs_validation else None
+            test_acc = evaluate(net, test_batches, info=info)
+            # reduced over ranks, so the recipe's decisions (the cascade's) agree on every rank
+            val_acc = evaluate(net, val_batches, info=info) if recipe.needs_validation else None
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps, 1), "test_accuracy": test_acc,
                "images_per_s": images / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0], **state}
-        # Per-step values a recipe reports (e.g. the chosen loss-delta scores): their epoch mean.
+        # Per-step values a recipe reports (e.g. the chosen loss-delta scores): their epoch mean (rank 0's).
         row.update({f"mean_{key}": sum(v) / len(v) for key, v in logged.items() if v})
         if val_acc is not None:
             row["val_accuracy"] = val_acc
@@ -232,21 +270,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     recipe.close()
     with evaluation_model() as net:
-        final_acc = evaluate(net, test_batches)
+        final_acc = evaluate(net, test_batches, info=info)
         tta_acc = None
         if cfg.tta_draws > 0:
-            tta_acc = evaluate(net, test_batches, TestTimeSumAugmentation(k=2, draws=cfg.tta_draws, seed=cfg.seed))
+            tta = TestTimeSumAugmentation(k=2, draws=cfg.tta_draws, seed=distributed.rank_seed(cfg.seed, info.rank))
+            tta_acc = evaluate(net, test_batches, tta, info=info)
     metrics: dict[str, Any] = {
-        "recipe": cfg.recipe, "seed": cfg.seed, "device": str(device), "test_accuracy": final_acc,
+        "recipe": cfg.recipe, "seed": cfg.seed, "device": str(device), "world_size": info.world_size,
+        "test_accuracy": final_acc,
         "train_seconds": time.perf_counter() - started, "train_samples": len(data.train.labels),
-        "epochs": history, "config": asdict(cfg),
+        "epochs": history, "config": asdict(cfg), **expansion,
     }
     if tta_acc is not None:
         metrics["test_accuracy_tta"] = tta_acc
-    if cfg.out is not None:
+    if cfg.out is not None and info.is_main:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if cfg.checkpoint_out is not None and info.is_main:
+        save_checkpoint(cfg.checkpoint_out, bare, cfg.model, num_classes, tuple(data.train.images.shape[1:]),
+                        data.mean, data.std, asdict(cfg))
+    distributed.teardown(info)
     return metrics
 
 

@@ -15,7 +15,6 @@ from regpipe.functional.augment import (
     crop_affine,
     flip_affine,
     invert_affine,
-    inverse_warp,
     valid_mask,
     warp,
 )

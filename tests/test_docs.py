@@ -14,7 +14,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 MODULES = ["regpipe.batch", "regpipe.cascade", "regpipe.ops.sum_mix", "regpipe.ops.tta", "regpipe.loaders.torch",
            "regpipe.functional.patchup", "regpipe.ops.patchup", "regpipe.hooks.patchup",
            "regpipe.hooks.tap", "regpipe.ops.augment", "regpipe.functional.invariance", "regpipe.functional.saliency",
-           "regpipe.hooks.invariance", "regpipe.hooks.saliency"]
+           "regpipe.hooks.invariance", "regpipe.hooks.saliency",
+           "regpipe.functional.sign", "regpipe.ops.sign", "regpipe.checkpoint"]
 
 
 def test_readme_has_python_blocks() -> None:

@@ -32,6 +32,7 @@ from regpipe.functional.patchup import (
     patchup_targets,
     unchanged_fraction,
 )
+from regpipe.functional.sign import sign
 from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
 from regpipe.functional.tta import test_time_sum_predict
 
@@ -52,6 +53,7 @@ __all__ = [
     "saliency",
     "saliency_consistency_loss",
     "saliency_from_logits",
+    "sign",
     "valid_mask",
     "warp",
     "block_mask",
