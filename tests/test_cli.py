@@ -104,13 +104,14 @@ def test_help_is_complete() -> None:
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_train_on_real_fashion_mnist(tmp_path: Path) -> None:
-    """The main job on the real embedded dataset, short: 10 samples per class, one epoch."""
+    """The main job on the real embedded dataset, short: 20 samples per class, two epochs."""
     out = tmp_path / "real"
-    assert main(["train", "--recipe", "gradual", "--samples-per-class", "10", "--val-per-class", "5",
-                 "--epochs", "1", "--batch-size", "20", "--no-progress", "--out", str(out)]) == 0
+    assert main(["train", "--recipe", "gradual", "--samples-per-class", "20", "--val-per-class", "5",
+                 "--epochs", "2", "--batch-size", "20", "--no-progress", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_samples"] == 100
-    assert metrics["test_accuracy"] > 0.1  # better than chance on 10 classes after one epoch on 100 images
+    assert metrics["train_samples"] == 200
+    # Clearly better than chance (0.10) on 10 classes after two epochs on 200 images (measured: 0.20).
+    assert metrics["test_accuracy"] > 0.14
 
 
 def test_compare_reuses_finished_runs(fake_dir: Path, tmp_path: Path, monkeypatch) -> None:
