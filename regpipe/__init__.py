@@ -7,17 +7,31 @@ loader adapters in :mod:`regpipe.loaders`.
 
 from regpipe.batch import Batch, MixRecord, identity_affine, labels_to_targets
 from regpipe.cascade import Cascade, CascadeEvent
-from regpipe.hooks import PatchUpHook
-from regpipe.ops import GradualSumMix, PatchUp, PatchUpPlan, SignAugment, SumMix, TestTimeSumAugmentation, mix_batch
+from regpipe.hooks import ConsistencyObjective, FeatureTap, InvarianceLoss, PatchUpHook, SaliencyLoss
+from regpipe.ops import (
+    Augment,
+    GradualSumMix,
+    PatchUp,
+    PatchUpPlan,
+    Replicate,
+    SignAugment,
+    SumMix,
+    TestTimeSumAugmentation,
+    mix_batch,
+)
 from regpipe.sampler import LossDeltaOrderer, LossOrderer, LossSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Augment",
     "Batch",
     "Cascade",
     "CascadeEvent",
+    "ConsistencyObjective",
+    "FeatureTap",
     "GradualSumMix",
+    "InvarianceLoss",
     "LossDeltaOrderer",
     "LossOrderer",
     "LossSampler",
@@ -25,6 +39,8 @@ __all__ = [
     "PatchUp",
     "PatchUpHook",
     "PatchUpPlan",
+    "Replicate",
+    "SaliencyLoss",
     "SignAugment",
     "SumMix",
     "TestTimeSumAugmentation",
