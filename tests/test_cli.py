@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fakedata import write_fake_fmnist
 from regpipe.cli import main
 from regpipe.data import FASHION_MNIST_DIR
 
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
 
-
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("fmnist")
-    write_fake_fmnist(directory, n_train=100, n_test=30)
-    return directory
 
 
 @pytest.mark.parametrize("recipe", ["baseline", "sum", "cascade", "gradual", "patchup-soft"])

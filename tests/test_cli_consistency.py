@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fakedata import write_fake_fmnist
 from regpipe.cli import main
 
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "2", "--no-progress"]
 
-
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("fmnist")
-    write_fake_fmnist(directory, n_train=100, n_test=30)
-    return directory
 
 
 @pytest.mark.parametrize("recipe", ["replicate", "invariance", "saliency", "class+inv+sal"])

@@ -13,7 +13,6 @@ dali = pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 
-from fakedata import write_fake_fmnist  # noqa: E402
 from regpipe import Batch  # noqa: E402
 from regpipe.cli import main  # noqa: E402
 from regpipe.data import ArrayDataset, ImageArrays  # noqa: E402
@@ -222,12 +221,9 @@ def test_train_loader_gives_the_torch_batches(arrays: ImageArrays) -> None:
     assert isinstance(EpochBatches(sampler()).first, list)
 
 
-def test_train_cli_with_dali(tmp_path: Path) -> None:
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    write_fake_fmnist(data, n_train=100, n_test=30)
+def test_train_cli_with_dali(fake_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--loader", "dali", "--recipe", "gradual", "--data-dir", str(data), "--out", str(out),
+    assert main(["train", "--loader", "dali", "--recipe", "gradual", "--data-dir", str(fake_dir), "--out", str(out),
                  *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["loader"] == "dali" and metrics["epochs"][0]["train_loss"] > 0

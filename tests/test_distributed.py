@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakedata import write_fake_fmnist
 from regpipe.cli import main
 from regpipe.distributed import DistInfo, RankSlice, rank_seed, reseed_ops
 from regpipe.ops.augment import Replicate
@@ -22,12 +21,6 @@ from regpipe.batch import Batch
 TESTS = Path(__file__).resolve().parent
 TINY = ["--samples-per-class", "8", "--val-per-class", "2", "--batch-size", "8", "--epochs", "2", "--no-progress"]
 
-
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("fmnist")
-    write_fake_fmnist(directory, n_train=160, n_test=40)
-    return directory
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

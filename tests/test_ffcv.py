@@ -239,12 +239,9 @@ def test_train_loader_gives_the_torch_batches(arrays: ImageArrays, tmp_path: Pat
             assert torch.equal(a.source_ids, b.source_ids)
 
 
-def test_train_cli_with_ffcv(tmp_path: Path) -> None:
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    write_fake_fmnist(data, n_train=100, n_test=30)
+def test_train_cli_with_ffcv(fake_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--loader", "ffcv", "--recipe", "sum", "--data-dir", str(data), "--out", str(out),
+    assert main(["train", "--loader", "ffcv", "--recipe", "sum", "--data-dir", str(fake_dir), "--out", str(out),
                  *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["loader"] == "ffcv" and metrics["epochs"][0]["train_loss"] > 0

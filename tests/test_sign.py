@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakedata import write_fake_fmnist
 
 from regpipe import Batch
 from regpipe.checkpoint import load_checkpoint, save_checkpoint
@@ -205,12 +204,6 @@ def test_op_edge_cases() -> None:
 
 # --------------------------------------------------------------------------- checkpoints and offline generation
 
-
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("fmnist")
-    write_fake_fmnist(directory, n_train=100, n_test=30)
-    return directory
 
 
 @pytest.fixture(scope="module")
