@@ -206,3 +206,19 @@ def test_bad_inputs() -> None:
         Replicate(2, chain)(SumMix(2)(mixed))
     with pytest.raises(ValueError, match="Batch.source_ids"):
         Batch(inputs=torch.rand(2, 1, 4, 4), targets=torch.rand(2, 2), source_ids=torch.arange(3))
+
+
+def test_more_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        affine_matrix(torch.zeros(1), torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), 8, 8)
+    with pytest.raises(ValueError, match=r"brightness and contrast must be \(2,\)"):
+        brightness_contrast(torch.rand(2, 3, 4, 4), torch.ones(3), torch.ones(2))
+    chain = Augment([RandomFlip(), RandomAffine(degrees=5)])
+    with pytest.raises(ValueError, match="1 parameter records for 2 transforms"):
+        chain.apply(_batch(torch.rand(2, 3, 8, 8)), chain.sample(2, "cpu")[:1])
+    with pytest.raises(ValueError, match=r"Batch.photometric must be \(N, 2\)"):
+        _batch(torch.rand(2, 3, 4, 4)).replace(photometric=torch.ones(2, 3))
+    from regpipe.ops.patchup import PatchUp
+    planned = PatchUp(mode="soft", patchup_prob=1.0)(_batch(torch.rand(4, 3, 8, 8)))
+    with pytest.raises(ValueError, match="PatchUp plan"):
+        planned.rows(torch.tensor([0, 1]))

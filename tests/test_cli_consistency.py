@@ -37,6 +37,11 @@ def test_replication_bad_settings(fake_dir: Path, tmp_path: Path, capsys) -> Non
     assert "batch_size=8 is not divisible by replicas=3" in capsys.readouterr().err
     assert main([*args, "--recipe", "invariance", "--replicas", "2", "--inv-layers", "layer1,nope"]) == 2
     assert "no module named 'nope'" in capsys.readouterr().err
+    assert main([*args, "--recipe", "saliency", "--replicas", "1"]) == 2
+    assert "replicas must be >= 2 for the 'saliency' recipe, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--recipe", "class+inv+sal", "--loss-weights", "1,2"])
+    assert "expected three comma-separated numbers, got '1,2'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("what", ["replicate", "saliency"])

@@ -203,3 +203,27 @@ def test_consistency_objective_combines_the_terms() -> None:
         ConsistencyObjective(model, beta=1.0)
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         ConsistencyObjective(model, gamma=-1.0, beta=0.0)
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    from regpipe.functional.saliency import saliency_from_logits
+
+    model = preact_resnet_small(num_classes=3)
+    with pytest.raises(ValueError, match="names repeat"):
+        FeatureTap(model, ["layer1", "layer1"])
+    with pytest.raises(ValueError, match="at least one module"):
+        FeatureTap(model, [])
+    with pytest.raises(ValueError, match="ratio"):
+        depth_weights(3, ratio=0.0)
+    with pytest.raises(ValueError, match=r"floating point \(N, C, H, W\)"):
+        saliency(model, torch.rand(3, 32, 32), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="label 5 is out of range for 3 classes"):
+        saliency(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 5]))
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="x must require grad"):
+        saliency_from_logits(model(x), x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"maps must be \(N, H, W\)"):
+        saliency_consistency_loss(torch.rand(2, 1, 4, 4), torch.eye(2, 3).expand(2, 2, 3), torch.arange(2))
+    with pytest.raises(ValueError, match="N_out = 3"):
+        mixed_saliency_loss(torch.rand(3, 4, 4), torch.rand(4, 4, 4), torch.zeros(2, 2, dtype=torch.long),
+                            torch.full((2, 2), 0.5))
