@@ -245,3 +245,12 @@ def test_train_cli_with_ffcv(fake_dir: Path, tmp_path: Path) -> None:
                  *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["loader"] == "ffcv" and metrics["epochs"][0]["train_loss"] > 0
+
+
+def test_scoring_sampler_runs_over_the_ffcv_loader(fake_dir: Path, tmp_path: Path) -> None:
+    # The loss-delta orderer only needs a batch iterable: here the FFCV adapter's.
+    out = tmp_path / "run"
+    assert main(["train", "--loader", "ffcv", "--recipe", "loss-delta", "--delta-k", "2", "--data-dir", str(fake_dir),
+                 "--out", str(out), *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["loader"] == "ffcv" and "mean_score" in metrics["epochs"][0]
