@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch 2.13.0: on a CPU-only machine whose pip finds the CPU wheel (this project's machines do) that
 # build is taken; elsewhere PyPI's default build (CUDA on Linux) is installed, and used when a GPU is present.
-TORCH_SPEC ?= torch==2.13.0
+TORCH_REQUIREMENT ?= torch==2.13.0
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: demo test test-all venv deps dataset clean loader-sysdeps
+.PHONY: demo test test-all venv deps dataset clean loader-sysdeps lint-imports
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ venv: $(VENV)/bin/python
 # `make demo` needs the plot extra only; `make test` the dev extra (pytest, hypothesis, matplotlib, pillow).
 EXTRAS ?= plot
 deps: venv
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 
 # Debian's dataset-fashion-mnist package puts the idx files under $(FASHION_MNIST_DIR).
@@ -55,8 +55,17 @@ loader-sysdeps:
 # The whole suite except runs marked `slow` (RUN_SLOW=1 includes them). The dali and ffcv extras are
 # installed so the loader adapters are tested with the real libraries (nvidia-dali-cuda120 is ~1 GB and
 # runs its CPU pipelines without a GPU).
+# The layer contracts of pyproject.toml, checked on a copy of the installed layout (kernels/ and loaders/
+# inside regpipe/, as setuptools installs them), so that import-linter sees regpipe.kernels and regpipe.loaders.
+IMPORT_TREE := build/import-tree
+lint-imports: EXTRAS = dev
+lint-imports: deps
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)
+	cp -r regpipe $(IMPORT_TREE)/regpipe && cp -r kernels loaders $(IMPORT_TREE)/regpipe/
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports $(abspath pyproject.toml) --no-cache
+
 test: EXTRAS = dev,dali,ffcv
-test: loader-sysdeps deps dataset
+test: loader-sysdeps deps dataset lint-imports
 	$(PY) -m pytest -q $(if $(RUN_SLOW),-m "slow or not slow",)
 
 clean:

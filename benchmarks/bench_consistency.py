@@ -1,4 +1,4 @@
-"""Replication, invariance and saliency costs, measured side by side in one run (SPEC 3-4; issue 3
+"""Replication, invariance and saliency costs, measured side by side in one run (issue 3
 targets: invariance step <= 1.05x the plain step, saliency step <= 3x).
 
 Rows (median ms over interleaved repeats; ``ratio`` relative to the plain step on the same rows):
@@ -17,14 +17,14 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from timing import machine_line, median_ms, pick_devices, write_json
+from common import machine_line, median_ms, pick_devices, write_json
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
 from regpipe.hooks import ConsistencyObjective, InvarianceLoss
-from regpipe.models import build_model
+from regpipe.engine.models import build_model
 from regpipe.ops.augment import Replicate
-from regpipe.recipes import replication_augment
+from regpipe.engine.algorithms import replication_augment
 
 SEEDS, M = 16, 4
 LAYERS = ("layer1", "layer2", "layer3")

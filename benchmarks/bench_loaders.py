@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from regpipe.data import ArrayDataset, ImageArrays
+from regpipe.engine.data import ArrayDataset, ImageArrays
 from regpipe.loaders import make_train_loader
 from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast, RandomFlip, Replicate
 from regpipe.ops.sum_mix import GradualSumMix

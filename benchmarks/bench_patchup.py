@@ -1,10 +1,10 @@
-"""PatchUp cost, measured side by side in one run (SPEC 2; issue target: step ratio <= 1.05).
+"""PatchUp cost, measured side by side in one run (issue target: step ratio <= 1.05).
 
 Rows (median ms over repeats; ``ratio`` relative to the group's baseline):
   * training steps of ``preact_resnet_small`` at batch 64 x 3 x 32 x 32: the plain step (BCE on
     softmax, the official plain loss) against PatchUp steps (op + hook + three-term loss), with the
     layer drawn per step as in training and with the layer fixed;
-  * the mask expansion + mixing alone (``PatchUpPlan.mask`` + ``patchup_mix``) on the largest
+  * the mask expansion + mixing alone (``plan_mask`` + ``patchup_mix``) on the largest
     feature map the candidate layers produce, and the CutMix box at layer 0, as a share of the
     PatchUp step -- this number decides whether a fused kernel is worth writing.
 
@@ -17,13 +17,14 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from timing import machine_line, median_ms, pick_devices, write_json
+from common import machine_line, median_ms, pick_devices, write_json
 import torch.nn.functional as F
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.patchup import patchup_mix
 from regpipe.hooks import PatchUpHook
-from regpipe.models import preact_resnet_small
+from regpipe.hooks.patchup import plan_mask
+from regpipe.engine.models import preact_resnet_small
 from regpipe.ops.patchup import PatchUp
 
 LAYERS = {1: "conv1", 2: "layer1", 3: "layer2"}
@@ -82,12 +83,11 @@ def step_rows(device: torch.device, repeats: int) -> list[dict]:
     patchup_ms = medians["patchup soft step, layer in {0,1,2}"]
     for layer, feat_shape in ((1, (64, 16, 32, 32)), (0, SHAPE)):
         for per_sample in (False, True):
-            plan = PatchUp(mode="soft", candidate_layers=(layer,), per_sample=per_sample).draw(
-                SHAPE[0], SHAPE[2], SHAPE[3], device)
+            plan = PatchUp(mode="soft", candidate_layers=(layer,), per_sample=per_sample).draw(batch)
             h = torch.randn(feat_shape, device=device, generator=g, requires_grad=True)
 
             def mask_mix() -> None:
-                holes = plan.mask(h.shape, h.device, h.dtype)
+                holes = plan_mask(plan, h.shape, h.device, h.dtype)
                 patchup_mix(h, holes, plan.perm, plan.lam, plan.mode)
             ms = _median(mask_mix, device, repeats)
             what = "CutMix box" if layer == 0 else "block mask b=7"

@@ -1,4 +1,4 @@
-"""Loss-delta orderer cost per committed step, measured side by side in one run (SPEC 6.2, issue 6).
+"""Loss-delta orderer cost per committed step, measured side by side in one run (issue 6).
 
 Rows (median ms per committed step over repeats; ``ratio`` relative to the plain step), on
 ``preact_resnet_small``, batch 64 x 3 x 32 x 32, SGD (momentum 0.9, Nesterov, weight decay):
@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import median_ms
+from common import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # one reference: the tests' naive version
 
-from regpipe.batch import Batch  # noqa: E402
+from regpipe.core.batch import Batch  # noqa: E402
 from regpipe.functional.losses import soft_target_cross_entropy  # noqa: E402
-from regpipe.models import preact_resnet_small  # noqa: E402
+from regpipe.engine.models import preact_resnet_small  # noqa: E402
 from regpipe.sampler import LossDeltaOrderer  # noqa: E402
 from tests.test_sampler import naive_loss_delta_step, plain_step  # noqa: E402
 

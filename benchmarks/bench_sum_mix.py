@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from timing import median_ms, write_json
+from common import median_ms, write_json
 
 from regpipe import Batch, GradualSumMix, SumMix
 from regpipe.functional import soft_target_cross_entropy, sum_mix
-from regpipe.models import preact_resnet_small
+from regpipe.engine.models import preact_resnet_small
 
 
 def mix_rows(device: torch.device, repeats: int) -> list[dict]:

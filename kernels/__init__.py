@@ -9,8 +9,9 @@ triton when installed, CPU: numba, otherwise torch).
 Kernels:
     :func:`fused_group_mix` (:mod:`regpipe.kernels.group_mix`): uint8 (or 0..1 float) ``(N, C, H, W)``
     batch -> per-channel normalisation -> the k-group weighted sum of Sum / Gradually Cascading Sum
-    Augmentation (SPEC 1.1, 1.3), ``(N/k, C, H, W)`` float32/float16/bfloat16, NCHW or channels_last,
-    in one pass; zero-weight groups are not read. :func:`group_mix_reference` is its reference.
+    Augmentation (Simionescu 2020, sections 3.3 and 3.5; the formula is in the module docstring),
+    ``(N/k, C, H, W)`` float32/float16/bfloat16, NCHW or channels_last, in one pass; zero-weight
+    groups are not read. :func:`group_mix_reference` is its reference.
 
 PatchUp's block mask and mix have no kernel: they are under 2 % of a PatchUp step on CPU
 (``benchmarks/RESULTS.md``).

@@ -1,14 +1,19 @@
-"""Fused uint8 -> normalised k-group weighted sum (SPEC 1.1 / 1.3, the Sum / Gradually Cascading mix).
+"""Fused uint8 -> normalised k-group weighted sum: the batch mix of (Gradually Cascading) Sum Augmentation.
 
-One pass over the loader's batch: read the uint8 (or float) images of the groups whose weight is not
-zero, normalise per channel, form the group-mode weighted sum and write it in float32, float16 or
-bfloat16, NCHW or channels_last::
+Sum Augmentation (Simionescu, "Deep Learning Training Procedure Augmentations", 2020, section 3.3)
+replaces a batch of ``N`` rows by ``N / k`` weighted sums of rows taken one from each of ``k`` sum
+groups; its gradual variant (section 3.5) uses the GCC weights of
+:func:`regpipe.functional.gcc_weights` instead of ``1/k``. This module does that mix and the loader's
+per-channel normalisation in one pass over the batch: it reads the uint8 (or float) images of the
+groups whose weight is not zero, normalises per channel, forms the group-mode weighted sum and writes
+it in float32, float16 or bfloat16, NCHW or channels_last::
 
     out[i, c] = sum_{g: w_g != 0} w_g * (x[g*n + i, c] * s - mean[c]) / std[c]      n = N // k
 
-with ``s = 1/255`` for uint8 input and ``s = 1`` for float input (already in 0..1). Since the
-weights sum to 1 this is ``sum_g (w_g s / std[c]) * x[g*n + i, c] - (sum_g w_g) mean[c] / std[c]``:
-the kernels multiply-add a ``(k_active, C)`` coefficient table and subtract a ``(C,)`` bias,
+with ``s = 1/255`` for uint8 input and ``s = 1`` for float input (already in 0..1). Normalising is
+affine, so this is ``sum_g (w_g s / std[c]) * x[g*n + i, c] - (sum_g w_g) mean[c] / std[c]``: the
+kernels multiply-add a ``(k_active, C)`` coefficient table and subtract a ``(C,)`` bias (``sum_g w_g``
+is 1 up to rounding, but the bias uses the actual sum so that the result equals normalise-then-mix),
 accumulating in float32 and rounding once at the store.
 
 Layouts. The input is a ``(N, C, H, W)`` tensor, either contiguous (NCHW) or channels_last (NHWC
@@ -17,9 +22,9 @@ that is a channels_last ``(N, C, H, W)`` view of the same memory, no copy. Other
 to contiguous first. The output is allocated in ``memory_format`` (``torch.contiguous_format`` or
 ``torch.channels_last``).
 
-What is here (one kernel per module, STYLE 7): the Triton kernel and its launcher (CUDA, or CPU
-tensors under ``TRITON_INTERPRET=1``), the numba kernel (CPU, parallel over rows x pixel chunks),
-the torch reference (the eager composite: :func:`regpipe.loaders.torch.normalize` then
+What is here (one kernel per module): the Triton kernel and its launcher (CUDA, or CPU tensors under
+``TRITON_INTERPRET=1``), the numba kernel (CPU, parallel over rows x pixel chunks), the torch
+reference (the eager composite: :func:`regpipe.functional.normalize` then
 :func:`regpipe.functional.sum_mix`; also the fallback), the input checks and the dispatch
 (:func:`kernels._backend.resolve_backend`: ``backend=`` argument, ``$REGPIPE_KERNEL_BACKEND``, device).
 
@@ -35,9 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from regpipe.functional.sum_mix import _group_rows, check_weights, sum_mix
+from regpipe.functional.normalize import normalize
+from regpipe.functional.sum_mix import check_weights, group_rows, sum_mix
 from regpipe.kernels._backend import resolve_backend
-from regpipe.loaders.torch import normalize
 
 try:
     import numba
@@ -88,7 +93,7 @@ def _check(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch
     if memory_format not in _MEMORY_FORMATS:
         raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format!r}")
     w = check_weights(weights)
-    n = _group_rows(x.shape[0], len(w), drop_remainder)
+    n = group_rows(x.shape[0], len(w), drop_remainder)
     c = x.shape[1]
     mean_t = torch.as_tensor(mean, dtype=torch.float64).detach().cpu().flatten()
     std_t = torch.as_tensor(std, dtype=torch.float64).detach().cpu().flatten()

@@ -50,19 +50,6 @@ class EpochBatches:
         return ([int(i) for i in b] for b in self.batch_sampler)
 
 
-def _write_rows(path: Path, dataset: Any) -> Path:
-    """All rows of a map-style dataset yielding ``(image, label, index)`` into a ``.beton``."""
-    from torch.utils.data import default_collate
-
-    from regpipe.loaders.ffcv import write_beton
-
-    rows = list(range(len(dataset)))
-    fetch = getattr(dataset, "__getitems__", None)
-    samples = fetch(rows) if fetch is not None else [dataset[i] for i in rows]
-    images, labels, ids = default_collate(samples)[:3]
-    return write_beton(path, images, labels, ids=ids)
-
-
 def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[int]], num_classes: int, *,
                       seed: int = 0, device: th.device | str = "cpu", ops: Sequence[Op] = (),
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -115,7 +102,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
     from ffcv.loader import Loader
     from ffcv.transforms import ToTensor
 
-    from regpipe.loaders.ffcv import FfcvLoader
+    from regpipe.loaders.ffcv import FfcvLoader, write_rows
 
     epochs = EpochBatches(batch_sampler)
     sizes = {len(b) for b in epochs.first}
@@ -123,7 +110,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
         raise ValueError(f"--loader ffcv needs batches of one size, the sampler gives sizes {sorted(sizes)}; "
                          "use --loader torch for this recipe")
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="regpipe-ffcv-"))
-    path = _write_rows(folder / "train.beton", dataset)
+    path = write_rows(folder / "train.beton", dataset)
     loader = Loader(str(path), batch_size=sizes.pop(), num_workers=threads, order=_sampler_order(epochs),
                     seed=seed, drop_last=True,
                     pipelines={"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],

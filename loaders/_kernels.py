@@ -1,12 +1,14 @@
 """numba kernels shared by the DALI and FFCV adapters: an augmentation chain's parameters from uniforms,
 the uint8 warp and colour change, counter-based uniforms, and the CPU sum mix.
 
-The chain is a regpipe :class:`~regpipe.ops.augment.Augment` encoded once by :func:`encode_augment`
-into a ``(T, 8)`` float64 table (one row per transform, its kind and hyper-parameters), so the same
-spec drives the torch ops, the DALI pipeline and the FFCV operation. The formulas mirror
-:mod:`regpipe.functional.augment` (``flip_affine``, ``crop_affine``, ``affine_matrix``,
-``compose_affine``, ``warp`` with ``align_corners=False`` and zero padding, ``brightness_contrast``);
-``tests/test_dali.py`` and ``tests/test_ffcv.py`` check them against those torch functions.
+The chain's randomness is not written here: each transform of a regpipe
+:class:`~regpipe.ops.augment.Augment` declares it once as a draw table (``transform.table``, see
+:func:`regpipe.functional.augment.values_from_uniforms`), :func:`encode_augment` stacks the tables, and
+:func:`augment_params` interprets them per copy with the same formulas as the torch reader. The slot
+values then become a matrix by the rules of :mod:`regpipe.functional.augment` (``flip_affine``,
+``crop_affine``, ``affine_matrix``, ``compose_affine``), and :func:`warp_u8` / :func:`colour_u8` mirror
+``warp`` (``align_corners=False``, zero padding) and ``brightness_contrast``. ``tests/test_augment_spec.py``
+checks, for every transform, that both readers give the same parameters and matrices.
 """
 
 from __future__ import annotations
@@ -16,52 +18,140 @@ import math
 import numba
 import numpy as np
 
-from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast, RandomFlip, RandomResizedCrop
+from regpipe.functional.augment import (
+    ANGLE,
+    BERNOULLI,
+    BRIGHTNESS,
+    CENTER_X,
+    CENTER_Y,
+    CONSTANT,
+    CONTRAST,
+    FLIP_X,
+    FLIP_Y,
+    IDENTITY_VALUES,
+    MEAN_PIVOT,
+    NUM_SLOTS,
+    PIVOT,
+    SCALE,
+    SHEAR_X,
+    SHEAR_Y,
+    SHIFT_X,
+    SHIFT_Y,
+    SIZE_X,
+    SIZE_Y,
+    UNIFORM,
+    WINDOW_TRIES,
+)
+from regpipe.ops.augment import Augment
 
-__all__ = ["MEAN_PIVOT", "FLIP", "CROP", "AFFINE", "COLOUR", "UNIFORMS", "encode_augment", "augment_params",
-           "counter_uniforms", "replicate_sample", "mix_rows", "warp_u8", "colour_u8"]
+__all__ = ["MEAN_PIVOT", "encode_augment", "colour_pivot", "chain_values", "augment_params", "counter_uniforms",
+           "replicate_sample", "mix_rows", "warp_u8", "colour_u8"]
 
-FLIP, CROP, AFFINE, COLOUR = 0, 1, 2, 3
-#: uniforms each transform kind consumes per copy (crop: 10 tries of area and ratio, then the centre)
-UNIFORMS = {FLIP: 2, CROP: 22, AFFINE: 6, COLOUR: 2}
-_CROP_TRIES = 10
-#: the colour pivot meaning "each copy's mean" (not NaN: FFCV compiles with fastmath, which folds NaN tests)
-MEAN_PIVOT = -1.0e30
+_IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
+_COLOUR_SLOTS = (BRIGHTNESS, CONTRAST, PIVOT)
+#: every constant of regpipe.functional.augment the kernels are compiled with (see _refresh_stale_cache)
+_LAYOUT = np.asarray([CONSTANT, BERNOULLI, UNIFORM, WINDOW_TRIES, NUM_SLOTS, FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X,
+                      CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y, BRIGHTNESS, CONTRAST, PIVOT,
+                      MEAN_PIVOT, *IDENTITY_VALUES], dtype=np.float64)
 
 
 def encode_augment(augment: Augment) -> tuple[np.ndarray, int]:
-    """An :class:`Augment` chain as a ``(T, 8)`` float64 table and the number of uniforms one copy consumes.
+    """An :class:`Augment` chain as one ``(D, 7)`` float64 table and the number of uniforms one copy consumes.
 
-    Row layout (unused slots 0): flip ``[0, p_h, p_v]``; crop ``[1, scale_lo, scale_hi, log_ratio_lo,
-    log_ratio_hi]``; affine ``[2, degrees, tx, ty, scale_lo, scale_hi, shear_x, shear_y]``; colour ``[3,
-    b_lo, b_hi, c_lo, c_hi, center]`` (center :data:`MEAN_PIVOT`: each copy's mean).
+    Each row is a draw-table row of one transform (``[kind, slot, a, b, c, d]``, see
+    :func:`regpipe.functional.augment.draw_table`) prefixed with the transform's position in the chain;
+    rows keep chain order, so a copy's uniforms are the transforms' columns side by side, as
+    :meth:`Augment.from_uniforms` reads them.
 
     Raises:
-        TypeError: ``augment`` is not an :class:`Augment`, or holds a transform the loaders cannot run
-            (named).
+        TypeError: ``augment`` is not an :class:`Augment`, or holds a transform without a draw table (named).
+        ValueError: more than one colour transform (the kernels apply one ``brightness_contrast``).
     """
     if not isinstance(augment, Augment):
         raise TypeError(f"augment must be a regpipe Augment chain, got {type(augment).__name__}")
-    rows = []
-    for t in augment.transforms:
-        if isinstance(t, RandomFlip):
-            rows.append([FLIP, t.horizontal, t.vertical, 0, 0, 0, 0, 0])
-        elif isinstance(t, RandomResizedCrop):
-            rows.append([CROP, t.scale[0], t.scale[1], math.log(t.ratio[0]), math.log(t.ratio[1]), 0, 0, 0])
-        elif isinstance(t, RandomAffine):
-            rows.append([AFFINE, t.degrees, t.translate[0], t.translate[1], t.scale[0], t.scale[1],
-                         t.shear[0], t.shear[1]])
-        elif isinstance(t, RandomBrightnessContrast):
-            center = MEAN_PIVOT if t.center is None else float(t.center)
-            rows.append([COLOUR, t.brightness[0], t.brightness[1], t.contrast[0], t.contrast[1], center, 0, 0])
-        else:
-            raise TypeError(f"the DALI/FFCV adapters cannot run transform {type(t).__name__}; supported: "
-                            "RandomFlip, RandomResizedCrop, RandomAffine, RandomBrightnessContrast")
-    if sum(1 for r in rows if r[0] == COLOUR) > 1:
-        raise ValueError("the DALI/FFCV adapters apply one colour transform per chain; merge the "
-                         f"{sum(1 for r in rows if r[0] == COLOUR)} RandomBrightnessContrast transforms into one")
-    spec = np.asarray(rows, dtype=np.float64).reshape(-1, 8)
-    return spec, int(sum(UNIFORMS[int(k)] for k in spec[:, 0]))
+    rows: list[list[float]] = []
+    colour = 0
+    for index, t in enumerate(augment.transforms):
+        table = getattr(t, "table", None)
+        if table is None:
+            raise TypeError(f"the DALI/FFCV adapters cannot run transform {type(t).__name__}: it has no draw table "
+                            "(subclass regpipe.ops.augment.RandomTransform)")
+        table = table.numpy()
+        rows.extend([float(index), *row] for row in table)
+        colour += bool(np.isin(table[:, 1], _COLOUR_SLOTS).any())
+    if colour > 1:
+        raise ValueError(f"the DALI/FFCV adapters apply one colour transform per chain; merge the {colour} colour "
+                         "transforms into one")
+    spec = np.asarray(rows, dtype=np.float64).reshape(-1, 7)
+    count = augment.num_uniforms
+    return spec, int(count)
+
+
+def colour_pivot(spec: np.ndarray) -> float | None:
+    """The contrast pivot of an encoded chain's colour transform (``MEAN_PIVOT``: each copy's mean), or ``None``
+    without a colour transform."""
+    colour = spec[np.isin(spec[:, 2], _COLOUR_SLOTS)]
+    if not len(colour):
+        return None
+    pivot = colour[(colour[:, 1] == CONSTANT) & (colour[:, 2] == PIVOT)]
+    return float(pivot[-1, 3]) if len(pivot) else MEAN_PIVOT
+
+
+@numba.njit(cache=True)
+def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray) -> int:
+    """One draw-table row ``[kind, slot, a, b, c, d]`` reading ``u[k:]`` into ``values``; returns the uniforms used.
+
+    The formulas of :func:`regpipe.functional.augment.values_from_uniforms`, one copy at a time.
+    """
+    kind, slot, a, b, c, d = int(row[0]), int(row[1]), row[2], row[3], row[4], row[5]
+    if kind == CONSTANT:
+        values[slot] = a
+        return 0
+    if kind == BERNOULLI:
+        values[slot] = 1.0 if u[k] < a else 0.0
+        return 1
+    if kind == UNIFORM:
+        values[slot] = a + u[k] * (b - a)
+        return 1
+    w, h = 1.0, 1.0  # WINDOW: the first of the tries that fits, else the whole image
+    for t in range(WINDOW_TRIES):
+        area = a + u[k + t] * (b - a)
+        aspect = math.exp(c + u[k + WINDOW_TRIES + t] * (d - c))
+        tw, th = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if tw <= 1.0 and th <= 1.0:
+            w, h = tw, th
+            break
+    values[SIZE_X] = w
+    values[SIZE_Y] = h
+    values[CENTER_X] = (u[k + 2 * WINDOW_TRIES] * 2.0 - 1.0) * (1.0 - w)
+    values[CENTER_Y] = (u[k + 2 * WINDOW_TRIES + 1] * 2.0 - 1.0) * (1.0 - h)
+    return 2 * WINDOW_TRIES + 2
+
+
+@numba.njit(cache=True)
+def _transform_values(spec: np.ndarray, r: int, u: np.ndarray, k: int, values: np.ndarray) -> tuple[int, int]:
+    """Slot values of the transform whose rows start at ``spec[r]``; returns (next row, next uniform)."""
+    values[:] = _IDENTITY
+    index = spec[r, 0]
+    while r < spec.shape[0] and spec[r, 0] == index:
+        k += _draw(spec[r, 1:], u, k, values)
+        r += 1
+    return r, k
+
+
+@numba.njit(cache=True)
+def chain_values(u: np.ndarray, spec: np.ndarray, num_transforms: int) -> np.ndarray:
+    """``(M, T, NUM_SLOTS)`` slot values of ``M`` copies' transforms from their ``(M, P)`` uniforms (the kernels'
+    reading of the draw tables; ``transform.from_values(torch.from_numpy(out[:, t]))`` gives its record)."""
+    out = np.empty((u.shape[0], num_transforms, NUM_SLOTS))
+    values = np.empty(NUM_SLOTS)
+    for j in range(u.shape[0]):
+        r, k = 0, 0
+        while r < spec.shape[0]:
+            t = int(spec[r, 0])
+            r, k = _transform_values(spec, r, u[j], k, values)
+            out[j, t] = values
+    return out
 
 
 @numba.njit(cache=True)
@@ -76,17 +166,13 @@ def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _affine(u: np.ndarray, p: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``affine_matrix`` from 6 uniforms: angle, tx, ty, scale, shear x, shear y (output -> input, normalised)."""
-    angle = u[0] * 2.0 * p[1] - p[1]
-    tx = u[1] * 2.0 * p[2] - p[2]
-    ty = u[2] * 2.0 * p[3] - p[3]
-    scale = u[3] * (p[5] - p[4]) + p[4]
-    shx = u[4] * 2.0 * p[6] - p[6]
-    shy = u[5] * 2.0 * p[7] - p[7]
-    a = math.radians(angle)
+def _affine(v: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``affine_matrix`` of the slot values (output -> input, normalised): the inverse of the forward map
+    ``rotate(angle) @ shear(shear) * scale`` plus the shift, conjugated into normalised coordinates."""
+    a = math.radians(v[ANGLE])
     c, s = math.cos(a), math.sin(a)
-    hx, hy = math.tan(math.radians(shx)), math.tan(math.radians(shy))
+    hx, hy = math.tan(math.radians(v[SHEAR_X])), math.tan(math.radians(v[SHEAR_Y]))
+    scale = v[SCALE]
     # linear = rot @ shear * scale with rot = [[c, s], [-s, c]], shear = [[1, hx], [hy, 1]]
     l00 = (c + s * hy) * scale
     l01 = (c * hx + s) * scale
@@ -100,29 +186,26 @@ def _affine(u: np.ndarray, p: np.ndarray, height: int, width: int) -> np.ndarray
     out[0, 1] = i01 * half_h / half_w
     out[1, 0] = i10 * half_w / half_h
     out[1, 1] = i11
-    sx, sy = tx * width, ty * height
+    sx, sy = v[SHIFT_X] * width, v[SHIFT_Y] * height
     out[0, 2] = -(i00 * sx + i01 * sy) / half_w
     out[1, 2] = -(i10 * sx + i11 * sy) / half_h
     return out
 
 
 @numba.njit(cache=True)
-def _crop(u: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """``RandomResizedCrop.sample`` + ``crop_affine`` from 22 uniforms (10 areas, 10 log-ratios, centre x, y)."""
-    w, h = 1.0, 1.0
-    for t in range(_CROP_TRIES):
-        area = u[t] * (p[2] - p[1]) + p[1]
-        aspect = math.exp(u[_CROP_TRIES + t] * (p[4] - p[3]) + p[3])
-        tw, th = math.sqrt(area * aspect), math.sqrt(area / aspect)
-        if tw <= 1.0 and th <= 1.0:
-            w, h = tw, th
-            break
-    out = np.zeros((2, 3))
-    out[0, 0] = w
-    out[1, 1] = h
-    out[0, 2] = (u[20] * 2.0 - 1.0) * (1.0 - w)
-    out[1, 2] = (u[21] * 2.0 - 1.0) * (1.0 - h)
-    return out
+def _values_matrix(v: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The ``(2, 3)`` output -> input matrix of one transform's slot values: its flip (``flip_affine``), then its
+    crop window (``crop_affine``), then its affine (``affine_matrix``); slots at their identity values
+    contribute the identity exactly, so each built-in transform gets its own matrix."""
+    flip = np.zeros((2, 3))
+    flip[0, 0] = 1.0 - 2.0 * v[FLIP_X]
+    flip[1, 1] = 1.0 - 2.0 * v[FLIP_Y]
+    crop = np.zeros((2, 3))
+    crop[0, 0] = v[SIZE_X]
+    crop[1, 1] = v[SIZE_Y]
+    crop[0, 2] = v[CENTER_X]
+    crop[1, 2] = v[CENTER_Y]
+    return _compose(_compose(flip, crop), _affine(v, height, width))
 
 
 @numba.njit(cache=True)
@@ -132,7 +215,7 @@ def augment_params(u: np.ndarray, spec: np.ndarray, height: int, width: int, inc
 
     Args:
         u: ``(M, P)`` uniforms in ``[0, 1)``, ``P`` = the count :func:`encode_augment` returned.
-        spec: ``(T, 8)`` the encoded chain.
+        spec: ``(D, 7)`` the encoded chain.
         height, width: image size.
         include_original: copy 0 is the untouched image (identity, factors 1).
         theta: out ``(M, 2, 3)`` output -> input matrices, normalised (``affine_grid``, align_corners=False).
@@ -140,33 +223,21 @@ def augment_params(u: np.ndarray, spec: np.ndarray, height: int, width: int, inc
         pixels: out ``(M, 2, 3)`` the same matrices in pixel coordinates (``affine_to_pixels``: DALI's).
     """
     m = u.shape[0]
+    values = np.empty(NUM_SLOTS)
     for j in range(m):
         mat = np.zeros((2, 3))
         mat[0, 0] = 1.0
         mat[1, 1] = 1.0
         b, c, center = 1.0, 1.0, MEAN_PIVOT
         if not (include_original and j == 0):
-            k = 0
-            for t in range(spec.shape[0]):
-                kind = int(spec[t, 0])
-                p = spec[t]
-                if kind == FLIP:
-                    f = np.zeros((2, 3))
-                    f[0, 0] = -1.0 if u[j, k] < p[1] else 1.0
-                    f[1, 1] = -1.0 if u[j, k + 1] < p[2] else 1.0
-                    mat = _compose(mat, f)
-                    k += 2
-                elif kind == CROP:
-                    mat = _compose(mat, _crop(u[j, k:k + 22], p))
-                    k += 22
-                elif kind == AFFINE:
-                    mat = _compose(mat, _affine(u[j, k:k + 6], p, height, width))
-                    k += 6
-                else:
-                    b *= u[j, k] * (p[2] - p[1]) + p[1]
-                    c *= u[j, k + 1] * (p[4] - p[3]) + p[3]
-                    center = p[5]
-                    k += 2
+            r, k = 0, 0
+            while r < spec.shape[0]:
+                r, k = _transform_values(spec, r, u[j], k, values)
+                mat = _compose(mat, _values_matrix(values, height, width))
+                b *= values[BRIGHTNESS]
+                c *= values[CONTRAST]
+                if values[PIVOT] > MEAN_PIVOT:
+                    center = values[PIVOT]
         for r in range(2):
             for q in range(3):
                 theta[j, r, q] = mat[r, q]
@@ -270,7 +341,11 @@ def replicate_sample(src: np.ndarray, theta: np.ndarray, photo: np.ndarray, dst:
 
 @numba.njit(cache=True)
 def mix_rows(images: np.ndarray, sources: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = sum_g weights[g] * images[sources[i, g]]`` (float32), skipping zero weights (SPEC 1.1/1.3).
+    """``out[i] = sum_g weights[g] * images[sources[i, g]]`` (float32), skipping zero weights.
+
+    The weighted sum of Sum Augmentation (Simionescu 2020, "Deep Learning Training Procedure
+    Augmentations", section 3.3: ``x~_i = sum_g c_g x_{g n + i}`` with ``c_g = 1 / k``) and of its
+    gradual weights (section 3.5, where trailing ``c_g`` reach 0 and their rows need not be read).
 
     Args:
         images: ``(N, ...)`` uint8 or float rows.
@@ -288,3 +363,25 @@ def mix_rows(images: np.ndarray, sources: np.ndarray, weights: np.ndarray, out: 
             src = images[sources[i, g]].reshape(-1)
             for q in range(row.shape[0]):
                 row[q] += w * src[q]
+
+
+@numba.njit(cache=True)
+def _compiled_layout() -> np.ndarray:
+    return _LAYOUT.copy()
+
+
+def _refresh_stale_cache() -> None:
+    """Flush the on-disk cache of every kernel here when it was compiled against another table layout.
+
+    numba freezes globals such as the slot numbers into the compiled code and keys its cache by this file
+    alone, so after a change to the constants of :mod:`regpipe.functional.augment` the cached kernels
+    would still read the old layout. (Callers in other files embed these kernels in their own compiled
+    code; they are not cached for the same reason.)
+    """
+    if np.array_equal(_compiled_layout(), _LAYOUT):
+        return
+    for kernel in [value for value in globals().values() if isinstance(value, numba.core.dispatcher.Dispatcher)]:
+        kernel.recompile()
+
+
+_refresh_stale_cache()

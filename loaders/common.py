@@ -2,9 +2,10 @@
 :class:`~regpipe.Batch` and running the ops, so the torch, DALI and FFCV adapters report the same errors
 for the same bad input and produce the same batches.
 
-Also the torch reference of the replication kernels (:func:`params_from_uniforms`, :func:`replicate_reference`):
-the same uniforms give the same parameter records as :mod:`regpipe.loaders._kernels`, as regpipe's
-own param dataclasses, so ``Augment.apply`` can replay what DALI or FFCV did.
+The augmentation parameters the DALI and FFCV kernels draw are replayed in torch by the op itself:
+``augment.from_uniforms(u)`` (:class:`~regpipe.ops.augment.Augment`) reads the same draw tables as
+:mod:`regpipe.loaders._kernels`, so ``augment.apply(batch, augment.from_uniforms(u))`` redoes what the
+loader did.
 """
 
 from __future__ import annotations
@@ -12,41 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import math
-
 import torch
 
-from regpipe.batch import Batch, MixRecord, labels_to_targets
-from regpipe.ops.augment import (
-    AffineParams,
-    Augment,
-    ColourParams,
-    CropParams,
-    FlipParams,
-    RandomAffine,
-    RandomBrightnessContrast,
-    RandomFlip,
-    RandomResizedCrop,
-)
+from regpipe.core.batch import Batch, MixRecord, labels_to_targets
+from regpipe.functional.normalize import normalize
 
-__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "normalize", "check_outputs", "params_from_uniforms", "uniform_count"]
+__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "check_outputs"]
 
 Op = Callable[[Batch], Batch]
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` in 0..255 (or float in 0..1) -> ``(x / 255 - mean) / std`` in ``dtype``.
-
-    ``mean``/``std`` are ``(C,)`` in the 0..1 scale. The memory format of ``images`` is kept.
-    """
-    if images.dtype == torch.uint8:
-        x = images.to(dtype).div_(255.0)
-    else:
-        x = images.to(dtype, copy=True)  # the in-place ops below must not touch the caller's tensor
-    c = x.shape[1]
-    if mean.numel() != c or std.numel() != c:
-        raise ValueError(f"mean/std have {mean.numel()}/{std.numel()} values for {c} channels")
-    return x.sub_(mean.to(x.device, dtype).view(1, c, 1, 1)).div_(std.to(x.device, dtype).view(1, c, 1, 1))
 
 
 def check_outputs(available: Sequence[str], required: Sequence[str], where: str) -> None:
@@ -185,55 +159,3 @@ class BuilderAdapter:
     @ops.setter
     def ops(self, ops: Sequence[Op]) -> None:
         self.builder.ops = list(ops)
-
-
-def uniform_count(augment: Augment) -> int:
-    """Uniforms one copy consumes under the loaders' parameterisation (see :mod:`regpipe.loaders._kernels`)."""
-    from regpipe.loaders._kernels import encode_augment
-
-    return encode_augment(augment)[1]
-
-
-def params_from_uniforms(augment: Augment, u: torch.Tensor) -> list[Any]:
-    """regpipe parameter records of ``augment``'s transforms from ``(N, P)`` uniforms, as the DALI/FFCV kernels
-    read them: the torch reference (``Augment.apply(batch, params_from_uniforms(aug, u))`` replays them).
-
-    Copies that are originals (``include_original``) are not the kernels' business here: pass only the
-    augmented rows.
-    """
-    from regpipe.loaders._kernels import encode_augment
-
-    _, count = encode_augment(augment)
-    if u.dim() != 2 or u.shape[1] != count:
-        raise ValueError(f"expected (N, {count}) uniforms for this chain, got {tuple(u.shape)}")
-    u = u.double()
-    out: list[Any] = []
-    k = 0
-    for t in augment.transforms:
-        if isinstance(t, RandomFlip):
-            out.append(FlipParams(horizontal=u[:, k] < t.horizontal, vertical=u[:, k + 1] < t.vertical))
-            k += 2
-        elif isinstance(t, RandomResizedCrop):
-            area = u[:, k:k + 10] * (t.scale[1] - t.scale[0]) + t.scale[0]
-            lo, hi = math.log(t.ratio[0]), math.log(t.ratio[1])
-            aspect = (u[:, k + 10:k + 20] * (hi - lo) + lo).exp()
-            w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
-            fits = (w <= 1.0) & (h <= 1.0)
-            pick = fits.double().argmax(1, keepdim=True)
-            size = torch.cat([w.gather(1, pick), h.gather(1, pick)], 1)
-            size = torch.where(fits.any(1, keepdim=True), size, torch.ones_like(size))
-            center = (u[:, k + 20:k + 22] * 2.0 - 1.0) * (1.0 - size)
-            out.append(CropParams(size=size.float(), center=center.float()))
-            k += 22
-        elif isinstance(t, RandomAffine):
-            deg, (tx, ty), (s0, s1), (hx, hy) = t.degrees, t.translate, t.scale, t.shear
-            out.append(AffineParams(angle=(u[:, k] * 2 * deg - deg).float(),
-                                    translate=torch.stack([u[:, k + 1] * 2 * tx - tx, u[:, k + 2] * 2 * ty - ty], -1).float(),
-                                    scale=(u[:, k + 3] * (s1 - s0) + s0).float(),
-                                    shear=torch.stack([u[:, k + 4] * 2 * hx - hx, u[:, k + 5] * 2 * hy - hy], -1).float()))
-            k += 6
-        elif isinstance(t, RandomBrightnessContrast):
-            out.append(ColourParams(brightness=(u[:, k] * (t.brightness[1] - t.brightness[0]) + t.brightness[0]).float(),
-                                    contrast=(u[:, k + 1] * (t.contrast[1] - t.contrast[0]) + t.contrast[0]).float()))
-            k += 2
-    return out

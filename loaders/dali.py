@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from regpipe.batch import Batch, MixRecord
+from regpipe.core.batch import Batch, MixRecord
 from regpipe.functional.augment import affine_from_pixels
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
@@ -65,7 +65,8 @@ class Replicas:
         affine: ``(M, 2, 3)`` float32 output -> input matrices in *pixel* coordinates (what ``warp_affine``
             ran with); the loader converts them with ``affine_from_pixels``.
         photometric: ``(M, 2)`` float32 brightness and contrast factors.
-        uniforms: ``(M, P)`` float32 uniforms the parameters came from (``params_from_uniforms`` replays them).
+        uniforms: ``(M, P)`` float32 uniforms the parameters came from: ``augment.from_uniforms`` gives the
+            same parameter records (``Augment.apply`` replays the copies).
     """
 
     images: DataNode
@@ -105,8 +106,9 @@ def _params_setup(outs, ins):
 def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True) -> Replicas:
     """Inside a ``pipeline_def``: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample, parameters recorded.
 
-    The random draws are ``fn.random.uniform`` (DALI's seeded generator); a numba kernel turns them into
-    the chain's matrices and colour factors exactly as regpipe's ops define them; the ``M`` copies are one
+    The random draws are ``fn.random.uniform`` (DALI's seeded generator), ``augment.num_uniforms`` per copy;
+    a numba kernel reads the transforms' draw tables (the one definition the torch op reads too) to turn
+    them into the chain's matrices and colour factors; the ``M`` copies are one
     ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros outside), then one
     ``brightness_contrast`` with per-frame factors.
 
@@ -124,8 +126,8 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (copies per sample) must be an integer >= 1, got {m!r}")
     spec, count = K.encode_augment(augment)
-    colour = spec[spec[:, 0] == K.COLOUR]
-    if len(colour) and colour[0, 5] <= K.MEAN_PIVOT:
+    pivot = K.colour_pivot(spec)
+    if pivot is not None and pivot <= K.MEAN_PIVOT:
         raise ValueError("DALI's brightness_contrast pivots at a fixed value: give RandomBrightnessContrast "
                          "a center (128 for uint8 images)")
     u = fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
@@ -136,9 +138,9 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     frames = fn.stack(*([images] * m), axis_name="F")
     out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
                          interp_type=types.INTERP_LINEAR)
-    if len(colour):
+    if pivot is not None:
         out = fn.brightness_contrast(out, brightness=fn.per_frame(photo[:, 0]), contrast=fn.per_frame(photo[:, 1]),
-                                     contrast_center=float(colour[0, 5]))
+                                     contrast_center=pivot)
     return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u)
 
 
@@ -185,11 +187,15 @@ def _mix_setup_fn(k: int, num_classes: int):
 
 
 def sum_mix(images: DataNode, labels: DataNode, weights: Sequence[float], num_classes: int) -> tuple[DataNode, DataNode, DataNode]:
-    """Inside a CPU ``pipeline_def``: Sum Augmentation in permutation mode (SPEC 1.1, keeps the batch size).
+    """Inside a CPU ``pipeline_def``: Sum Augmentation in permutation mode (keeps the batch size).
 
-    Output sample ``i`` is ``sum_g weights[g] * images[pi_g(i)]`` with ``pi_0`` the identity and ``pi_g``
-    (``g >= 1``) the argsort of per-sample uniforms (DALI's seeded generator); the soft target adds the
-    weights per class. One ``numba_function`` with ``batch_processing=True``.
+    Sum Augmentation (Simionescu 2020, "Deep Learning Training Procedure Augmentations", section 3.3)
+    trains on weighted sums of ``k`` inputs with the same sum of their one-hot targets. The thesis sums
+    ``k`` disjoint groups of the batch; this keeps every row instead: output sample ``i`` is
+    ``sum_g weights[g] * images[pi_g(i)]`` with ``pi_0`` the identity and ``pi_g`` (``g >= 1``) the argsort
+    of per-sample uniforms (DALI's seeded generator), and its target is ``sum_g weights[g] *
+    onehot(labels[pi_g(i)])`` (weights of same-class partners add up). One ``numba_function`` with
+    ``batch_processing=True``.
 
     Args:
         images: ``(H, W, C)`` uint8 CPU samples of equal shape.
@@ -218,7 +224,7 @@ class ArraySource:
     int64 ids) over a map-style dataset, one epoch per ``iter()``.
 
     Args:
-        dataset: yields ``(image (C, H, W) uint8 or float32 tensor, label, index)`` (e.g. ``regpipe.data.ArrayDataset``;
+        dataset: yields ``(image (C, H, W) uint8 or float32 tensor, label, index)`` (e.g. ``regpipe.engine.data.ArrayDataset``;
             its batched ``__getitems__`` is used when present).
         batch_sampler: iterable of index lists, asked again every epoch (a torch ``BatchSampler``, a recipe's
             sampler, regpipe's ``LossOrderer``).

@@ -1,5 +1,5 @@
 """FFCV adapter: numba-compiled ``Operation`` s (replication, CPU sum mixing), a ``Loader`` wrapper that yields
-regpipe ``Batch`` es, and a ``.beton`` writer for regpipe's datasets.
+regpipe ``Batch`` es, and ``.beton`` writers for image arrays and map-style datasets.
 
 Add regpipe to an existing FFCV pipeline in a few lines::
 
@@ -10,10 +10,14 @@ Add regpipe to an existing FFCV pipeline in a few lines::
                                "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
     batches = FfcvLoader(loader, num_classes=10, replicate=rep, ops=[GradualSumMix(k0=4, gradual_steps=1000)])
 
-Randomness is counter-based (SPEC 7: no global RNG): a copy's uniforms depend only on ``(seed, epoch,
-sample index, copy)``, so the loader's worker threads and the wrapper's Python side compute the same
-parameters; the wrapper advances the epoch of its operations at each pass and rebuilds the recorded
-affines from the ``index`` field.
+Randomness is counter-based, never a global generator (FFCV's own mixup reseeds numpy's global one per
+batch): a copy's uniforms depend only on ``(seed, epoch, sample index, copy)``, so the loader's worker
+threads and the wrapper's Python side compute the same parameters; the wrapper advances the epoch of
+its operations at each pass and rebuilds the recorded affines from the ``index`` field. The uniforms
+become parameters through the transforms' draw tables, the definition the torch op reads too.
+
+Writing a regpipe dataset by name (``regpipe.engine.data``) is the engine's job: load it there and
+pass its arrays to :func:`write_beton`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from numba import objmode
 
-from regpipe.batch import Batch, MixRecord
+from regpipe.core.batch import Batch, MixRecord
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
@@ -48,7 +52,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without FFCV
     raise ImportError("regpipe.loaders.ffcv needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
                       "then pip install 'regpipe[ffcv]'") from _err
 
-__all__ = ["Replicate", "SumMixImages", "SumMixLabels", "FfcvLoader", "write_beton", "write_dataset", "write_npz"]
+__all__ = ["Replicate", "SumMixImages", "SumMixLabels", "FfcvLoader", "write_beton", "write_rows"]
 
 # One objmode read per batch (the epoch) is all that leaves compiled code; numba warns that objmode blocks
 # parallel execution of that block, which is intended.
@@ -92,7 +96,9 @@ def _check_state(op: str, state: State, ndim: int, dtypes: tuple[Any, ...]) -> N
                         f"got shape {tuple(int(d) for d in state.shape)} dtype {np.dtype(state.dtype).name}")
 
 
-@numba.njit(cache=True)
+# Not cached, like _mix_sources: numba's cache is keyed by this file only, and these embed the compiled kernels of
+# regpipe.loaders._kernels (and the draw-table layout they were built with), which may change without this file.
+@numba.njit
 def _replica_params(seed: int, epoch: int, indices: np.ndarray, spec: np.ndarray, count: int, m: int, height: int,
                     width: int, include_original: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(S, M, 2, 3)`` normalised matrices and ``(S, M, 3)`` colour factors of a batch's copies."""
@@ -108,7 +114,8 @@ def _replica_params(seed: int, epoch: int, indices: np.ndarray, spec: np.ndarray
 
 
 class Replicate(_EpochOp):
-    """FFCV operation: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample -> ``(M, H, W, C)`` (SPEC 3.1).
+    """FFCV operation: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample -> ``(M, H, W, C)``: in-batch
+    replication (:class:`regpipe.ops.augment.Replicate`) inside the loader.
 
     Place it after the image decoder (``NDArrayDecoder`` / ``SimpleRGBImageDecoder``) and before
     ``ToTensor``; pass the same instance to :class:`FfcvLoader` (``replicate=``) with an ``index`` field in
@@ -116,7 +123,9 @@ class Replicate(_EpochOp):
 
     Args:
         m: copies per sample, ``>= 1``.
-        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast).
+        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast, or any
+            ``RandomTransform``: the kernels read each transform's draw table); ``augment.num_uniforms``
+            counter-based uniforms per copy.
         include_original: copy 0 is the sample itself.
         seed: seed of the counter-based draws.
     """
@@ -167,7 +176,7 @@ class Replicate(_EpochOp):
         return replace(previous_state, shape=shape), AllocationQuery(shape, np.dtype(np.uint8))
 
 
-@numba.njit(cache=True)
+@numba.njit
 def _mix_sources(seed: int, epoch: int, indices: np.ndarray, k: int, permute: bool) -> np.ndarray:
     """``(N_out, k)`` rows each output row reads: group mode ``[i, n+i, ...]``; permutation mode row ``i`` then
     ``k - 1`` counter-based permutations keyed by the batch's indices."""
@@ -210,11 +219,13 @@ class _SumMixOp(_EpochOp):
 
 
 class SumMixImages(_SumMixOp):
-    """FFCV operation: Sum Augmentation on the CPU (SPEC 1.1/1.3): ``(N, ...)`` uint8/float -> ``(N_out, ...)`` float32.
+    """FFCV operation: Sum Augmentation on the CPU: ``(N, ...)`` uint8/float -> ``(N_out, ...)`` float32.
 
-    Group mode (the thesis's): ``N -> N / k`` rows, ``out_i = sum_g w_g x_{g*n+i}`` (``N % k`` trailing rows
-    dropped). Permutation mode keeps ``N`` rows with counter-based permutations. Zero weights are not
-    read. Pair it with :class:`SumMixLabels` built with the same arguments, and pass it to
+    Group mode (Simionescu 2020, "Deep Learning Training Procedure Augmentations", section 3.3): ``N -> N / k``
+    rows, ``out_i = sum_g w_g x_{g*n+i}`` with ``n = N / k`` (``N % k`` trailing rows dropped) and the thesis's
+    ``w_g = 1 / k``, or the gradual weights of its section 3.5. Permutation mode keeps ``N`` rows,
+    ``out_i = sum_g w_g x_{pi_g(i)}`` with ``pi_0`` the identity and counter-based permutations. Zero weights
+    are not read. Pair it with :class:`SumMixLabels` built with the same arguments, and pass it to
     :class:`FfcvLoader` (``mix=``) to record the mix.
     """
 
@@ -440,18 +451,20 @@ def write_beton(path: str | Path, images: Any, labels: Any, ids: Any = None, num
     return path
 
 
-def write_dataset(path: str | Path, spec: str = "fashion-mnist", split: str = "train", data_dir: str | None = None,
-                  shape: Literal["cifar", "native"] = "cifar") -> Path:
-    """Convert a regpipe dataset (``regpipe.data.load_dataset`` spec: Fashion-MNIST by default) to a ``.beton``."""
-    from regpipe.data import load_dataset
+def write_rows(path: str | Path, dataset: Any, num_workers: int = 1) -> Path:
+    """Write every row of a map-style dataset yielding ``(image (C, H, W), label, index)`` (e.g.
+    ``regpipe.engine.data.ArrayDataset``; its batched ``__getitems__`` is used when present) with
+    :func:`write_beton`.
 
-    arrays = load_dataset(spec, split, data_dir=data_dir, shape=shape)
-    return write_beton(path, arrays.images, arrays.labels)
+    Raises:
+        ValueError: an empty dataset.
+    """
+    from torch.utils.data import default_collate
 
-
-def write_npz(path: str | Path, npz: str | Path, shape: Literal["cifar", "native"] = "native") -> Path:
-    """Convert an ``.npz`` with ``images``/``labels`` (``regpipe.data.load_npz``) to a ``.beton``."""
-    from regpipe.data import load_npz
-
-    arrays = load_npz(npz, shape=shape)
-    return write_beton(path, arrays.images, arrays.labels)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to write")
+    rows = list(range(len(dataset)))
+    fetch = getattr(dataset, "__getitems__", None)
+    samples = fetch(rows) if fetch is not None else [dataset[i] for i in rows]
+    images, labels, ids = default_collate(samples)[:3]
+    return write_beton(path, images, labels, ids=ids, num_workers=num_workers)

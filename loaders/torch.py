@@ -6,8 +6,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from regpipe.batch import Batch
-from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, normalize
+from regpipe.core.batch import Batch
+from regpipe.functional.normalize import normalize
+from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op
 
 __all__ = ["TorchLoader", "Op", "normalize"]
 

@@ -5,8 +5,8 @@ function), the :mod:`regpipe.functional` pure functions, the :class:`Cascade` co
 loader adapters in :mod:`regpipe.loaders`.
 """
 
-from regpipe.batch import Batch, MixRecord, identity_affine, labels_to_targets
-from regpipe.cascade import Cascade, CascadeEvent
+from regpipe.core.batch import Batch, MixRecord, identity_affine, labels_to_targets
+from regpipe.engine.cascade import Cascade, CascadeEvent
 from regpipe.hooks import ConsistencyObjective, FeatureTap, InvarianceLoss, PatchUpHook, SaliencyLoss
 from regpipe.ops import (
     Augment,

@@ -1,11 +1,14 @@
-"""Invertible batch augmentations and replication (SPEC 3.1)."""
+"""Invertible batch augmentations and in-batch replication (regpipe.ops.augment, regpipe.functional.augment)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from regpipe import Batch
+from regpipe.core.op import BatchOp, Op
 from regpipe.functional.augment import (
     affine_from_pixels,
     affine_matrix,
@@ -20,6 +23,7 @@ from regpipe.functional.augment import (
 )
 from regpipe.ops.augment import (
     Augment,
+    AugmentParams,
     RandomAffine,
     RandomBrightnessContrast,
     RandomFlip,
@@ -222,3 +226,96 @@ def test_more_bad_inputs() -> None:
     planned = PatchUp(mode="soft", patchup_prob=1.0)(_batch(torch.rand(4, 3, 8, 8)))
     with pytest.raises(ValueError, match="PatchUp plan"):
         planned.rows(torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------ the op contract: draw, apply, state, reseed
+def _chain(seed: int = 0) -> Augment:
+    return Augment([RandomFlip(), RandomResizedCrop(scale=(0.5, 1.0)), RandomAffine(degrees=20, scale=(0.9, 1.1)),
+                    RandomBrightnessContrast()], seed=seed)
+
+
+def _assert_same_batch(a: Batch, b: Batch) -> None:
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.affine, b.affine)
+    assert torch.equal(a.source_ids, b.source_ids) and torch.equal(a.targets, b.targets)
+    assert (a.photometric is None and b.photometric is None) or torch.equal(a.photometric, b.photometric)
+
+
+def _assert_same_params(a: AugmentParams, b: AugmentParams) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in vars(x):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+@pytest.mark.parametrize("make", [_chain, lambda seed=0: Replicate(3, _chain(seed))], ids=["Augment", "Replicate"])
+def test_ops_follow_the_contract(make) -> None:
+    op = make()
+    assert isinstance(op, BatchOp) and isinstance(op, Op)
+    seeds = _batch(_smooth(4, 3, 10, 10))
+    params = op.draw(seeds)
+    assert isinstance(params, AugmentParams)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.records = ()
+    once, twice = op.apply(seeds, params), op.apply(seeds, params)  # replaying the params replays the batch
+    _assert_same_batch(once, twice)
+    _assert_same_batch(op(seeds, params), once)
+    assert not torch.equal(op(seeds).affine, once.affine)  # a call draws fresh parameters
+
+
+@pytest.mark.parametrize("make", [_chain, lambda seed=0: Replicate(2, _chain(seed), include_original=False)],
+                         ids=["Augment", "Replicate"])
+def test_state_dict_round_trip_resumes_the_draws(make) -> None:
+    seeds = _batch(_smooth(3, 3, 8, 8))
+    a = make(seed=4)
+    a(seeds)  # advance the generator
+    state = a.state_dict()
+    expected = [a.draw(seeds) for _ in range(2)]
+    b = make(seed=99)  # another seed: the state carries the generator
+    b.load_state_dict(state)
+    for want in expected:
+        _assert_same_params(b.draw(seeds), want)
+
+
+@pytest.mark.parametrize("make", [_chain, lambda seed=0: Replicate(3, _chain(seed))], ids=["Augment", "Replicate"])
+def test_reseed_on_rank_0_equals_a_fresh_op(make) -> None:
+    seeds = _batch(_smooth(3, 3, 8, 8))
+    op = make(seed=0)
+    op(seeds)
+    op.reseed(7, 0)
+    _assert_same_batch(op(seeds), make(seed=7)(seeds))
+    op.reseed(7, 1)  # another rank draws its own parameters
+    assert not torch.equal(op(seeds).affine, make(seed=7)(seeds).affine)
+
+
+def test_replicate_reseeds_and_saves_its_chain() -> None:
+    chain = _chain(seed=1)
+    rep = Replicate(2, chain)
+    assert rep.rng is chain.rng  # one generator: the chain's
+    rep.reseed(11, 0)
+    assert chain.rng.seed == 11
+    state = rep.state_dict()
+    assert state["m"] == 2 and state["include_original"] is True and "rng" in state["augment"]
+    with pytest.raises(KeyError, match=r"lacks \['augment'\]"):
+        rep.load_state_dict({"m": 2, "include_original": True})
+
+
+def test_replicate_params_are_the_copies_and_replay() -> None:
+    seeds = _batch(_smooth(3, 3, 8, 8))
+    rep = Replicate(4, Augment([RandomAffine(degrees=30)], seed=2))
+    params = rep.draw(seeds)
+    assert params[0].angle.shape == (3 * 3,)  # S seeds x (m - 1) augmented copies
+    out = rep.apply(seeds, params)
+    expected = Augment([RandomAffine(degrees=30)]).apply(seeds.rows(torch.arange(3).repeat_interleave(3)), params)
+    assert torch.equal(out.affine[torch.arange(12) % 4 != 0], expected.affine)
+    with pytest.raises(ValueError, match=r"RandomAffine parameters are for \[9\] rows, the batch has 6"):
+        Replicate(3, rep.augment).apply(seeds, params)
+    assert Replicate(1, rep.augment).apply(seeds, rep.augment.sample(0, "cpu")) is seeds
+
+
+def test_augment_checks_its_settings() -> None:
+    with pytest.raises(ValueError, match="padding_mode must be one of .* got 'wrap'"):
+        Augment([RandomFlip()], padding_mode="wrap")
+    with pytest.raises(TypeError, match=r"str is not a transform: it lacks \['geometric', 'num_uniforms'"):
+        Augment(["flip"])
+    chain = Augment([RandomFlip()], padding_mode="border")
+    assert chain.state_dict()["padding_mode"] == "border"

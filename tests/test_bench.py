@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regpipe.bench import ROW_KEYS
+from regpipe.cli.bench import ROW_KEYS
 from regpipe.cli import main
 
 

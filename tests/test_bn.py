@@ -1,4 +1,4 @@
-"""Tests for regpipe.bn.clean_bn_statistics (SPEC 1.2, BN re-estimation on clean batches)."""
+"""Tests for regpipe.engine.bn.clean_bn_statistics (SPEC 1.2, BN re-estimation on clean batches)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regpipe.bn import clean_bn_statistics
+from regpipe.engine.bn import clean_bn_statistics
 
 
 @pytest.fixture(autouse=True)

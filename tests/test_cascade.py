@@ -1,4 +1,4 @@
-"""Tests for regpipe.cascade.Cascade (SPEC 1.2: Cascading Sum Augmentation controller)."""
+"""Tests for regpipe.engine.cascade.Cascade (SPEC 1.2: Cascading Sum Augmentation controller)."""
 
 from __future__ import annotations
 

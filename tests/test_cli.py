@@ -3,33 +3,61 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from regpipe.cli import main
-from regpipe.data import FASHION_MNIST_DIR
+from regpipe.engine.data import FASHION_MNIST_DIR
 
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
 
 
 
-@pytest.mark.parametrize("recipe", ["baseline", "sum", "cascade", "gradual", "patchup-soft"])
+STATE_KEY = {"baseline": None, "sum": "k", "cascade": "k", "gradual": "t", "patchup-soft": "prob"}
+
+
+@pytest.mark.parametrize("recipe", list(STATE_KEY))
 def test_train_writes_metrics(recipe: str, fake_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / recipe
     assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY,
                  "--epochs", "2", "--tta-draws", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recipe"] == recipe and metrics["seed"] == 0
+    assert metrics["algorithms"] == ([] if recipe == "baseline" else [recipe])
     assert metrics["train_samples"] == 40  # 4 per class, stratified
     assert 1 <= len(metrics["epochs"]) <= 2
     for row in metrics["epochs"]:
-        assert {"train_loss", "test_accuracy", "images_per_s"} <= row.keys()
-        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["train_loss"] > 0
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["test_accuracy_tta"] <= 1.0
-    assert "final test accuracy" in capsys.readouterr().out
+        assert row["steps"] == 5  # 40 samples, batch 8, drop_last
+        assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
+        if STATE_KEY[recipe] is not None:
+            assert STATE_KEY[recipe] in row  # the algorithm's state is logged every epoch
+    # accuracies are counts over the 30 test images, not just numbers in [0, 1]
+    for acc in (metrics["test_accuracy"], metrics["test_accuracy_tta"], *(r["test_accuracy"] for r in metrics["epochs"])):
+        assert acc * 30 == pytest.approx(round(acc * 30))
+    assert f"final test accuracy {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_final_accuracy_is_the_saved_models_accuracy(fake_dir: Path, tmp_path: Path) -> None:
+    """The reported test accuracy is what the checkpoint scores when evaluated independently of the loop."""
+    from regpipe.engine.checkpoint import load_checkpoint
+    from regpipe.engine.data import load_dataset
+    from regpipe.functional.normalize import normalize
+
+    out, ckpt_path = tmp_path / "run", tmp_path / "model.pt"
+    assert main(["train", "--recipe", "baseline", "--data-dir", str(fake_dir), "--out", str(out), *TINY,
+                 "--checkpoint-out", str(ckpt_path)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ckpt = load_checkpoint(ckpt_path)
+    test = load_dataset("fashion-mnist", "test", data_dir=str(fake_dir))
+    x = normalize(test.images, torch.tensor(ckpt.mean), torch.tensor(ckpt.std))
+    with torch.no_grad():
+        correct = (ckpt.model.eval()(x).argmax(1) == test.labels).sum().item()
+    assert metrics["test_accuracy"] == correct / len(test.labels)
 
 
 def test_train_is_deterministic(fake_dir: Path, tmp_path: Path) -> None:
@@ -70,15 +98,19 @@ def test_bad_input_gives_clear_errors(fake_dir: Path, tmp_path: Path, capsys) ->
     assert main(["train", "--data-dir", str(fake_dir), "--samples-per-class", "50", "--epochs", "1",
                  "--out", str(tmp_path), "--no-progress"]) == 2
     assert "class" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown recipe"):
-        main(["compare", "--recipes", "baseline,bogus", "--data-dir", str(fake_dir)])
-    with pytest.raises(SystemExit):
-        main(["train", "--recipe", "bogus"])
+    assert main(["compare", "--recipes", "baseline,bogus", "--data-dir", str(fake_dir)]) == 2
+    assert "unknown recipe word(s) ['bogus']" in capsys.readouterr().err
+    assert main(["compare", "--recipes", "baseline,baseline", "--data-dir", str(fake_dir)]) == 2
+    assert "['baseline'] more than once" in capsys.readouterr().err
+    assert main(["train", "--recipe", "bogus", "--data-dir", str(fake_dir), "--out", str(tmp_path)]) == 2
+    assert "unknown recipe word(s) ['bogus']" in capsys.readouterr().err
+    assert main(["train", "--recipe", "patchup-soft+saliency", "--data-dir", str(fake_dir), "--out", str(tmp_path)]) == 2
+    assert "'saliency' needs the forward pass and loss that 'patchup-soft' takes over" in capsys.readouterr().err
 
 
 def test_module_factory_model(fake_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "factory"
-    assert main(["train", "--recipe", "baseline", "--model", "regpipe.models:preact_resnet_small",
+    assert main(["train", "--recipe", "baseline", "--model", "regpipe.engine.models:preact_resnet_small",
                  "--data-dir", str(fake_dir), "--out", str(out), *TINY]) == 0
     assert (out / "metrics.json").exists()
 
@@ -113,12 +145,12 @@ def test_compare_reuses_finished_runs(fake_dir: Path, tmp_path: Path, monkeypatc
     assert main(argv) == 0
     first = json.loads((out / "compare.json").read_text())["summary"]
 
-    import regpipe.train
+    import regpipe.engine.train
 
     def no_training(cfg):
         raise AssertionError(f"run {cfg.recipe}/{cfg.seed} was trained again")
 
-    monkeypatch.setattr(regpipe.train, "train", no_training)
+    monkeypatch.setattr(regpipe.engine.train, "train", no_training)
     assert main(argv) == 0  # everything read back
     assert json.loads((out / "compare.json").read_text())["summary"] == first
     with pytest.raises(AssertionError, match="trained again"):
@@ -133,6 +165,7 @@ def test_train_patchup_recipes(recipe: str, fake_dir: Path, tmp_path: Path) -> N
     assert main(["train", "--recipe", recipe, "--data-dir", str(fake_dir), "--out", str(out), *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recipe"] == recipe and metrics["epochs"][0]["train_loss"] > 0
+    assert metrics["epochs"][0]["rows_per_step"] == 8 and 0 < metrics["epochs"][0]["prob"] <= 1
 
 
 def test_patchup_layer_that_does_not_exist(fake_dir: Path, tmp_path: Path, capsys) -> None:
@@ -149,7 +182,7 @@ def test_train_scoring_sampler_recipes(recipe: str, fake_dir: Path, tmp_path: Pa
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["epochs"][0]
     assert metrics["recipe"] == recipe and row["train_loss"] > 0
-    # 40 samples, batch 8, drop_last: 5 steps, every batch used once
-    assert row["images_per_s"] > 0
+    # 40 samples, batch 8, drop_last: 5 committed steps of 8 rows
+    assert row["steps"] == 5 and row["rows_per_step"] == 8
     if recipe.startswith("loss-delta"):
         assert "mean_score" in row  # the chosen scores are logged

@@ -1,4 +1,4 @@
-"""Feature tap, invariance loss (SPEC 3.2) and saliency consistency (SPEC 4)."""
+"""Feature tap, invariance loss (Hernández-García et al. 2019) and saliency consistency (Al-afandi et al. 2022)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from regpipe.functional.saliency import (
     saliency_consistency_loss,
 )
 from regpipe.hooks import ConsistencyObjective, FeatureTap, InvarianceLoss, SaliencyLoss
-from regpipe.models import preact_resnet_small
+from regpipe.engine.models import preact_resnet_small
 from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast, RandomFlip, Replicate
 from regpipe.ops.sum_mix import SumMix
 
@@ -106,6 +106,22 @@ def test_feature_tap_records_removes_and_sees_through_wrappers() -> None:
     with pytest.raises(RuntimeError, match="run a forward pass"):
         tap.outputs()
     tap.close()
+
+
+def test_tapped_features_see_through_wrappers() -> None:
+    # SIGN's feature function from a wrapped model: the layer's output (read by a tap) or the inner model's
+    # features(); the same activations as on the bare model, and no hook left behind.
+    from regpipe.hooks.features import tapped_features
+
+    model = preact_resnet_small(num_classes=3).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = {"layer3": model.layer3(model.layer2(model.layer1(model.conv1(x)))), None: model.features(x)}
+    for wrapped in (model, nn.DataParallel(model), torch.compile(model, backend="eager")):
+        for layer, expected in want.items():
+            with torch.no_grad(), tapped_features(wrapped, layer) as phi:
+                torch.testing.assert_close(phi(x), expected, rtol=1e-6, atol=1e-6)
+    assert not model.layer3._forward_hooks
 
 
 def test_invariance_hook_objective() -> None:

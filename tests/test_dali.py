@@ -15,11 +15,10 @@ from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 
 from regpipe import Batch  # noqa: E402
 from regpipe.cli import main  # noqa: E402
-from regpipe.data import ArrayDataset, ImageArrays  # noqa: E402
+from regpipe.engine.data import ArrayDataset, ImageArrays  # noqa: E402
 from regpipe.functional.augment import inverse_warp, valid_mask  # noqa: E402
 from regpipe.functional.sum_mix import sum_mix  # noqa: E402
 from regpipe.loaders import EpochBatches, make_train_loader  # noqa: E402
-from regpipe.loaders.common import params_from_uniforms  # noqa: E402
 from regpipe.loaders.dali import ArraySource, DaliLoader, replicate  # noqa: E402
 from regpipe.loaders.dali import sum_mix as dali_sum_mix  # noqa: E402
 from regpipe.ops.augment import (Augment, RandomAffine, RandomBrightnessContrast, RandomFlip,  # noqa: E402
@@ -86,7 +85,7 @@ def test_replication_matches_torch_augment_with_the_same_parameters(arrays: Imag
     u = raw["uniforms"].reshape(S * M, -1)
     copies = (torch.arange(S * M) % M != 0).nonzero().squeeze(1)
     seeds = Batch.from_labels(arrays.images, arrays.labels, K).rows(batch.source_ids[copies])
-    ref = aug.apply(seeds, params_from_uniforms(aug, u[copies]))
+    ref = aug.apply(seeds, aug.from_uniforms(u[copies].double()))  # the op's own reading of DALI's uniforms
     torch.testing.assert_close(batch.affine[copies], ref.affine, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch.photometric[copies], ref.photometric, atol=1e-6, rtol=0)
     diff = (batch.inputs[copies].int() - ref.inputs.int()).abs()

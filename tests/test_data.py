@@ -1,4 +1,4 @@
-"""Tests for regpipe.data."""
+"""Tests for regpipe.engine.data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fakedata import idx_bytes, write_fake_fmnist, write_idx
-from regpipe.data import (
+from regpipe.engine.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     ArrayDataset,

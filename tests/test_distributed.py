@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from regpipe.cli import main
-from regpipe.distributed import DistInfo, RankSlice, rank_seed, reseed_ops
-from regpipe.ops.augment import Replicate
+from regpipe.engine.distributed import DistInfo, RankSlice, rank_seed, reseed_ops
+from regpipe.ops.augment import Augment, RandomFlip, Replicate
+from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import SumMix
-from regpipe.recipes import replication_augment
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--samples-per-class", "8", "--val-per-class", "2", "--batch-size", "8", "--epochs", "2", "--no-progress"]
@@ -40,14 +40,37 @@ def test_rank_slice_splits_global_batches() -> None:
 
 def test_ranks_draw_different_parameters_and_rank0_is_unchanged() -> None:
     batch = Batch.from_labels(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, 2)
-    ops = {rank: [SumMix(2, mode="permute", seed=3), Replicate(2, replication_augment(3))] for rank in (0, 1)}
-    reseed_ops(ops[1], rank=1)
+
+    def make() -> list:
+        return [SumMix(2, mode="permute", seed=3), Replicate(2, Augment([RandomFlip()], seed=3)), PatchUp(seed=3)]
+
+    ops = {rank: make() for rank in (0, 1)}
+    for rank in (0, 1):
+        reseed_ops(ops[rank], seed=3, rank=rank)
     assert ops[0][0].rng.seed == 3 and ops[1][0].rng.seed == rank_seed(3, 1) != 3
-    assert ops[1][1].augment.rng.seed == rank_seed(3, 1)
+    assert ops[1][1].augment.rng.seed == rank_seed(3, 1)  # Replicate reseeds the Augment it holds
+    assert ops[1][2].seed == rank_seed(3, 1) and ops[1][2].host_rng.seed == rank_seed(3, 1) + 0x5EED
     mixed = [ops[r][0](batch).mixing.sources for r in (0, 1)]
     assert not torch.equal(mixed[0], mixed[1])
-    reference = SumMix(2, mode="permute", seed=3)(batch).mixing.sources
-    assert torch.equal(mixed[0], reference)  # rank 0 draws what a one-process run draws
+    reference = make()
+    assert torch.equal(mixed[0], reference[0](batch).mixing.sources)  # rank 0 draws what a one-process run draws
+    plans = [PatchUp(seed=3).draw(batch), ops[0][2].draw(batch)]
+    assert torch.equal(plans[0].perm, plans[1].perm) and plans[0].mask_seed == plans[1].mask_seed
+
+
+def test_reseed_ops_is_explicit_and_idempotent() -> None:
+    batch = Batch.from_labels(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, 2)
+    op = SumMix(2, mode="permute", seed=0)
+    op(batch)  # the generator has moved on
+    reseed_ops([op], seed=11, rank=2)
+    first = op(batch).mixing.sources
+    reseed_ops([op], seed=11, rank=2)  # calling it again restarts from the same seed, it does not compound
+    assert torch.equal(op(batch).mixing.sources, first)
+    assert torch.equal(SumMix(2, mode="permute", seed=rank_seed(11, 2))(batch).mixing.sources, first)
+    with pytest.raises(TypeError, match="object has no reseed"):
+        reseed_ops([op, object()], seed=11, rank=1)
+    with pytest.raises(ValueError, match="rank must be an integer >= 0, got -1"):
+        reseed_ops([op], seed=11, rank=-1)
 
 
 def test_two_processes_equal_one_without_batchnorm(fake_dir: Path, tmp_path: Path) -> None:

@@ -21,14 +21,13 @@ from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 from fakedata import write_fake_fmnist  # noqa: E402
 from regpipe import Batch  # noqa: E402
 from regpipe.cli import main  # noqa: E402
-from regpipe.data import ArrayDataset, ImageArrays  # noqa: E402
+from regpipe.engine.data import ArrayDataset, ImageArrays, load_dataset, load_npz  # noqa: E402
 from regpipe.functional.augment import inverse_warp, valid_mask  # noqa: E402
 from regpipe.functional.sum_mix import sum_mix  # noqa: E402
 from regpipe.loaders import _kernels as K  # noqa: E402
 from regpipe.loaders import make_train_loader  # noqa: E402
-from regpipe.loaders.common import params_from_uniforms  # noqa: E402
 from regpipe.loaders.ffcv import (FfcvLoader, Replicate, SumMixImages, SumMixLabels, write_beton,  # noqa: E402
-                                  write_dataset, write_npz)
+                                  write_rows)
 from regpipe.ops.augment import (Augment, RandomAffine, RandomBrightnessContrast, RandomFlip,  # noqa: E402
                                  RandomResizedCrop)
 
@@ -78,7 +77,7 @@ def replicated(beton: Path) -> tuple[FfcvLoader, list[list[Batch]]]:
 
 def test_replication_matches_torch_augment(arrays: ImageArrays, replicated) -> None:
     wrapped, (epoch0, epoch1) = replicated
-    count = K.encode_augment(AUG)[1]
+    count = AUG.num_uniforms
     for epoch, batches in enumerate((epoch0, epoch1)):
         for batch in batches:
             assert batch.inputs.shape == (S * M, C, H, W)
@@ -91,7 +90,7 @@ def test_replication_matches_torch_augment(arrays: ImageArrays, replicated) -> N
             copies = (torch.arange(S * M) % M != 0).nonzero().squeeze(1)
             originals = Batch.from_labels(arrays.images, arrays.labels, Kc).rows(batch.source_ids)
             assert torch.equal(batch.inputs[::M], originals.inputs[::M])
-            ref = AUG.apply(originals.rows(copies), params_from_uniforms(AUG, u[copies]))
+            ref = AUG.apply(originals.rows(copies), AUG.from_uniforms(u[copies]))  # the op reads the same table
             torch.testing.assert_close(batch.affine[copies], ref.affine, atol=1e-5, rtol=0)
             torch.testing.assert_close(batch.photometric[copies], ref.photometric, atol=1e-6, rtol=0)
             diff = (batch.inputs[copies].int() - ref.inputs.int()).abs()
@@ -207,10 +206,12 @@ def test_replicate_on_a_float_field_is_a_type_error(tmp_path: Path) -> None:
         Loader(str(path), batch_size=4, num_workers=1, pipelines=pipelines([Replicate(2, AUG)]))
 
 
-def test_writers_for_npz_and_the_default_dataset(tmp_path: Path) -> None:
+def test_writers_for_arrays_and_datasets(tmp_path: Path) -> None:
+    # Loading a dataset by name is the engine's (regpipe.engine.data); the loader layer writes what it is given.
     np.savez(tmp_path / "toy.npz", images=np.random.randint(0, 256, (6, 28, 28), dtype=np.uint8),
              labels=np.arange(6) % 3)
-    loader = Loader(str(write_npz(tmp_path / "toy.beton", tmp_path / "toy.npz")), batch_size=3, num_workers=1,
+    arrays = load_npz(tmp_path / "toy.npz")
+    loader = Loader(str(write_beton(tmp_path / "toy.beton", arrays.images, arrays.labels)), batch_size=3, num_workers=1,
                     order=OrderOption.SEQUENTIAL)
     batches = list(FfcvLoader(loader, 3))
     assert [b.inputs.shape for b in batches] == [(3, 1, 28, 28)] * 2
@@ -218,7 +219,7 @@ def test_writers_for_npz_and_the_default_dataset(tmp_path: Path) -> None:
     fm = tmp_path / "fm"
     fm.mkdir()
     write_fake_fmnist(fm, n_train=12, n_test=4)
-    path = write_dataset(tmp_path / "fm.beton", data_dir=str(fm), split="test")
+    path = write_rows(tmp_path / "fm.beton", ArrayDataset(load_dataset("fashion-mnist", "test", data_dir=str(fm))))
     batch = next(iter(FfcvLoader(Loader(str(path), batch_size=4, num_workers=1), 10)))
     assert batch.inputs.shape == (4, 3, 32, 32)
 

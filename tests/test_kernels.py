@@ -43,20 +43,23 @@ OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
 MEAN4, STD4 = [0.485, 0.456, 0.406, 0.5], [0.229, 0.224, 0.225, 0.3]
 
-# (shape, weights, drop_remainder): N not a power of 2, odd H/W, C = 1/3/4, several pixel chunks of the
+# (shape, weights, drop_remainder, seed): N not a power of 2, odd H/W, C = 1/3/4, several pixel chunks of the
 # numba kernel (50 x 50 > 2048), zero-weight groups (trailing, middle, leading), one active group, a remainder.
+# Seeds are fixed integers (Python salts the built-in string hash per process), so every run tests the same data.
 CASES = [
-    ((6, 3, 5, 7), [0.5, 0.5], False),
-    ((9, 1, 9, 3), [0.5, 0.3, 0.2], False),
-    ((12, 3, 50, 50), [0.5, 0.5, 0.0, 0.0], False),
-    ((10, 4, 3, 1), [0.6, 0.0, 0.4], True),
-    ((3, 3, 7, 5), [0.0, 1.0, 0.0], False),
+    ((6, 3, 5, 7), [0.5, 0.5], False, 101),
+    ((9, 1, 9, 3), [0.5, 0.3, 0.2], False, 102),
+    ((12, 3, 50, 50), [0.5, 0.5, 0.0, 0.0], False, 103),
+    ((10, 4, 3, 1), [0.6, 0.0, 0.4], True, 104),
+    ((3, 3, 7, 5), [0.0, 1.0, 0.0], False, 105),
 ]
 CASE_IDS = ["6x3x5x7-k2", "9x1x9x3-k3", "12x3x50x50-k4-zeros", "10x4x3x1-k3-remainder", "3x3x7x5-one-group"]
 
 
-def _input(shape: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format, device: str = "cpu") -> torch.Tensor:
-    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+def _input(shape: tuple[int, ...], dtype: torch.dtype, fmt: torch.memory_format, device: str = "cpu", *,
+           seed: int) -> torch.Tensor:
+    """Random 0..255 pixels (as ``dtype``: uint8, or floats ``x / 255``) from a CPU generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     if dtype != torch.uint8:
         x = (x.double() / 255.0).to(dtype)
@@ -68,9 +71,9 @@ def _norm(shape: tuple[int, ...]) -> tuple[list[float], list[float]]:
 
 
 def _check_against_reference(backend: str, device: str, shape: tuple[int, ...], weights: list[float], drop: bool,
-                             in_dtype: torch.dtype, out_dtype: torch.dtype, in_fmt: torch.memory_format,
+                             seed: int, in_dtype: torch.dtype, out_dtype: torch.dtype, in_fmt: torch.memory_format,
                              out_fmt: torch.memory_format) -> None:
-    x = _input(shape, in_dtype, in_fmt, device)
+    x = _input(shape, in_dtype, in_fmt, device, seed=seed)
     mean, std = _norm(shape)
     got = fused_group_mix(x, weights, mean, std, out_dtype=out_dtype, memory_format=out_fmt,
                           drop_remainder=drop, backend=backend)
@@ -86,7 +89,7 @@ def _check_against_reference(backend: str, device: str, shape: tuple[int, ...], 
 # --------------------------------------------------------------------------------------------------
 
 def test_reference_is_normalise_then_group_sum() -> None:
-    x = _input((6, 3, 4, 5), torch.uint8, torch.contiguous_format)
+    x = _input((6, 3, 4, 5), torch.uint8, torch.contiguous_format, seed=1)
     mean, std = _norm(x.shape)
     w = [0.5, 0.3, 0.2]
     m, s = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1), torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
@@ -104,12 +107,12 @@ def test_reference_is_normalise_then_group_sum() -> None:
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_numba_matches_reference(case, in_dtype, out_dtype, in_fmt, out_fmt) -> None:
-    shape, weights, drop = case
-    _check_against_reference("numba", "cpu", shape, weights, drop, in_dtype, out_dtype, in_fmt, out_fmt)
+    shape, weights, drop, seed = case
+    _check_against_reference("numba", "cpu", shape, weights, drop, seed, in_dtype, out_dtype, in_fmt, out_fmt)
 
 
 def test_numba_zero_weight_groups_are_not_read() -> None:
-    x = _input((8, 3, 6, 5), torch.float32, torch.contiguous_format)
+    x = _input((8, 3, 6, 5), torch.float32, torch.contiguous_format, seed=2)
     x[4:] = float("nan")  # groups 2 and 3 have weight 0: a kernel that read (or multiplied) them would give NaN
     got = fused_group_mix(x, [0.7, 0.3, 0.0, 0.0], *_norm(x.shape), backend="numba")
     assert torch.isfinite(got).all()
@@ -117,7 +120,8 @@ def test_numba_zero_weight_groups_are_not_read() -> None:
 
 
 def test_numba_reads_nhwc_data_through_a_channels_last_view() -> None:
-    nhwc = torch.randint(0, 256, (4, 5, 7, 3), dtype=torch.uint8)  # a loader's (N, H, W, C) batch
+    nhwc = torch.randint(0, 256, (4, 5, 7, 3), dtype=torch.uint8,  # a loader's (N, H, W, C) batch
+                         generator=torch.Generator().manual_seed(3))
     view = nhwc.permute(0, 3, 1, 2)  # (N, C, H, W), channels_last, no copy
     assert view.is_contiguous(memory_format=torch.channels_last) and view.data_ptr() == nhwc.data_ptr()
     got = fused_group_mix(view, [0.5, 0.5], *_norm(view.shape), backend="numba")
@@ -125,13 +129,13 @@ def test_numba_reads_nhwc_data_through_a_channels_last_view() -> None:
 
 
 def test_numba_other_strides_are_copied() -> None:
-    x = _input((4, 3, 9, 12), torch.uint8, torch.contiguous_format)[:, :, ::2, 1::3]  # neither layout
+    x = _input((4, 3, 9, 12), torch.uint8, torch.contiguous_format, seed=4)[:, :, ::2, 1::3]  # neither layout
     got = fused_group_mix(x, [0.25, 0.75], *_norm(x.shape), backend="numba")
     torch.testing.assert_close(got, group_mix_reference(x.contiguous(), [0.25, 0.75], *_norm(x.shape)))
 
 
 def test_numba_num_threads_gives_the_same_result() -> None:
-    x = _input((4, 3, 40, 60), torch.uint8, torch.contiguous_format)
+    x = _input((4, 3, 40, 60), torch.uint8, torch.contiguous_format, seed=5)
     one = fused_group_mix(x, [0.5, 0.5], *_norm(x.shape), backend="numba", num_threads=1)
     default = fused_group_mix(x, [0.5, 0.5], *_norm(x.shape), backend="numba")
     assert torch.equal(one, default)
@@ -169,13 +173,13 @@ def test_numba_half_rounding_matches_torch() -> None:
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_triton_matches_reference(case, in_dtype, out_dtype, in_fmt, out_fmt) -> None:
-    shape, weights, drop = case
-    _check_against_reference("triton", TRITON_DEVICE, shape, weights, drop, in_dtype, out_dtype, in_fmt, out_fmt)
+    shape, weights, drop, seed = case
+    _check_against_reference("triton", TRITON_DEVICE, shape, weights, drop, seed, in_dtype, out_dtype, in_fmt, out_fmt)
 
 
 @needs_triton
 def test_triton_zero_weight_groups_are_not_read() -> None:
-    x = _input((8, 3, 6, 5), torch.float32, torch.channels_last, TRITON_DEVICE)
+    x = _input((8, 3, 6, 5), torch.float32, torch.channels_last, TRITON_DEVICE, seed=6)
     x[:2] = float("nan")  # group 0 has weight 0
     x[4:6] = float("inf")  # group 2 has weight 0
     got = fused_group_mix(x, [0.0, 0.5, 0.0, 0.5], *_norm(x.shape), backend="triton")
@@ -186,7 +190,7 @@ def test_triton_zero_weight_groups_are_not_read() -> None:
 
 @needs_triton
 def test_triton_other_strides_are_copied() -> None:
-    x = _input((4, 3, 9, 12), torch.uint8, torch.contiguous_format, TRITON_DEVICE)[:, :, ::2, 1::3]
+    x = _input((4, 3, 9, 12), torch.uint8, torch.contiguous_format, TRITON_DEVICE, seed=7)[:, :, ::2, 1::3]
     got = fused_group_mix(x, [0.25, 0.75], *_norm(x.shape), backend="triton", memory_format=torch.channels_last)
     torch.testing.assert_close(got, group_mix_reference(x.contiguous(), [0.25, 0.75], *_norm(x.shape),
                                                         memory_format=torch.channels_last))
@@ -216,7 +220,7 @@ def test_triton_kernels_under_interpreter() -> None:
 def test_cuda_default_backend_and_imagenet_shape() -> None:
     expected = "triton" if HAS_TRITON else "torch"
     assert resolve_backend("cuda") == expected
-    x = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    x = _input((64, 3, 224, 224), torch.uint8, torch.contiguous_format, "cuda", seed=8)
     for fmt in FORMATS:
         xi = x.contiguous(memory_format=fmt)
         for dtype in OUT_DTYPES:
@@ -249,7 +253,7 @@ def test_dispatch_default_env_and_argument(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_env_backend_torch_gives_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BACKEND_ENV, "torch")
-    x = _input((4, 3, 5, 5), torch.uint8, torch.contiguous_format)
+    x = _input((4, 3, 5, 5), torch.uint8, torch.contiguous_format, seed=9)
     assert torch.equal(fused_group_mix(x, [0.5, 0.5], *_norm(x.shape)), group_mix_reference(x, [0.5, 0.5], *_norm(x.shape)))
 
 
@@ -284,6 +288,20 @@ M3, S3 = [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]
 def test_bad_inputs_raise_clear_errors(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_kernel_and_reference_share_the_public_group_rows() -> None:
+    # The kernel sizes its output with regpipe.functional.sum_mix.group_rows, as sum_mix does.
+    from regpipe.functional.sum_mix import group_rows
+
+    assert (group_rows(12, 4), group_rows(10, 3, drop_remainder=True), group_rows(3, 3)) == (3, 3, 1)
+    with pytest.raises(ValueError, match="k=3 does not divide the batch size 10"):
+        group_rows(10, 3)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        group_rows(4, 0)
+    x = _input((10, 3, 4, 4), torch.uint8, torch.contiguous_format, seed=10)
+    out = fused_group_mix(x, [0.5, 0.25, 0.25], *_norm(x.shape), drop_remainder=True, backend="numba")
+    assert out.shape[0] == group_rows(10, 3, drop_remainder=True)
 
 
 def test_docstring_examples_run() -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from regpipe.functional import interpolated_loss, multi_hot_bce, soft_target_cross_entropy
-from regpipe.models import build_model, preact_resnet_small
+from regpipe.engine.models import build_model, preact_resnet_small
 
 
 def test_soft_ce_equals_cross_entropy_for_one_hot_and_formula_for_soft() -> None:
@@ -50,10 +50,10 @@ def test_models() -> None:
     model = build_model("preact-small", num_classes=7, in_channels=1)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
     assert sum(p.numel() for p in preact_resnet_small().parameters()) < 300_000
-    assert build_model("regpipe.models:preact_resnet_small", 10, 3)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert build_model("regpipe.engine.models:preact_resnet_small", 10, 3)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
         build_model("resnet9000", 10, 3)
     with pytest.raises(ValueError, match="cannot load model factory"):
-        build_model("regpipe.models:nothing_here", 10, 3)
+        build_model("regpipe.engine.models:nothing_here", 10, 3)
     with pytest.raises(TypeError, match="not a torch.nn.Module"):
         build_model("builtins:dict", 10, 3)

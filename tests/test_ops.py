@@ -9,6 +9,7 @@ import torch
 
 from regpipe import Batch, GradualSumMix, MixRecord, SumMix, labels_to_targets, mix_batch
 from regpipe.functional import gcc_weights
+from regpipe.ops.sum_mix import MixParams
 
 
 def _batch(n: int = 8, classes: int = 4, seed: int = 0) -> Batch:
@@ -68,18 +69,37 @@ def test_mix_batch_records_the_mix() -> None:
 
 def test_sum_mix_op_group_and_k_one() -> None:
     b = _batch(8)
-    assert SumMix(groups=4)(b).size == 2
+    op = SumMix(groups=4)
+    params = op.draw(b)
+    assert params.weights == (0.25,) * 4 and params.perms is None  # group mode draws nothing
+    assert op.apply(b, params).size == 2 and op(b).size == 2
     assert SumMix(groups=1)(b) is b  # nothing to mix
+    op.groups = 2  # the cascade changes k between batches
+    assert op(b).size == 4 and op.draw(b).k == 2
     with pytest.raises(ValueError, match="groups must be an integer >= 1, got 0"):
         SumMix(groups=0)
     with pytest.raises(ValueError, match="mode must be 'group' or 'permute', got 'pairs'"):
         SumMix(mode="pairs")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs MixParams, got dict"):
+        op.apply(b, {"weights": (0.5, 0.5)})  # type: ignore[arg-type]
+
+
+def test_mix_params_validation() -> None:
+    assert MixParams(torch.tensor([0.75, 0.25])).weights == (0.75, 0.25)  # tensors become host floats
+    with pytest.raises(ValueError, match="sum to 1"):
+        MixParams((0.5, 0.4))
+    with pytest.raises(ValueError, match=r"\(k - 1, N\) = \(1, N\) for 2 weights, got shape \(2, 8\)"):
+        MixParams((0.5, 0.5), torch.zeros(2, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int64"):
+        MixParams((0.5, 0.5), torch.zeros(1, 8, dtype=torch.int32))
 
 
 def test_permute_mode_is_seeded_and_resumable() -> None:
     b = _batch(9)
     op = SumMix(groups=3, mode="permute", seed=5)
-    first = op(b)
+    params = op.draw(b)
+    assert params.perms.shape == (2, 9) and params.perms.dtype == torch.int64
+    first = op.apply(b, params)
     assert first.size == 9
     state = op.state_dict()
     buf = io.BytesIO()
@@ -104,12 +124,14 @@ def test_gradual_t_follows_steps_then_fine_tunes_clean() -> None:
     b = _batch(8)
     for step in range(12):
         assert op.t == pytest.approx(min(step / 10, 1.0))
-        out = op(b)
+        params = op.draw(b)
+        out = op.apply(b, params)
         if step < 10:
             torch.testing.assert_close(out.mixing.weights[0], gcc_weights(4, step / 10))
+            torch.testing.assert_close(torch.tensor(params.weights, dtype=torch.float32), gcc_weights(4, step / 10))
             assert out.size == 2
         else:
-            assert out is b  # clean and whole during the fine-tune
+            assert params.weights == (1.0,) and out is b  # clean and whole during the fine-tune
         op.step()
 
 
@@ -123,8 +145,20 @@ def test_gradual_state_dict_resume() -> None:
     expected = [op(b).inputs for _ in range(1)]
     clone = GradualSumMix(k0=2, gradual_steps=1)
     clone.load_state_dict(state)
-    assert (clone.k0, clone.gradual_steps, clone.step_count) == (3, 7, 3)
+    assert (clone.k0, clone.gradual_steps, clone.step_count, clone.mode) == (3, 7, 3, "permute")
     torch.testing.assert_close(clone(b).inputs, expected[0])
+
+
+def test_params_replay_after_the_schedule_moves() -> None:
+    # The weights are in the params, so a replay does not depend on the op's step count.
+    op = GradualSumMix(k0=4, gradual_steps=4)
+    b = _batch(8)
+    op.step()
+    params = op.draw(b)
+    first = op.apply(b, params)
+    op.step()
+    assert torch.equal(op.apply(b, params).inputs, first.inputs)
+    assert not torch.equal(op(b).inputs, first.inputs)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"k0": 0}, "k0"), ({"gradual_steps": 0}, "gradual_steps"),

@@ -1,5 +1,5 @@
-"""PatchUp (SPEC 2): mask statistics and shapes, mixing and loss against per-sample loops written from
-SPEC formulas, the hook's effect on a model, plans, resume, and bad inputs. CPU only."""
+"""PatchUp (Faramarzi et al. 2020): mask statistics and shapes, mixing and loss against per-sample loops
+written from the paper's formulas, the hook's effect on a model, plans, resume, and bad inputs. CPU only."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.patchup import (block_mask, box_holes, cutmix_box, patchup_gamma, patchup_loss,
                                         patchup_mix, patchup_targets, unchanged_fraction)
+from regpipe.core.patchup_plan import PatchUpPlan
 from regpipe.hooks import PatchUpHook
-from regpipe.models import preact_resnet_small
-from regpipe.ops.patchup import PatchUp, PatchUpPlan
+from regpipe.hooks.patchup import plan_mask
+from regpipe.engine.models import preact_resnet_small
+from regpipe.ops.patchup import PatchUp
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
 LAYERS = {1: "conv1", 2: "layer1", 3: "layer2", 4: "layer3"}
@@ -24,12 +26,17 @@ def _batch(n: int = 8, k: int = 4, seed: int = 0, size: int = 32) -> Batch:
     return Batch.from_labels(torch.randn(n, 3, size, size, generator=g), torch.arange(n) % k, num_classes=k)
 
 
+def _shape(n: int = 8, size: int = 32) -> Batch:
+    """A batch whose only use is its row count and image size (what ``PatchUp.draw`` reads)."""
+    return Batch.from_labels(torch.zeros(n, 3, size, size), torch.zeros(n, dtype=torch.int64), num_classes=4)
+
+
 def _model(k: int = 4) -> nn.Module:
     torch.manual_seed(0)
     return preact_resnet_small(num_classes=k).eval()
 
 
-# ------------------------------------------------------------------------------- masks (SPEC 2.2)
+# ------------------------------------------------------------------------------- masks (paper eq. 2)
 
 
 def _naive_block_mask(seeds: torch.Tensor, b: int) -> torch.Tensor:
@@ -51,7 +58,7 @@ def test_block_mask_matches_naive_loop(shape: tuple[int, ...], b: int) -> None:
     g = torch.Generator().manual_seed(b)
     seeds = (torch.rand(shape, generator=g) < 0.08).float()
     torch.testing.assert_close(block_mask(seeds, b), _naive_block_mask(seeds, b), atol=0, rtol=0)
-    h, w = shape[-2:]  # SPEC 2.2's construction literally: one b x b max-pool, cropped to H x W
+    h, w = shape[-2:]  # the DropBlock construction literally: one b x b max-pool, cropped to H x W
     spec = F.max_pool2d(seeds, b, stride=1, padding=b // 2)[..., :h, :w]
     torch.testing.assert_close(block_mask(seeds, b), spec, atol=0, rtol=0)
 
@@ -93,7 +100,7 @@ def test_altered_fraction_matches_gamma_adjustment(gamma: float, b: int, hw: tup
     for seed in range(4):
         plan = PatchUpPlan(apply=True, layer=1, perm=torch.arange(64), lam=torch.tensor(0.5), mode="soft",
                            block_size=b, gamma=gamma, per_sample=True, mask_seed=seed)
-        fractions.append(plan.mask((64, 8, h, w), "cpu").mean())
+        fractions.append(plan_mask(plan, (64, 8, h, w), "cpu").mean())
     realised = float(torch.stack(fractions).mean())
     assert realised == pytest.approx(_expected_altered(p, b, h, w), abs=0.015)
 
@@ -120,11 +127,11 @@ def test_unchanged_is_one_minus_mask_mean() -> None:
     plan = batch.patchup
     hook = PatchUpHook(model, LAYERS)
     hook.forward(batch)
-    holes = plan.mask((8, 16, 32, 32), "cpu")  # layer1's output shape; same plan -> same mask
+    holes = plan_mask(plan, (8, 16, 32, 32), "cpu")  # layer1's output shape; same plan -> same mask
     torch.testing.assert_close(hook.unchanged, 1 - holes.mean())
 
 
-# ------------------------------------------------------------------------ mixing and loss (SPEC 2.3-2.4)
+# ------------------------------------------------------------------------ mixing and loss (eqs. 3-8)
 
 
 def _loop_mix(h, holes, perm, lam, mode):
@@ -157,7 +164,7 @@ def _bce(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _loop_loss(logits, y, perm, lam, u, mode, kind, a, b):
-    """SPEC 2.4 one row at a time: targets from the formulas, l = BCE(softmax) or CE."""
+    """The PatchUp loss (eqs. 6-8) one row at a time: targets from the formulas, l = BCE(softmax) or CE."""
     total = 0.0
     for i in range(logits.shape[0]):
         li = float(lam[i]) if torch.as_tensor(lam).dim() else float(lam)
@@ -288,12 +295,24 @@ def test_bad_layer_names_sizes_and_plans() -> None:
     with pytest.raises(ValueError, match=r"'layer9'.*conv1"):
         PatchUpHook(model, {1: "conv1", 2: "layer9"})
     with pytest.raises(ValueError, match="larger than the 8x8"):  # block 7 at layer3 is fine, 9 is not
-        PatchUp(candidate_layers=(4,), block_sizes={4: 9}).draw(8, 32, 32, "cpu").mask((8, 64, 8, 8), "cpu")
-    plan = PatchUp(candidate_layers=(1,)).draw(6, 32, 32, "cpu")
+        plan_mask(PatchUp(candidate_layers=(4,), block_sizes={4: 9}).draw(_shape()), (8, 64, 8, 8), "cpu")
+    op = PatchUp(candidate_layers=(1,))
+    plan = op.draw(_shape(6))
     with pytest.raises(ValueError, match="batch of 6 rows, got a tensor of 8"):
-        PatchUpHook(model, LAYERS).forward(_batch().replace(patchup=plan))
+        op.apply(_batch(), plan)
+    with pytest.raises(ValueError, match="batch of 6 rows, got a tensor of 8"):
+        _batch().replace(patchup=plan)  # a batch never carries a plan for another row count
+    hook = PatchUpHook(model, LAYERS)
+    hook.set_plan(plan)
+    with pytest.raises(ValueError, match="batch of 6 rows, got a tensor of 8"):
+        model(_batch().inputs)  # the hook checks the feature map's rows too
+    hook.close()
+    with pytest.raises(ValueError, match="does not apply"):
+        plan_mask(PatchUpPlan.skip(8, "cpu"), (8, 3, 32, 32), "cpu")
+    with pytest.raises(TypeError, match="needs a PatchUpPlan, got dict"):
+        op.apply(_batch(), {})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layer 3"):
-        PatchUpHook(model, {1: "conv1"}).set_plan(PatchUp(candidate_layers=(3,)).draw(8, 32, 32, "cpu"))
+        PatchUpHook(model, {1: "conv1"}).set_plan(PatchUp(candidate_layers=(3,)).draw(_shape()))
 
 
 def test_wrapped_model_names_resolve() -> None:
@@ -308,20 +327,20 @@ def test_wrapped_model_names_resolve() -> None:
 def test_faithful_defaults_and_per_sample() -> None:
     op = PatchUp(mode="hard", candidate_layers=(1, 2), seed=0)
     assert (op.gamma, op.patchup_prob, op.alpha) == (0.5, 0.7, 2.0)
-    plans = [op.draw(8, 32, 32, "cpu") for _ in range(600)]
+    plans = [op.draw(_shape()) for _ in range(600)]
     applied = [p for p in plans if p.apply]
     assert len(applied) / len(plans) == pytest.approx(0.7, abs=0.06)
     assert {p.layer for p in applied} == {1, 2}
     lam = torch.stack([p.lam for p in applied])
     assert lam.dim() == 1  # one lam per batch; Beta(2, 2): mean 1/2, variance 1/20
     assert float(lam.mean()) == pytest.approx(0.5, abs=0.03) and float(lam.var()) == pytest.approx(0.05, abs=0.012)
-    mask = applied[0].mask((8, 4, 32, 32), "cpu")
+    mask = plan_mask(applied[0], (8, 4, 32, 32), "cpu")
     assert mask.shape == (4, 32, 32) and not torch.equal(mask[0], mask[1])  # independent channels
-    per = PatchUp(candidate_layers=(1,), per_sample=True, seed=0).draw(8, 32, 32, "cpu")
-    masks = per.mask((8, 4, 32, 32), "cpu")
+    per = PatchUp(candidate_layers=(1,), per_sample=True, seed=0).draw(_shape())
+    masks = plan_mask(per, (8, 4, 32, 32), "cpu")
     assert per.lam.shape == (8,) and per.lam.unique().numel() == 8
     assert masks.shape == (8, 4, 32, 32) and not torch.equal(masks[0], masks[1])
-    box0 = PatchUp(candidate_layers=(0,), per_sample=True, seed=0).draw(8, 32, 32, "cpu")
+    box0 = PatchUp(candidate_layers=(0,), per_sample=True, seed=0).draw(_shape())
     assert box0.box.shape == (8, 4) and box0.lam.shape == (8,)
 
 
@@ -332,10 +351,10 @@ def _same(p: PatchUpPlan, q: PatchUpPlan) -> bool:
 
 def test_same_seed_same_plan_and_resume() -> None:
     a, b = PatchUp(seed=7), PatchUp(seed=7)
-    assert all(_same(a.draw(8, 32, 32, "cpu"), b.draw(8, 32, 32, "cpu")) for _ in range(5))
-    assert not _same(PatchUp(seed=8).draw(8, 32, 32, "cpu"), PatchUp(seed=7).draw(8, 32, 32, "cpu"))
+    assert all(_same(a.draw(_shape()), b.draw(_shape())) for _ in range(5))
+    assert not _same(PatchUp(seed=8).draw(_shape()), PatchUp(seed=7).draw(_shape()))
     state = a.state_dict()
-    expected = [a.draw(8, 32, 32, "cpu") for _ in range(4)]
+    expected = [a.draw(_shape()) for _ in range(4)]
     resumed = PatchUp(mode="hard", seed=123)
     resumed.load_state_dict(state)
-    assert resumed.mode == "soft" and all(_same(resumed.draw(8, 32, 32, "cpu"), e) for e in expected)
+    assert resumed.mode == "soft" and all(_same(resumed.draw(_shape()), e) for e in expected)

@@ -1,4 +1,5 @@
-"""Scoring sampler (SPEC 6): exact commit/rollback of the loss-delta orderer, orderings, sampler statistics.
+"""Scoring samplers (the Perfect Ordering Approximation, Simionescu 2020, chapter 2): exact commit/rollback of
+the loss-delta orderer, orderings, sampler statistics.
 
 ``naive_loss_delta_step`` is the reference (deep copy of model and optimizer per candidate, winner's step
 recomputed, as the thesis's proof of concept); ``benchmarks/bench_sampler.py`` imports it.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
 from regpipe.sampler import (LossDeltaOrderer, LossOrderer, LossSampler, StateSnapshot, frozen_running_stats,
                              sample_losses)
@@ -53,8 +54,9 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Call
 def naive_loss_delta_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                           candidates: list[Batch], external: Batch | None = None,
                           relative: bool = False) -> tuple[int, list[float]]:
-    """SPEC 6.2 by deep copies: score every candidate on a copy of (model, optimizer), then take the
-    winner's step again on the original. Returns ``(winner, scores)``; non-finite scores never win."""
+    """The maximum loss delta orderer (thesis section 2.4.2) by deep copies: score every candidate on a copy of
+    (model, optimizer), then take the winner's step again on the original. Returns ``(winner, scores)``;
+    non-finite scores never win."""
     scores = []
     for batch in candidates:
         trial_model, trial_opt = copy.deepcopy((model, optimizer))
@@ -364,7 +366,7 @@ def test_orderer_state_dict_round_trip() -> None:
         LossDeltaOrderer(make_batches(2), model, soft_target_cross_entropy, opt, k=3).load_state_dict(a.state_dict())
 
 
-# -- per-sample loss orderer / sampler (SPEC 6.1) ------------------------------------------------------------
+# -- per-sample loss orderer / sampler (thesis section 2.4.1) -------------------------------------------------
 class TableModel(nn.Module):
     """Logits looked up from the sample's first pixel (its index): per-sample losses are spread and known."""
 
@@ -422,6 +424,27 @@ def test_sample_losses_modes_restore_model() -> None:
     assert model.training and all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
 
 
+def test_default_prepare_is_the_plain_loader_batch() -> None:
+    # The samplers build their default batches with PlainBatch (layer 3 depends only on core and functional);
+    # it must give what a TorchLoader without mean/std gives, for uint8 and float images.
+    from regpipe.loaders.torch import TorchLoader
+    from regpipe.sampler import PlainBatch
+
+    g = torch.Generator().manual_seed(0)
+    labels, indices = torch.arange(6) % NUM_CLASSES, torch.arange(10, 16)
+    for images in (torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=g),
+                   torch.rand(6, 3, 4, 4, generator=g)):
+        got = PlainBatch(NUM_CLASSES)((images, labels, indices))
+        want = TorchLoader([], NUM_CLASSES).to_batch((images, labels, indices))
+        for field in ("inputs", "targets", "source_ids"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+    with pytest.raises(ValueError, match="out of range"):
+        PlainBatch(NUM_CLASSES)((torch.zeros(2, 3, 4, 4), torch.tensor([0, NUM_CLASSES]), torch.arange(2)))
+    with pytest.raises(ValueError, match="num_classes"):
+        PlainBatch(0)
+
+
 @pytest.mark.parametrize("weighting", ["direct", "inverse"])
 def test_loss_sampler_frequencies_follow_scores(weighting: str) -> None:
     data, model = table_data(12), TableModel(12)
@@ -455,7 +478,7 @@ def test_loss_sampler_bad_inputs_and_state_dict() -> None:
 def test_loss_sampler_with_dataloader() -> None:
     from torch.utils.data import DataLoader
 
-    from regpipe.data import ArrayDataset, ImageArrays
+    from regpipe.engine.data import ArrayDataset, ImageArrays
     images, labels = table_data(12)
     arrays = ImageArrays(images, labels, NUM_CLASSES, tuple("abcd"))
     sampler = LossOrderer(arrays, TableModel(12), batch_size=5)

@@ -1,8 +1,10 @@
-"""SIGN (SPEC 5): the functional iteration against closed forms and a per-sample reference, the model left
-untouched, the online op, checkpoints, offline generation (resume, ranks) and the CLI end to end."""
+"""SIGN (Asgari Taghanaki et al. 2019): the functional iteration against closed forms and a per-sample reference,
+the feature function taken from a model (tap, buffers left untouched), the online op and its contract (replay,
+state, reseed), checkpoints, offline generation (resume, ranks) and the CLI end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,13 +13,15 @@ import pytest
 import torch
 
 from regpipe import Batch
-from regpipe.checkpoint import load_checkpoint, save_checkpoint
+from regpipe.core import SignPlan
+from regpipe.engine.checkpoint import load_checkpoint, save_checkpoint
 from regpipe.cli import main
-from regpipe.data import load_dataset, stratified_indices
+from regpipe.engine.data import load_dataset, stratified_indices
 from regpipe.functional import sign
-from regpipe.models import preact_resnet_small
+from regpipe.engine.models import preact_resnet_small
+from regpipe.hooks.features import check_features, tapped_features
 from regpipe.ops.sign import SignAugment
-from regpipe.sign_offline import (
+from regpipe.engine.sign_dataset import (
     generate,
     load_sign_output,
     pixel_bounds,
@@ -77,23 +81,39 @@ def test_at_input_is_p_plus_k_eta_delta_of_p() -> None:
     assert not torch.allclose(sign(model.features, p, iters=9, eta=0.5), out[9])
 
 
-@pytest.mark.parametrize("tapped", [False, True])
-def test_snapshots_equal_separate_runs(tapped: bool) -> None:
-    model = _model().eval()
-    features = (model, "layer3") if tapped else model.features
-    x = _x()
-    both = sign(features, x, iters=5, snapshots=[5, 2])
-    assert list(both) == [2, 5]
-    for k in (2, 5):
-        torch.testing.assert_close(both[k], sign(features, x, iters=k), rtol=0, atol=0)
-
-
-def test_layer_pair_equals_callable_on_that_layer() -> None:
+@pytest.mark.parametrize("layer", [None, "layer3"])
+def test_snapshots_equal_separate_runs(layer: str | None) -> None:
     model = _model().eval()
     x = _x()
-    via_tap = sign((model, "layer2"), x, iters=3)
+    with tapped_features(model, layer) as features:
+        both = sign(features, x, iters=5, snapshots=[5, 2])
+        assert list(both) == [2, 5]
+        for k in (2, 5):
+            torch.testing.assert_close(both[k], sign(features, x, iters=k), rtol=0, atol=0)
+
+
+def test_tapped_layer_equals_callable_on_that_layer() -> None:
+    model = _model().eval()
+    x = _x()
+    with tapped_features(model, "layer2") as phi:
+        via_tap = sign(phi, x, iters=3)
     direct = sign(lambda v: model.layer2(model.layer1(model.conv1(v))), x, iters=3)
     torch.testing.assert_close(via_tap, direct, rtol=1e-6, atol=1e-6)
+    with tapped_features(model) as phi:  # no layer: the model's features() method
+        torch.testing.assert_close(sign(phi, x, iters=2), sign(model.features, x, iters=2), rtol=0, atol=0)
+
+
+def test_sign_is_pure_and_tapped_features_restores_buffers() -> None:
+    # sign() never touches a module: in training mode BatchNorm updates its running statistics through the
+    # feature function; tapped_features writes them back on exit.
+    model = _model().train()
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    sign(model.features, _x(), iters=2)
+    assert any(not torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    model = _model().train()
+    with tapped_features(model, keep_buffers=False) as phi:
+        sign(phi, _x(), iters=2)
+    assert any(not torch.equal(v, buffers[k]) for k, v in model.named_buffers())
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -103,8 +123,9 @@ def test_model_weights_grads_buffers_and_mode_untouched(mode: str) -> None:
     model.fc.weight.grad = torch.full_like(model.fc.weight, 7.0)  # an existing .grad must not change either
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    for features in (model.features, (model, "layer3")):
-        sign(features, _x(), iters=3)
+    for layer in (None, "layer3"):
+        with tapped_features(model, layer) as phi:
+            sign(phi, _x(), iters=3)
     assert model.training == (mode == "train")
     assert all(m.training == (mode == "train") for m in model.modules())
     for k, v in model.named_parameters():
@@ -147,8 +168,8 @@ def test_bad_inputs_are_named() -> None:
         sign(model.features, x, iters=0)
     with pytest.raises(ValueError, match="snapshot 101 is outside"):
         sign(model.features, x, iters=100, snapshots=[50, 101])
-    with pytest.raises(ValueError, match="no module named 'layer9'"):
-        sign((model, "layer9"), x, iters=1)
+    with pytest.raises(TypeError, match="tapped_features"):  # the old (model, layer) pair: sign is pure now
+        sign((model, "layer3"), x, iters=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="float32 or float64"):
         sign(model.features, x.to(torch.uint8), iters=1)
     with pytest.raises(ValueError, match="at must be"):
@@ -159,6 +180,22 @@ def test_bad_inputs_are_named() -> None:
         sign(lambda v: v.sum(), x, iters=1)
 
 
+def test_feature_function_errors_are_named() -> None:
+    model = _model().eval()
+    with pytest.raises(ValueError, match="no module named 'layer9'"):
+        check_features(model, "layer9")
+    with pytest.raises(ValueError, match="no module named 'layer9'"):
+        with tapped_features(model, "layer9"):
+            pass
+    with pytest.raises(ValueError, match="has no features\\(\\) method"):
+        check_features(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        check_features(lambda v: v)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="boom"), tapped_features(model, "layer3"):
+        raise RuntimeError("boom")
+    assert not model.layer3._forward_hooks  # the hook is removed on an exception too
+
+
 # --------------------------------------------------------------------------- the online op
 
 
@@ -166,7 +203,8 @@ def test_op_replaces_a_fraction_of_rows_with_their_transform() -> None:
     teacher = _model(classes=4)
     batch = Batch.from_labels(_x(9), torch.arange(9) % 4, num_classes=4)
     op = SignAugment(teacher, fraction=2 / 3, iters=(2, 5), seed=3)
-    plan = op.draw(batch.size, batch.device)
+    plan = op.draw(batch)
+    assert isinstance(plan, SignPlan) and plan.iters == (2, 5)
     assert plan.counts == (3, 3) and plan.rows.unique().numel() == 6
     out = op(batch, plan)
     torch.testing.assert_close(out.targets, batch.targets)
@@ -181,14 +219,68 @@ def test_op_replaces_a_fraction_of_rows_with_their_transform() -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("at", ["current", "input"])
+def test_op_replaying_a_plan_gives_identical_output(at: str) -> None:
+    op = SignAugment(_model(classes=4), fraction=0.5, iters=(1, 3), at=at, layer="layer3" if at == "input" else None,
+                     seed=7)
+    batch = Batch.from_labels(_x(8), torch.arange(8) % 4, num_classes=4)
+    plan = op.draw(batch)
+    first = op.apply(batch, plan)
+    state = op.rng.state_dict()["generator"].clone()
+    again = op.apply(batch, plan)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(op(batch, plan).inputs, first.inputs)
+    assert torch.equal(op.rng.state_dict()["generator"], state)  # apply draws nothing
+    assert not torch.equal(first.inputs, batch.inputs)  # the plan did change rows
+    assert torch.equal(batch.inputs, _x(8))  # the batch itself is not mutated
+
+
 def test_op_state_dict_resumes_the_row_draw() -> None:
-    op = SignAugment(_model(classes=4), fraction=0.5, iters=(1,), seed=5)
-    op.draw(10, "cpu")
+    op = SignAugment(_model(classes=4), fraction=0.5, iters=(1, 2), eta=0.5, at="input", seed=5)
+    batch = Batch.from_labels(_x(10), torch.arange(10) % 4, num_classes=4)
+    op.draw(batch)
     state = op.state_dict()
-    expected = [op.draw(10, "cpu").rows for _ in range(3)]
-    other = SignAugment(_model(classes=4), fraction=0.5, iters=(1,), seed=99)
+    assert {"rng", "fraction", "iters", "eta", "at"} <= set(state)
+    expected = [op.draw(batch) for _ in range(3)]
+    other = SignAugment(_model(classes=4), fraction=0.9, iters=(4,), seed=99)
     other.load_state_dict(state)
-    assert all(torch.equal(other.draw(10, "cpu").rows, e) for e in expected)
+    assert (other.fraction, other.iters, other.eta, other.at) == (0.5, (1, 2), 0.5, "input")
+    for e in expected:
+        got = other.draw(batch)
+        assert torch.equal(got.rows, e.rows) and got.counts == e.counts
+    with pytest.raises(KeyError, match="rng"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "rng"})
+    with pytest.raises(ValueError, match="fraction"):
+        other.load_state_dict({**state, "fraction": 2.0})
+    assert other.fraction == 0.5  # a rejected state changes nothing
+
+
+def test_op_reseed_equals_a_fresh_op_and_ranks_differ() -> None:
+    batch = Batch.from_labels(_x(12), torch.arange(12) % 4, num_classes=4)
+    op = SignAugment(_model(classes=4), fraction=0.5, iters=(1,), seed=0)
+    op.draw(batch)
+    op.reseed(21, 0)
+    fresh = SignAugment(_model(classes=4), fraction=0.5, iters=(1,), seed=21)
+    assert all(torch.equal(op.draw(batch).rows, fresh.draw(batch).rows) for _ in range(3))
+    op.reseed(21, 1)
+    fresh = SignAugment(_model(classes=4), fraction=0.5, iters=(1,), seed=21)
+    assert not all(torch.equal(op.draw(batch).rows, fresh.draw(batch).rows) for _ in range(3))
+
+
+def test_sign_plan_checks_itself() -> None:
+    rows = torch.tensor([3, 0, 5])
+    assert SignPlan(rows=rows, iters=[2, 4], counts=[2, 1]).iters == (2, 4)  # stored as tuples
+    with pytest.raises(ValueError, match="1-D int64"):
+        SignPlan(rows=rows.int(), iters=(2,), counts=(3,))
+    with pytest.raises(ValueError, match="ascending"):
+        SignPlan(rows=rows, iters=(4, 2), counts=(2, 1))
+    with pytest.raises(ValueError, match="sum to 2"):
+        SignPlan(rows=rows, iters=(2, 4), counts=(1, 1))
+    plan = SignPlan(rows=rows, iters=(2,), counts=(3,))
+    batch = Batch.from_labels(_x(4), torch.arange(4), num_classes=4)
+    with pytest.raises(ValueError, match="the batch has 4 rows"):
+        SignAugment(_model(classes=4), iters=(2,)).apply(batch, plan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.iters = (3,)  # type: ignore[misc]
 
 
 def test_op_edge_cases() -> None:
@@ -198,8 +290,12 @@ def test_op_edge_cases() -> None:
         SignAugment(_model(classes=4), fraction=1.5)
     with pytest.raises(ValueError, match="no module named 'nope'"):
         SignAugment(_model(classes=4), layer="nope")
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        SignAugment(_model(classes=4), iters=(0, 2))
     with pytest.raises(TypeError, match="normalised float inputs"):
         SignAugment(_model(classes=4), iters=(1,))(batch.replace(inputs=torch.zeros(4, 3, 32, 32, dtype=torch.uint8)))
+    with pytest.raises(TypeError, match="SignPlan"):
+        SignAugment(_model(classes=4), iters=(1,)).apply(batch, {"rows": torch.arange(2)})  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- checkpoints and offline generation
@@ -265,7 +361,7 @@ def test_offline_generation_shapes_labels_indices(checkpoint: Path, fake_dir: Pa
 def test_resume_after_interruption_gives_the_same_files(checkpoint: Path, fake_dir: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     generate(checkpoint, tmp_path / "whole", data_dir=str(fake_dir), **SETTINGS)
-    import regpipe.sign_offline as offline
+    import regpipe.engine.sign_dataset as offline
 
     real_write, calls = offline.write_npz, []
 
@@ -363,3 +459,12 @@ def test_save_checkpoint_checks_its_metadata(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1/1 values for 3 channels"):
         save_checkpoint(tmp_path / "m.pt", _model(), "preact-small", 10, (3, 32, 32), (0.5,), (0.5,))
     np.testing.assert_equal(list(tmp_path.iterdir()), [])
+
+
+def test_feature_function_module_examples_run() -> None:
+    import doctest
+
+    import regpipe.hooks.features as features
+
+    result = doctest.testmod(features, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,4 +1,5 @@
-"""gcc_weights properties (SPEC 1.3) and sum_mix against a per-row loop (SPEC 1.1)."""
+"""gcc_weights properties (Gradually Cascading Coefficients, Simionescu 2020, section 3.5) and sum_mix against
+a per-row loop (Sum Augmentation, section 3.3)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ ts = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
 
 def _gcc_reference(k0: int, t: float) -> list[float]:
-    """SPEC 1.3 written out literally, in plain Python."""
+    """The Gradually Cascading Coefficients written out literally, in plain Python: with s = t (k0 - 1),
+    e = min(floor(s), k0 - 2) inputs eliminated, f = s - e, m = k0 - e active inputs, the fading
+    coefficient is (1 - f) / m and the m - 1 main ones share the rest equally."""
     if k0 == 1:
         return [1.0]
     s = t * (k0 - 1)
@@ -64,7 +67,7 @@ def test_gcc_continuous_at_stage_boundaries(k0: int) -> None:
 @settings(max_examples=200, deadline=None)
 @given(k0=k0s, t1=ts, t2=ts)
 def test_gcc_monotone_in_t(k0: int, t1: float, t2: float) -> None:
-    """Monotonicity that the SPEC formula has: c_0 never decreases, the last coefficient never increases,
+    """Monotonicity that the coefficient formula has: c_0 never decreases, the last coefficient never increases,
     and every prefix sum c_0 + ... + c_j never decreases (mass only moves to the front). A middle
     coefficient rises while others fade and then fades itself, so it is unimodal, checked below."""
     lo, hi = sorted((t1, t2))

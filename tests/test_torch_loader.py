@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +261,14 @@ def test_mean_without_std_and_std_without_mean() -> None:
 def test_non_positive_std(std) -> None:
     with pytest.raises(ValueError, match=re.escape(f"std must be positive, got {std}")):
         TorchLoader([], num_classes=K, mean=MEAN, std=std)
+
+
+# ------------------------------------------------------------------ layers
+def test_loaders_import_nothing_from_the_engine() -> None:
+    # The loaders sit below the engine: no module of regpipe.loaders may import regpipe.engine (even in a function).
+    root = Path(__file__).resolve().parents[1] / "loaders"
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith(("regpipe.engine", "regpipe.cli")) for n in names), (path.name, names)

@@ -1,4 +1,4 @@
-"""Tests for Test-Time Sum Augmentation (SPEC 1.4): regpipe.functional.tta and regpipe.ops.tta."""
+"""Tests for Test-Time Sum Augmentation (Simionescu 2020, section 3.6): regpipe.functional.tta and regpipe.ops.tta."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from regpipe import TestTimeSumAugmentation
+from regpipe import Batch, TestTimeSumAugmentation
 from regpipe.functional.tta import test_time_sum_predict as tts_predict
-from regpipe.ops.tta import draw_partners
+from regpipe.ops.tta import TTAParams, draw_partners
 
 C, H, W, K = 2, 3, 3, 5
 
@@ -267,3 +267,70 @@ def test_op_single_row_batch_without_pool_errors() -> None:
     # With a pool one row is fine.
     probs = TestTimeSumAugmentation(k=2, draws=2).predict(make_model(), rand_images(1, 0), pool=rand_images(3, 1))
     torch.testing.assert_close(probs.sum(1), torch.ones(1))
+
+
+# ------------------------------------------------------------------ the op contract: draw, apply, replay
+def as_batch(x: torch.Tensor) -> Batch:
+    return Batch.from_labels(x, torch.arange(x.shape[0]) % K, K)
+
+
+def test_op_draw_then_predict_with_params_replays() -> None:
+    x, model = rand_images(6, 50), make_model(6)
+    tta = TestTimeSumAugmentation(k=3, draws=4, seed=8)
+    params = tta.draw(as_batch(x))
+    assert isinstance(params, TTAParams) and params.partners.shape == (4, 6, 2) and params.pool_size is None
+    assert (params.draws, params.batch_size, params.k) == (4, 6, 3)
+    # Same partners as predict() draws from the same generator state, and replaying them is exact.
+    fresh = TestTimeSumAugmentation(k=3, draws=4, seed=8).predict(model, x)
+    torch.testing.assert_close(tta.predict(model, x, params), fresh, rtol=0, atol=0)
+    torch.testing.assert_close(tta.predict(model, x, params), fresh, rtol=0, atol=0)
+    pool = rand_images(9, 51)
+    pooled = tta.draw(as_batch(x), pool_size=9)
+    assert pooled.pool_size == 9 and int(pooled.partners.max()) < 9
+    torch.testing.assert_close(tta.predict(model, x, pooled, pool=pool),
+                               naive_predict(model, x, pooled.partners, pool=pool))
+    with pytest.raises(ValueError, match="drawn for pool_size=None, got pool_size=9"):
+        tta.predict(model, x, params, pool=pool)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.5])
+def test_op_apply_builds_the_mixed_inputs_predict_averages(weight: float) -> None:
+    x, model = rand_images(5, 60), make_model(7)
+    batch = as_batch(x)
+    tta = TestTimeSumAugmentation(k=3, draws=2, weight=weight, seed=1)
+    params = tta.draw(batch)
+    mixed = tta.apply(batch, params)
+    assert mixed.size == 2 * 5 and mixed.mixing.sources.shape == (10, 3)
+    for j in range(2):
+        for i in range(5):
+            row = j * 5 + i
+            want = (weight * x[i] + x[params.partners[j, i]].sum(0)) / (weight + 2)
+            torch.testing.assert_close(mixed.inputs[row], want)
+            assert mixed.mixing.sources[row].tolist() == [i, *params.partners[j, i].tolist()]
+    torch.testing.assert_close(mixed.targets.sum(1), torch.ones(10))
+    probs = torch.softmax(model(mixed.inputs), 1).view(2, 5, K).mean(0)
+    torch.testing.assert_close(tta.predict(model, x, params), probs)  # up to float rounding
+    with pytest.raises(ValueError, match="reference pool of 9 rows"):
+        tta.apply(batch, tta.draw(batch, pool_size=9))
+    with pytest.raises(ValueError, match="drawn for 5 rows, the batch has 4"):
+        tta.apply(as_batch(x[:4]), params)
+
+
+def test_tta_params_validation_and_bad_weight() -> None:
+    with pytest.raises(ValueError, match=r"int64 tensor .* got torch.int32 of shape \(2, 4, 1\)"):
+        TTAParams(torch.zeros(2, 4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
+        TTAParams(torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="pool_size must be None or an integer >= 1, got 0"):
+        TTAParams(torch.zeros(2, 4, 1, dtype=torch.int64), pool_size=0)
+    with pytest.raises(ValueError, match="weight must be > 0, got 0"):
+        TestTimeSumAugmentation(weight=0)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        TestTimeSumAugmentation(chunk_size=0)
+
+
+def test_op_state_dict_restores_settings() -> None:
+    state = TestTimeSumAugmentation(k=3, draws=5, weight=2.0, seed=4, chunk_size=7).state_dict()
+    other = TestTimeSumAugmentation()
+    other.load_state_dict(state)
+    assert (other.k, other.draws, other.weight, other.chunk_size, other.rng.seed) == (3, 5, 2.0, 7, 4)

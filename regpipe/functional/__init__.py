@@ -1,4 +1,10 @@
-"""Pure functions: tensors in, tensors out, every random choice passed in (see SPEC.md)."""
+"""Pure functions: tensors in, tensors out, every random choice passed in.
+
+Each function's docstring states the formula it implements and the paper it comes from: Sum
+Augmentation and its schedules (:mod:`~regpipe.functional.sum_mix`, :mod:`~regpipe.functional.tta`),
+PatchUp (:mod:`~regpipe.functional.patchup`), the invariance loss (:mod:`~regpipe.functional.invariance`),
+saliency-map consistency (:mod:`~regpipe.functional.saliency`) and SIGN (:mod:`~regpipe.functional.sign`).
+"""
 
 from regpipe.functional.augment import (
     affine_from_pixels,
@@ -34,6 +40,7 @@ from regpipe.functional.patchup import (
 )
 from regpipe.functional.sign import sign
 from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
+from regpipe.functional.normalize import normalize
 from regpipe.functional.tta import test_time_sum_predict
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "affine_to_pixels",
     "brightness_contrast",
     "compose_affine",
+    "normalize",
     "crop_affine",
     "depth_weights",
     "flip_affine",

@@ -1,4 +1,9 @@
-"""Batch-level image augmentations with recorded, invertible parameters (SPEC 3.1).
+"""Batch-level image augmentations with recorded, invertible parameters.
+
+In-batch augmentation replication (Hernández-García, König & Kietzmann 2019, "Learning robust visual
+representations using data augmentation invariance", section 2.3) puts several transformed copies of
+each seed image in one batch; the invariance and saliency losses then compare a copy with its seed,
+which needs each copy's transform *recorded* and *invertible*. These are the pure functions behind it.
 
 Geometric transforms are 2x3 affine matrices ``theta`` in the ``torch.nn.functional.affine_grid``
 convention: they map *output* coordinates to *input* coordinates, both normalised to ``[-1, 1]``
@@ -19,24 +24,66 @@ Conventions of the matrix builders, per row (all tensors ``(N,)`` or ``(N, 2)``,
 
 DALI and other libraries state matrices in pixel coordinates; :func:`affine_from_pixels` and
 :func:`affine_to_pixels` convert (pixel centres at ``i + 0.5``, origin at the top-left corner).
+
+**Parameters from uniforms.** A random transform is declared once, as a *draw table*
+(:func:`draw_table`): rows ``[kind, slot, a, b, c, d]``, each saying which distribution (``kind``:
+:data:`CONSTANT`, :data:`BERNOULLI`, :data:`UNIFORM`, :data:`WINDOW`) fills which parameter *slot*
+(:data:`FLIP_X` ... :data:`PIVOT`) from how many uniforms. :func:`values_from_uniforms` reads the table
+in torch (the ops, on any device); the loaders' numba kernels read the same numbers per copy. A new
+transform is a new table (and, for a new kind of parameter, a new slot both readers know).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ANGLE",
+    "BERNOULLI",
+    "BRIGHTNESS",
+    "CENTER_X",
+    "CENTER_Y",
+    "CONSTANT",
+    "CONTRAST",
+    "DRAW_COLUMNS",
+    "FLIP_X",
+    "FLIP_Y",
+    "IDENTITY_VALUES",
+    "MEAN_PIVOT",
+    "NUM_SLOTS",
+    "PIVOT",
+    "SCALE",
+    "SHEAR_X",
+    "SHEAR_Y",
+    "SHIFT_X",
+    "SHIFT_Y",
+    "SIZE_X",
+    "SIZE_Y",
+    "UNIFORM",
+    "UNIFORMS_PER_DRAW",
+    "WINDOW",
+    "WINDOW_TRIES",
     "affine_from_pixels",
     "affine_matrix",
     "affine_to_pixels",
+    "bernoulli",
     "brightness_contrast",
     "compose_affine",
+    "constant",
     "crop_affine",
+    "crop_window",
+    "draw_table",
     "flip_affine",
     "invert_affine",
     "inverse_warp",
+    "table_uniforms",
+    "uniform",
     "valid_mask",
+    "values_from_uniforms",
     "warp",
 ]
 
@@ -242,3 +289,149 @@ def brightness_contrast(x: torch.Tensor, brightness: torch.Tensor, contrast: tor
         out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parameters from uniforms: the one declaration of a random transform, read by the ops and by the loaders' kernels.
+
+#: draw kinds (column 0 of a draw table)
+CONSTANT, BERNOULLI, UNIFORM, WINDOW = 0, 1, 2, 3
+#: tries of a :data:`WINDOW` draw before it falls back to the whole image (torchvision's count)
+WINDOW_TRIES = 10
+#: uniforms one draw of each kind consumes, indexed by kind
+UNIFORMS_PER_DRAW = (0, 1, 1, 2 * WINDOW_TRIES + 2)
+#: parameter slots (column 1 of a draw table): flips (1 = flipped), crop window size and centre, affine angle
+#: (degrees), scale, shift (fractions of width and height), shear (degrees), colour factors and contrast pivot.
+#: A transform's matrix is that of its flip, then its crop window, then its affine (``flip_affine``,
+#: ``crop_affine``, ``affine_matrix`` composed in that order; slots left at their identity values change nothing),
+#: which is how the loaders' kernels build it: a new transform that fits these slots needs no kernel change.
+(FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X, CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y,
+ BRIGHTNESS, CONTRAST, PIVOT) = range(15)
+NUM_SLOTS = 15
+#: the :data:`PIVOT` meaning "each image's mean" (a finite sentinel, not NaN: FFCV compiles its kernels with
+#: fastmath, which folds NaN tests away)
+MEAN_PIVOT = -1.0e30
+#: the slot values of "no change": a slot no draw writes keeps its value here
+IDENTITY_VALUES = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, MEAN_PIVOT)
+#: columns of a draw table: kind, slot, then the kind's settings a, b, c, d
+DRAW_COLUMNS = 6
+
+Row = tuple[float, float, float, float, float, float]
+
+
+def constant(slot: int, value: float) -> Row:
+    """Draw-table row: ``slot = value`` (a setting that travels with the parameters, no uniform)."""
+    return (CONSTANT, slot, float(value), 0.0, 0.0, 0.0)
+
+
+def bernoulli(slot: int, p: float) -> Row:
+    """Draw-table row: ``slot = 1 if u < p else 0`` (one uniform)."""
+    return (BERNOULLI, slot, float(p), 0.0, 0.0, 0.0)
+
+
+def uniform(slot: int, low: float, high: float) -> Row:
+    """Draw-table row: ``slot = low + u * (high - low)`` (one uniform)."""
+    return (UNIFORM, slot, float(low), float(high), 0.0, 0.0)
+
+
+def crop_window(area: tuple[float, float], ratio: tuple[float, float]) -> Row:
+    """Draw-table row of a random crop window: writes :data:`SIZE_X`, :data:`SIZE_Y`, :data:`CENTER_X`,
+    :data:`CENTER_Y` from ``2 * WINDOW_TRIES + 2`` uniforms (see :func:`values_from_uniforms`).
+
+    Args:
+        area: ``(low, high)`` window area as a fraction of the image area, ``0 < low <= high <= 1``.
+        ratio: ``(low, high)`` window aspect ratio (width / height, in fractions of the frame), ``> 0``.
+    """
+    return (WINDOW, SIZE_X, float(area[0]), float(area[1]), math.log(ratio[0]), math.log(ratio[1]))
+
+
+def draw_table(rows: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Rows from :func:`constant`, :func:`bernoulli`, :func:`uniform`, :func:`crop_window` as a ``(D, 6)`` float64
+    CPU tensor, the form the ops and the loaders' kernels read.
+
+    Raises:
+        ValueError: a row of the wrong length, an unknown kind or slot, or a window row not writing
+            :data:`SIZE_X` (the value is named).
+    """
+    for row in rows:
+        if len(row) != DRAW_COLUMNS:
+            raise ValueError(f"a draw-table row has {DRAW_COLUMNS} values [kind, slot, a, b, c, d], got {list(row)!r}")
+    table = torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64).reshape(-1, DRAW_COLUMNS)
+    _check_table(table)
+    return table
+
+
+def _check_table(table: torch.Tensor) -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != DRAW_COLUMNS:
+        raise ValueError(f"a draw table is a (D, {DRAW_COLUMNS}) tensor, got "
+                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    for kind, slot, *_ in table.tolist():
+        if kind not in (CONSTANT, BERNOULLI, UNIFORM, WINDOW):
+            raise ValueError(f"unknown draw kind {kind!r}; known: CONSTANT=0, BERNOULLI=1, UNIFORM=2, WINDOW=3")
+        if slot != int(slot) or not 0 <= slot < NUM_SLOTS or (kind == WINDOW and slot != SIZE_X):
+            raise ValueError(f"draw of kind {int(kind)} writes slot {slot!r}: slots are 0..{NUM_SLOTS - 1}, and a "
+                             f"WINDOW draw writes SIZE_X={SIZE_X} (and the three slots after it)")
+
+
+def table_uniforms(table: torch.Tensor) -> int:
+    """Uniforms one row of parameters consumes under the draw table ``table`` (``(D, 6)``)."""
+    _check_table(table)
+    return int(sum(UNIFORMS_PER_DRAW[int(kind)] for kind in table[:, 0].tolist()))
+
+
+def values_from_uniforms(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The slot values a draw table gives to ``N`` rows of uniforms (the torch reader of the table).
+
+    Rows of ``table`` consume consecutive columns of ``u`` in order (:data:`UNIFORMS_PER_DRAW`); slots no
+    row writes keep :data:`IDENTITY_VALUES`. The kinds:
+
+    - ``CONSTANT a``: ``a``. ``BERNOULLI p``: ``1`` if ``u < p`` else ``0``. ``UNIFORM a b``: ``a + u (b - a)``.
+    - ``WINDOW`` (area ``[a, b]``, log aspect ``[c, d]``): the random-resized-crop window of Szegedy et al.
+      (2015, "Going deeper with convolutions", section 6), drawn as torchvision's ``RandomResizedCrop``
+      does. Try ``t = 0 .. WINDOW_TRIES - 1``: area ``s_t = a + u_t (b - a)``, aspect
+      ``r_t = exp(c + u_{T+t} (d - c))``, width ``w_t = sqrt(s_t r_t)`` and height ``h_t = sqrt(s_t / r_t)``
+      as fractions of the frame; keep the first try with ``w_t <= 1`` and ``h_t <= 1``, or the whole
+      image (``w = h = 1``) when none fits. The centre is uniform over the positions that keep the window
+      inside the frame: ``c_x = (2 u_{2T} - 1)(1 - w)``, ``c_y = (2 u_{2T+1} - 1)(1 - h)`` (``T`` = tries).
+
+    Args:
+        table: ``(D, 6)`` draw table (:func:`draw_table`).
+        u: ``(N, P)`` float uniforms in ``[0, 1)``, ``P = table_uniforms(table)``, on any device.
+
+    Returns:
+        ``(N, NUM_SLOTS)`` values in ``u``'s dtype and device.
+
+    Raises:
+        ValueError: ``u`` is not ``(N, P)`` floating point (the shape is named).
+    """
+    count = table_uniforms(table)
+    if not isinstance(u, torch.Tensor) or not u.dtype.is_floating_point or u.dim() != 2 or u.shape[1] != count:
+        raise ValueError(f"expected (N, {count}) float uniforms for this draw table, got "
+                         f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}"
+                         f"{'' if not isinstance(u, torch.Tensor) else ' ' + str(u.dtype)}")
+    n = u.shape[0]
+    columns = [u.new_full((n,), v) for v in IDENTITY_VALUES]
+    k = 0
+    for kind, slot, a, b, c, d in table.tolist():
+        kind, slot = int(kind), int(slot)
+        if kind == CONSTANT:
+            columns[slot] = u.new_full((n,), a)
+        elif kind == BERNOULLI:
+            columns[slot] = (u[:, k] < a).to(u.dtype)
+        elif kind == UNIFORM:
+            columns[slot] = a + u[:, k] * (b - a)
+        else:
+            tries = WINDOW_TRIES
+            area = a + u[:, k:k + tries] * (b - a)
+            aspect = torch.exp(c + u[:, k + tries:k + 2 * tries] * (d - c))
+            w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
+            fits = (w <= 1.0) & (h <= 1.0)
+            first = fits.to(u.dtype).argmax(1, keepdim=True)  # argmax returns the first maximum: the first fit
+            found = fits.any(1)
+            width = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
+            height = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
+            columns[SIZE_X], columns[SIZE_Y] = width, height
+            columns[CENTER_X] = (u[:, k + 2 * tries] * 2.0 - 1.0) * (1.0 - width)
+            columns[CENTER_Y] = (u[:, k + 2 * tries + 1] * 2.0 - 1.0) * (1.0 - height)
+        k += UNIFORMS_PER_DRAW[kind]
+    return torch.stack(columns, 1)

@@ -1,9 +1,12 @@
-"""Data-augmentation invariance loss (SPEC 3.2, seed 003 eq. 3-4).
+"""Data-augmentation invariance loss (Hernández-García, König & Kietzmann 2019, section 2.3, eqs. 1, 3-4).
 
-For one layer, with activations flattened to ``a_k`` (``D`` values) and ``S_i`` the rows made from
-seed ``i``::
+The batch holds several augmented copies of each seed image. For one layer ``l``, with activations
+flattened to ``a_k`` (``D`` values), the distance of two rows is their mean squared difference (eq. 1),
+``sigma(k, k') = ||a_k - a_k'||^2 / D``, and with ``S_i`` the rows made from seed ``i`` and ``B`` the
+whole batch the loss (eq. 3) is the mean distance within a seed relative to the mean distance in the
+batch::
 
-    L_inv = mean_i [ 1/|S_i|^2 sum_{k,k' in S_i} ||a_k - a_k'||^2 / D ] / [ 1/|B|^2 sum_{k,k' in B} ||a_k - a_k'||^2 / D ]
+    L_inv = mean_i [ 1/|S_i|^2 sum_{k,k' in S_i} sigma(k, k') ] / [ 1/|B|^2 sum_{k,k' in B} sigma(k, k') ]
 
 A mean pairwise squared distance (self-pairs included) is twice the mean squared deviation from the
 set's mean, so the loss is (within-seed variance) / (whole-batch variance) and is computed from
@@ -26,7 +29,10 @@ __all__ = ["depth_weights", "invariance_loss"]
 
 
 def invariance_loss(acts: torch.Tensor, source_ids: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Within-seed over whole-batch activation variance for one layer.
+    """Within-seed over whole-batch activation variance for one layer (Hernández-García et al. 2019, eq. 3).
+
+    ``L_inv = mean_i var(S_i) / (var(B) + eps)``, with ``var(S) = 1/|S| sum_{k in S} ||a_k - mean_S a||^2 / D``
+    (half the mean pairwise distance of eq. 3; the factor 2 cancels in the ratio).
 
     Args:
         acts: ``(N, ...)`` activations (any floating dtype; computed in at least float32).
@@ -67,8 +73,17 @@ def invariance_loss(acts: torch.Tensor, source_ids: torch.Tensor, eps: float = 1
 
 
 def depth_weights(n_layers: int, alpha: float = 0.1, ratio: float = 10.0) -> list[float]:
-    """Per-layer coefficients ``alpha_l`` growing exponentially with depth, summing to ``alpha``, with
-    ``alpha_last / alpha_first = ratio`` (SPEC 3.2's reconstructed defaults: 0.1 and 10).
+    """Per-layer coefficients ``alpha_l`` of the total loss, growing exponentially with depth.
+
+    Hernández-García et al. (2019), eq. 4: ``L = (1 - alpha) L_task + sum_l alpha_l L_inv^l`` with
+    ``alpha = sum_l alpha_l``, the ``alpha_l`` "distributed across the layers according to an
+    exponential law" (deeper layers, like higher visual areas, more invariant). Here, for layers
+    ``l = 0 .. n-1``::
+
+        alpha_l = alpha * ratio^(l / (n - 1)) / sum_j ratio^(j / (n - 1))
+
+    so ``sum_l alpha_l = alpha`` and ``alpha_last / alpha_first = ratio``. The paper's values were lost
+    from our copy of it; the defaults ``alpha = 0.1``, ``ratio = 10`` are our reconstruction.
 
     Raises:
         ValueError: ``n_layers < 1``, ``alpha`` outside ``[0, 1]`` or ``ratio <= 0``.

@@ -1,4 +1,8 @@
-"""Losses on dense soft targets (SPEC.md sections 1.1 and 7)."""
+"""Losses on dense soft targets ``(N, K)`` (rows sum to 1), as every mixing op in regpipe produces them.
+
+Targets are built by adding the weights of each class, so two mixed partners of the same class give
+that class the full weight (a target that overwrites instead loses mass on same-class pairs).
+"""
 
 from __future__ import annotations
 
@@ -27,11 +31,18 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def multi_hot_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The Sum Augmentation paper's loss: sigmoid binary cross-entropy against the soft multi-hot target.
+    """The Sum Augmentation loss: sigmoid binary cross-entropy against the soft multi-hot target.
 
-    With ``k`` equally weighted inputs the target holds ``1/k`` on each mixed class (the multi-hot
-    vector divided by ``k``, SPEC 1.1), so each class is an independent "is this class in the mix"
-    output. Mean over ``N x K``. Args: logits ``(N, K)``, targets ``(N, K)``. Returns a scalar.
+    Simionescu (2020), section 3.3: the target of a sum of ``k`` inputs is ``Y~_c = n_c / k``, ``n_c``
+    the number of summed samples with label ``c`` (the multi-hot vector divided by ``k``), and the loss
+    is binary cross-entropy, so each class is an independent "is this class in the mix" output::
+
+        L = -(1 / (N K)) sum_{i,c} [ Y~_ic log sigmoid(z_ic) + (1 - Y~_ic) log(1 - sigmoid(z_ic)) ]
+
+    with logits ``z``. (The thesis computes "the binary cross entropy and [divides] it by k"; we read
+    the division as the target's ``1/k``, the same linear combination as the inputs' applied to the
+    one-hot labels; a constant factor on the loss would only rescale the learning rate.) Mean over
+    ``N x K``. Args: logits ``(N, K)``, targets ``(N, K)``. Returns a scalar.
     """
     _check_logits_targets(logits, targets)
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())

@@ -1,4 +1,9 @@
-"""PatchUp: block masks, hidden-feature mixing, targets and the three-term loss (SPEC.md section 2).
+"""PatchUp: block masks, hidden-feature mixing, targets and the three-term loss.
+
+PatchUp (Faramarzi, Amini, Badrinaaraayanan, Verma & Chandar 2022, AAAI; arXiv 2020, section 2) mixes
+contiguous blocks of the hidden feature maps of pairs of samples at a layer chosen at random per
+mini-batch; the official code is github.com/chandar-lab/PatchUp. Each function below states the
+equation it implements.
 
 Pure functions: every random draw (Bernoulli seeds, partner permutation, ``lam``, the CutMix centre)
 is passed in. :class:`regpipe.ops.PatchUp` samples them; :class:`regpipe.hooks.PatchUpHook` applies
@@ -49,10 +54,17 @@ def _check_mode(mode: str) -> None:
 
 
 def patchup_gamma(gamma: float, block_size: int, height: int, width: int) -> float:
-    """Seed probability that makes ``b x b`` blocks alter about ``gamma`` of a map (SPEC 2.2).
+    """Seed probability that makes ``b x b`` blocks alter about ``gamma`` of a map.
 
-    ``gamma_adj = gamma / b^2 * (H * W) / ((H - b + 1) * (W - b + 1))``, for the real (possibly
-    non-square) size of the map. Since ``b * (H - b + 1) >= H`` for ``1 <= b <= H``, the result never
+    Faramarzi et al. (2022), eq. 2 (DropBlock's rate, Ghiasi, Lin & Le 2018): a feature is a block seed
+    with probability::
+
+        gamma_adj = gamma / b^2 * (H * W) / ((H - b + 1) * (W - b + 1))
+
+    ``gamma / b^2`` because a seed alters a ``b x b`` block; ``H W / ((H - b + 1)(W - b + 1))`` because
+    seeds are counted over the valid region of block centres. Computed for the real (possibly
+    non-square) size of the map (the official code caches the value of the first map it sees).
+    Since ``b * (H - b + 1) >= H`` for ``1 <= b <= H``, the result never
     exceeds ``gamma``. (Overlapping blocks make the realised altered fraction smaller than ``gamma``;
     :func:`block_mask`'s tests pin the exact expectation.)
 
@@ -81,9 +93,11 @@ def patchup_gamma(gamma: float, block_size: int, height: int, width: int) -> flo
 
 
 def block_mask(seeds: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Expand Bernoulli block seeds to ``b x b`` squares (SPEC 2.2, the DropBlock construction).
+    """Expand Bernoulli block seeds to ``b x b`` squares (PatchUp's DropBlock construction, Faramarzi et al. 2022).
 
-    ``max_pool2d(seeds, b, stride=1, padding=b // 2)``: an odd block is centred on its seed; an even
+    Every feature whose seed is 1 alters the ``b x b`` square around it; overlapping squares merge into
+    larger patches. ``holes = max_pool2d(seeds, b, stride=1, padding=b // 2)`` (1 = altered, the mask
+    of the paper is ``M = 1 - holes``): an odd block is centred on its seed; an even
     block (whose pooled map is one row and column larger) is cropped back to ``H x W``, so it spans
     ``b // 2 - 1`` rows above its seed and ``b // 2`` below. Blocks are clipped at the border.
 
@@ -115,12 +129,15 @@ def block_mask(seeds: torch.Tensor, block_size: int) -> torch.Tensor:
     # and measured ~35 % faster on CPU, 1 thread, b = 7: 64x16x32x32 23.5 vs 35.9 ms; 16x32x32 0.35 vs 0.55 ms.
     holes = F.max_pool2d(seeds, (b, 1), stride=1, padding=(pad, 0))
     holes = F.max_pool2d(holes, (1, b), stride=1, padding=(0, pad))
-    # Even b: the pooled map is (H + 1) x (W + 1); keep the first H x W (SPEC 2.2, "clipped at the border").
+    # Even b: the pooled map is (H + 1) x (W + 1); keep the first H x W (blocks are clipped at the border).
     return holes[..., :height, :width]
 
 
 def unchanged_fraction(holes: torch.Tensor) -> torch.Tensor:
-    """Realised unchanged fraction ``u = 1 - mean(holes)`` of one sample's mask (SPEC 2.4).
+    """Realised unchanged fraction ``u = 1 - mean(holes)`` of one sample's mask.
+
+    The ``lambda`` of the PatchUp loss (Faramarzi et al. 2022, eq. 6: "the fraction of the unchanged
+    features"), measured on the mask actually drawn, as the official code does.
 
     Args:
         holes: ``(C, H, W)`` shared mask or ``(N, C, H, W)`` per-sample masks.
@@ -154,12 +171,15 @@ def _check_perm(perm: torch.Tensor, n: int) -> None:
 
 def patchup_mix(h: torch.Tensor, holes: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tensor,
                 mode: PatchUpMode) -> torch.Tensor:
-    """Mix the masked blocks of ``h`` with those of the partner rows ``h[perm]`` (SPEC 2.3).
+    """Mix the masked blocks of ``h`` with those of the partner rows ``h[perm]``.
 
-    With ``unchanged = (1 - holes) * h`` and ``patches = holes * h``:
+    Faramarzi et al. (2022), eqs. 3-5. With ``M = 1 - holes``, ``unchanged = M * h`` and
+    ``patches = holes * h``:
 
-    * hard: ``unchanged + patches[perm]``;
-    * soft: ``unchanged + lam * patches + (1 - lam) * patches[perm]``.
+    * Hard PatchUp (eq. 3), the blocks are swapped: ``h~ = unchanged + patches[perm]``;
+    * Soft PatchUp (eqs. 4-5), the blocks are interpolated as in mixup,
+      ``Mix_lam(a, b) = lam * a + (1 - lam) * b``: ``h~ = unchanged + lam * patches + (1 - lam) * patches[perm]``,
+      with ``lam ~ Beta(alpha, alpha)`` drawn by the caller.
 
     For per-sample masks the receiving row's mask decides which features are replaced (row ``i``
     takes ``holes[i] * h[perm[i]]``), so every altered feature gets exactly one partner value;
@@ -195,15 +215,16 @@ def patchup_mix(h: torch.Tensor, holes: torch.Tensor, perm: torch.Tensor, lam: f
 
 def patchup_targets(y: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tensor,
                     unchanged: float | torch.Tensor, mode: PatchUpMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PatchUp targets ``target_b`` and ``target_rw`` (SPEC 2.4); ``target_a`` is ``y`` itself.
+    """The PatchUp targets ``target_b`` and ``target_rw``; ``target_a`` is ``y`` itself.
 
-    With ``u = unchanged``, ``c = 1 - u``:
+    Faramarzi et al. (2022), eqs. 6-8. With ``u = unchanged`` (the unchanged fraction), ``c = 1 - u``:
 
-    * hard: ``target_b = y[perm]``; ``target_rw = u * y + c * y[perm]``;
+    * hard: ``target_b = y[perm]`` (the changed features are the partner's);
+      ``target_rw = u * y + c * y[perm]`` (eq. 7);
     * soft: ``target_b = lam * y + (1 - lam) * y[perm]``;
-      ``target_rw = u * y + lam * c * y + (1 - lam) * c * y[perm]``.
+      ``target_rw = u * y + lam * c * y + (1 - lam) * c * y[perm]`` (eq. 8).
 
-    Weights are added per class (SPEC 7), so same-class partners keep the full mass.
+    Weights are added per class, so same-class partners keep the full mass.
 
     Args:
         y: ``(N, K)`` floating one-hot or soft targets.
@@ -240,9 +261,14 @@ def _row_loss(probs: torch.Tensor, log_probs: torch.Tensor, target: torch.Tensor
 def patchup_loss(logits: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tensor,
                  unchanged: float | torch.Tensor, mode: PatchUpMode, kind: LossKind = "bce",
                  loss_alpha: float = 1.0, loss_beta: float = 1.0) -> torch.Tensor:
-    """The PatchUp loss (SPEC 2.4)::
+    """The PatchUp loss (Faramarzi et al. 2022, eq. 6; the weights as in the official code)::
 
         L = loss_alpha * l(out, y) * u + l(out, target_b) * (1 - u) + loss_beta * l(out, target_rw)
+
+    The first two terms are CutMix's loss (the unchanged fraction ``u`` weighs the row's own target,
+    the changed fraction the target of the changed features); the third is mixup's, with the
+    re-weighted target ``target_rw`` of :func:`patchup_targets`. ``loss_alpha = loss_beta = 1``
+    officially.
 
     ``kind="bce"`` (the official, faithful default): ``l`` is binary cross-entropy on the softmax
     probabilities, mean over ``N x K`` (``nn.BCELoss()(softmax(out), t)``, log clamped at -100 as
@@ -288,7 +314,10 @@ def patchup_loss(logits: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor
 
 def cutmix_box(height: int, width: int, lam: float | torch.Tensor,
                center: tuple[int | torch.Tensor, int | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CutMix box of input-space PatchUp (SPEC 2.5), and ``lam`` corrected to its clipped area.
+    """The CutMix box of input-space PatchUp, and ``lam`` corrected to its clipped area.
+
+    Faramarzi et al. (2022), section 2 "PatchUp in Input Space": at the input, one random rectangle is
+    swapped (Hard PatchUp with a CutMix box, Yun et al. 2019) and ``u`` is the kept area fraction.
 
     The box has sides ``floor(H * sqrt(1 - lam))`` by ``floor(W * sqrt(1 - lam))`` around ``center``,
     half-sides rounded down (CutMix's rule, so an odd side loses one row), clipped to the image.

@@ -1,13 +1,25 @@
-"""Vanilla-gradient saliency and the saliency-map consistency loss (SPEC 4, seed 004).
+"""Vanilla-gradient saliency and the saliency-map consistency loss (Al-afandi, Magyar & Horváth 2022).
 
-``S(x) = max_c |d f_y(x) / d x_c|`` per pixel, ``(N, H, W)``. For soft targets ``y`` (a mixed row)
-the score differentiated is ``sum_k y_k f_k(x)``, which is ``f_y`` for a one-hot row.
+Saliency (their section 2, eqs. 1-2, after Simonyan et al. 2014): the gradient of the ground-truth
+class score ``f_y`` with respect to the input pixels, reduced over the colour channels by the largest
+absolute value::
 
-Consistency (SPEC 4): each row's map is warped back to the loader's frame with the inverse of its
-recorded affine, pixels that left the frame are masked out, every map is divided by its (masked)
-maximum plus ``eps``, and the masked mean squared difference to the map of the seed's reference row
-is averaged over the rows. For rows produced by mixing, the expected map is the same mix of the
-parents' maps, compared in the mixed row's own frame.
+    S(x)[h, w] = max_c | d f_y(x) / d x[c, h, w] |          (N, C, H, W) -> (N, H, W)
+
+For soft targets ``y`` (a mixed row) the score differentiated is ``sum_k y_k f_k(x)``, which is ``f_y``
+for a one-hot row.
+
+Consistency (section 4, eq. 7): the batch holds originals and augmented copies ``T(x)``; the map of an
+augmented copy, warped back with the inverse transform, should match the original's map::
+
+    L_sal = d( S(x), T^-1(S(T(x))) )
+
+The paper normalises every map individually and takes the mean squared distance. Ours: each map is
+divided by its maximum plus ``eps`` (over the pixels that are valid in both maps), pixels that fall
+outside the frame after the inverse warp are ignored, and every row's map is compared with the map
+of its seed's reference row (both warped back). For mixing augmentations (MixUp, Sum Augmentation)
+the expected map is the same mix of the parents' maps (section 4: "blended together with the same
+opacity"), compared in the mixed row's own frame.
 
 Example:
     >>> import torch
@@ -52,7 +64,8 @@ def _score_weights(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def saliency_from_logits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                          create_graph: bool = False) -> torch.Tensor:
-    """Saliency maps from logits already computed on ``x`` (``x.requires_grad`` must be True).
+    """Saliency maps ``S(x) = max_c |d score / d x_c|`` from logits already computed on ``x``
+    (``x.requires_grad`` must be True); ``score = sum_i sum_k y_ik logits_ik`` (per row ``f_{y_i}``).
 
     Args:
         logits: ``(N, K)`` model output on ``x``.
@@ -72,7 +85,10 @@ def saliency_from_logits(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 
 def saliency(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              create_graph: bool = False) -> torch.Tensor:
-    """Vanilla-gradient saliency ``max_c |d f_y / d x_c|`` of ``model`` at ``x`` (SPEC 4).
+    """Vanilla-gradient saliency ``S(x) = max_c |d f_y / d x_c|`` of ``model`` at ``x``.
+
+    Al-afandi, Magyar & Horváth (2022), eqs. 1-2 (the gradient map of Simonyan et al. 2014, its
+    channels reduced by the largest absolute value).
 
     Args:
         model: ``(N, C, H, W) -> (N, K)`` logits (its mode is left as it is).
@@ -96,7 +112,10 @@ def saliency(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
 
 def normalize_maps(maps: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Each ``(H, W)`` map divided by its maximum over ``mask`` (``(N, H, W)`` bool) plus ``eps``;
-    masked-out pixels are set to 0 (SPEC 4, ours: max normalisation)."""
+    masked-out pixels are set to 0: ``S~ = S * mask / (max(S * mask) + eps)``.
+
+    The paper (Al-afandi et al. 2022, section 4) normalises every map individually without saying how;
+    division by the maximum is ours (the maps are ``>= 0``, so ``S~`` lies in ``[0, 1)``)."""
     if mask is not None:
         maps = maps * mask.to(maps.dtype)
     peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1)
@@ -115,7 +134,13 @@ def reference_rows(source_ids: torch.Tensor) -> torch.Tensor:
 
 def saliency_consistency_loss(maps: torch.Tensor, affine: torch.Tensor, source_ids: torch.Tensor,
                               eps: float = 1e-6) -> torch.Tensor:
-    """Mean over rows of the masked MSE between ``T^-1(S(T(x)))`` and the seed reference's map (SPEC 4).
+    """Mean over rows of the masked MSE between ``T^-1(S(T(x)))`` and the seed reference's map.
+
+    Al-afandi, Magyar & Horváth (2022), eq. 7 with the squared distance of normalised maps: for every
+    row ``i`` that is not its seed's reference row ``r``, with ``B_j = T_j^-1(S_j)`` the row's map
+    warped back and ``m`` the pixels valid in both ``B_i`` and ``B_r``::
+
+        L_sal = mean_i  sum_m (S~(B_i) - S~(B_r))^2 / |m|        S~ = :func:`normalize_maps` over m
 
     Every row's map is warped back to the loader's frame with the inverse of its ``affine`` (the
     reference row's too, so the reference need not be the untouched original), pixels outside the
@@ -154,13 +179,18 @@ def saliency_consistency_loss(maps: torch.Tensor, affine: torch.Tensor, source_i
 
 def mixed_saliency_loss(maps: torch.Tensor, parent_maps: torch.Tensor, sources: torch.Tensor,
                         weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Saliency consistency for mixed rows: the expected map of row ``i`` is
-    ``sum_g weights[i, g] * parent_maps[sources[i, g]]`` (the same mix as the inputs, SPEC 4).
+    """Saliency consistency for mixed rows: the expected map of row ``i`` is the same mix of its parents' maps,
+
+        E_i = sum_g weights[i, g] * parent_maps[sources[i, g]]
+        L   = mean_{i, h, w} (S~(maps_i) - S~(E_i))^2            S~ = :func:`normalize_maps`
+
+    (Al-afandi, Magyar & Horváth 2022, section 4: for MixUp-like augmentations the individual maps
+    are "blended together with the same opacity").
 
     Args:
         maps: ``(N_out, H, W)`` maps of the mixed rows.
         parent_maps: ``(N, H, W)`` maps of the batch before mixing.
-        sources, weights: ``(N_out, k)`` the :class:`~regpipe.batch.MixRecord`'s rows and weights.
+        sources, weights: ``(N_out, k)`` the :class:`~regpipe.core.batch.MixRecord`'s rows and weights.
 
     Returns:
         0-d tensor: mean squared difference of the max-normalised maps.

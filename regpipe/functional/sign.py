@@ -1,20 +1,34 @@
-"""SIGN, Signed Input Regularization: iterative Jacobian input transform (SPEC 5; seed 000, Algorithm 1).
+"""SIGN, Signed Input Regularization: an iterative input transform along the Jacobian of a trained model.
 
-Given the activations ``Phi(x)`` of the layer before the logits of a trained model,
+Asgari Taghanaki, Abhishek & Hamarneh (2019), "Signed Input Regularization". Section 2.1 models the
+layer before the logits of a trained model as a smooth map ``Phi: R^n -> R^m`` and its push-forward
+at an input ``p`` by the Jacobian ``[Phi_{*,p}]^a_i = dPhi^a / dx^i |_p`` (eqs. 5-6). Summing the
+Jacobian over the output units ``a`` gives one input-space vector per sample,
+
+    delta(x) = sum_a grad_x Phi^a(x)        (an (n,)-vector: the column sums of the Jacobian),
+
+whose sign says which input variables raise the layer's activations; variables pushed negative are
+the ones the next ReLU discards. Algorithm 1 (section 2.2, "Iterative SIGN") adds it ``K`` times::
 
     p*_0 = p
-    delta_k = grad_x sum_a Phi^a(x)        at x = p*_k (``at="current"``) or x = p (``at="input"``)
-    p*_{k+1} = p*_k + eta * delta_k
+    p*_{k+1} = p*_k + eta * delta(x_k),      k = 0 .. K-1
+    return p*_K
 
-One vector-Jacobian product per iteration (``torch.autograd.grad`` with respect to the input only):
-the model's weights get no ``.grad``, weight gradients are not even computed, and the graph of an
-iteration is freed before the next one. ``at="input"`` needs one product in all:
-``p*_K = p + K * eta * delta(p)``.
+The paper prints ``delta`` at ``p`` (``x_k = p``, ``at="input"``), which makes the iteration the
+rescaling ``p*_K = p + K * eta * delta(p)``; :func:`sign` evaluates it at the current iterate by
+default (``x_k = p*_k``, ``at="current"``), the reading under which the iteration is more than a
+rescaling. The paper's step is ``eta = 1``, ``K`` is 50 and 100 (section 3), and the iterates are not
+clamped (their point is that values leave the input range); ``eta`` and an optional clamp are ours.
 
-The model runs in the mode it is in. Pass a model in eval mode (the usual case, a trained model's
-inference function); in training mode BatchNorm normalises with batch statistics, so the rows of a
-batch interact. Either way the model's buffers (BatchNorm running statistics and counters) are saved
-before the first iteration and written back afterwards, so a call leaves the model exactly as it was.
+``delta`` is one vector-Jacobian product with a vector of ones (``torch.autograd.grad`` with respect
+to the input only): weights get no ``.grad``, weight gradients are not even computed, and the graph
+of an iteration is freed before the next one. ``at="input"`` needs one product in all.
+
+This module is pure: it takes the feature function ``x -> Phi(x)`` and never touches a model. To
+differentiate a named layer of a model (through a forward hook), or to leave a model's BatchNorm
+buffers exactly as they were, use :func:`regpipe.hooks.features.tapped_features`. Run the model in
+eval mode (the usual case, a trained model's inference function): in training mode BatchNorm
+normalises with batch statistics, so the rows of a batch interact.
 
 Example:
     >>> import torch
@@ -31,21 +45,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
-from regpipe.hooks.tap import FeatureTap, find_module, unwrap_model
+__all__ = ["At", "FeatureFn", "check_snapshots", "sign"]
 
-__all__ = ["FeatureFn", "Features", "check_snapshots", "feature_fn", "resolve_features", "sign"]
-
-#: ``x (N, ...) -> activations (N, ...)`` of the layer before the logits.
+#: ``x (N, ...) -> activations (N, ...)`` of the layer before the logits (``Phi`` of the paper).
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-#: A feature function, or ``(model, module_name)``: the output of that module, read by a :class:`FeatureTap`.
-Features = FeatureFn | tuple[nn.Module, str]
+#: Where ``delta`` is evaluated: at the current iterate, or at the input ``p`` (Algorithm 1 as printed).
 At = Literal["current", "input"]
 Bound = float | torch.Tensor
 
@@ -74,62 +83,6 @@ def check_snapshots(iters: int, snapshots: Iterable[int] | None) -> list[int]:
     return sorted(set(steps))
 
 
-def feature_fn(model: nn.Module, layer: str | None = None) -> Features:
-    """What SIGN differentiates for ``model``: ``(model, layer)`` when a layer is named, else the model's
-    ``features`` method (the built-in PreAct-ResNets: the pooled vector before the classifier).
-
-    Raises:
-        ValueError: no layer named and the model has no ``features()`` method.
-    """
-    if layer:
-        find_module(model, layer)  # ValueError naming the layer now, not at the first call
-        return (model, layer)
-    inner = unwrap_model(model)
-    method = getattr(inner, "features", None)
-    if not callable(method):  # a missing setting (the layer) rather than a wrong type: ValueError
-        raise ValueError(f"model {type(inner).__name__} has no features() method: name the layer before the "  # noqa: TRY004
-                         "logits (--sign-layer / --layer NAME)")
-    return method
-
-
-def resolve_features(features: Features) -> tuple[FeatureFn, Callable[[], None], nn.Module | None]:
-    """``(feature_fn, close, module_whose_buffers_to_protect)`` for a callable or a ``(model, name)`` pair.
-
-    Raises:
-        ValueError: the named module does not exist (the message lists names that do).
-        TypeError: ``features`` is neither a callable nor a ``(torch.nn.Module, str)`` pair.
-    """
-    if isinstance(features, tuple):
-        if len(features) != 2 or not isinstance(features[0], nn.Module) or not isinstance(features[1], str):
-            raise TypeError(f"features as a tuple must be (torch.nn.Module, layer_name), got {features!r}")
-        model, name = features
-        tap = FeatureTap(model, [name])  # ValueError naming the layer when it does not exist
-
-        def tapped(x: torch.Tensor) -> torch.Tensor:
-            tap.clear()
-            model(x)
-            return tap.outputs()[name]
-
-        return tapped, tap.close, model
-    if not callable(features):
-        raise TypeError(f"features must be a callable or a (model, layer_name) pair, got {type(features).__name__}")
-    owner = features if isinstance(features, nn.Module) else getattr(features, "__self__", None)
-    return features, lambda: None, owner if isinstance(owner, nn.Module) else None
-
-
-@contextmanager
-def _buffers_kept(module: nn.Module | None) -> Iterator[None]:
-    """Save ``module``'s buffers and write them back on exit (BatchNorm in training mode updates them)."""
-    buffers = [] if module is None else [b for b in module.buffers() if b is not None]
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
-
-
 def _bounds(clamp: tuple[Bound, Bound] | None, x: torch.Tensor) -> tuple[Bound, Bound] | None:
     if clamp is None:
         return None
@@ -149,7 +102,8 @@ def _bounds(clamp: tuple[Bound, Bound] | None, x: torch.Tensor) -> tuple[Bound, 
 
 
 def _delta(fn: FeatureFn, x: torch.Tensor) -> torch.Tensor:
-    """``grad_x sum_a Phi^a(x)``: one forward and one input-only backward."""
+    """``delta(x) = grad_x sum_a Phi^a(x)`` (Asgari Taghanaki et al. 2019, Algorithm 1 line 3), every row at
+    once: one forward and one input-only backward."""
     leaf = x.detach().requires_grad_(True)
     out = fn(leaf)
     if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
@@ -163,38 +117,51 @@ def _delta(fn: FeatureFn, x: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def sign(features: Features, x: torch.Tensor, iters: int, eta: float = 1.0, at: At = "current",
+def sign(features: FeatureFn, x: torch.Tensor, iters: int, eta: float = 1.0, at: At = "current",
          snapshots: Sequence[int] | None = None,
          clamp: tuple[Bound, Bound] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
-    """Transform a batch with iterative SIGN (SPEC 5).
+    """Transform a batch with iterative SIGN (Asgari Taghanaki, Abhishek & Hamarneh 2019, Algorithm 1).
+
+    With ``Phi = features`` and ``delta(x) = grad_x sum_a Phi^a(x)``::
+
+        p*_0 = x
+        p*_k = P(p*_{k-1} + eta * delta(p*_{k-1}))       at="current" (default)
+        p*_k = P(x + k * eta * delta(x))                 at="input" (the paper's delta at p)
+
+    where ``P`` is the projection onto ``[low, high]`` when ``clamp`` is given, else the identity.
 
     Args:
         features: ``x -> (N, D)`` (or ``(N, ...)``) activations of the layer before the logits, e.g. a
-            model's ``features`` method; or ``(model, layer_name)``: the output of that module, read
-            through a :class:`~regpipe.hooks.FeatureTap` (the rest of the forward runs too).
+            trained model's ``features`` method; rows must not interact (a model in eval mode). For a
+            named layer of a model use :func:`regpipe.hooks.features.tapped_features`, which also
+            restores the model's buffers.
         x: ``(N, ...)`` float32 (or float64) model inputs (normalised as the model expects). For mixed
             precision call under ``torch.autocast``: the forward runs in half precision, the iterate
             stays float32.
         iters: ``K >= 1``, the number of iterations.
         eta: the step size (the paper's is 1).
-        at: ``"current"`` (default, SPEC 5): delta at the current iterate; ``"input"``: delta at ``p``
-            every time (Algorithm 1 as printed), which gives ``p + k * eta * delta(p)``.
+        at: ``"current"``: ``delta`` at the current iterate; ``"input"``: ``delta`` at ``x`` every
+            time (Algorithm 1 as printed), which gives ``x + k * eta * delta(x)`` with one product.
         snapshots: iteration counts in ``[1, iters]`` to return from the one pass, e.g. ``[50, 100]``.
         clamp: ``(low, high)``, numbers or tensors broadcastable to one input (per-channel bounds as
             ``(C, 1, 1)``): every iterate is projected onto ``[low, high]`` (for ``at="input"`` the
-            closed form is clamped, the same when ``p`` lies within the bounds). ``None``: no bounds,
+            closed form is clamped, the same when ``x`` lies within the bounds). ``None``: no bounds,
             the paper's (its point is that values leave the input range).
 
     Returns:
         ``p*_K``, ``(N, ...)`` like ``x``; with ``snapshots``: ``{k: p*_k}`` in ascending ``k``.
 
     Raises:
-        TypeError: ``x`` is not a float32/float64 tensor, or bad ``features``/``clamp`` types.
-        ValueError: bad ``iters``/``snapshots``/``eta``/``at``/``clamp``, a missing feature layer, or
-            features that are not ``(N, ...)``.
+        TypeError: ``features`` is not callable, ``x`` is not a float32/float64 tensor, or a bad
+            ``clamp`` type.
+        ValueError: bad ``iters``/``snapshots``/``eta``/``at``/``clamp``, or features that are not
+            ``(N, ...)``.
         RuntimeError: called under ``torch.inference_mode`` (no autograd there).
     """
     steps = check_snapshots(iters, snapshots)
+    if not callable(features):
+        raise TypeError(f"features must be a callable x -> activations, got {type(features).__name__}; "
+                        "for a named layer of a model use regpipe.hooks.features.tapped_features(model, layer)")
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x must be a float32 or float64 tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -207,24 +174,20 @@ def sign(features: Features, x: torch.Tensor, iters: int, eta: float = 1.0, at: 
     if torch.is_inference_mode_enabled():
         raise RuntimeError("sign needs autograd: call it outside torch.inference_mode()")
     bounds = _bounds(clamp, x)
-    fn, close, owner = resolve_features(features)
     wanted, out = set(steps), {}
-    try:
-        with _buffers_kept(owner), torch.enable_grad():
-            p = x.detach()
-            if at == "input":
-                delta = _delta(fn, p)
-                for k in steps:
-                    xk = torch.add(p, delta, alpha=k * float(eta))
-                    out[k] = xk if bounds is None else torch.clamp(xk, *bounds)
-            else:
-                xk = p
-                for k in range(1, steps[-1] + 1):
-                    xk = torch.add(xk, _delta(fn, xk), alpha=float(eta))
-                    if bounds is not None:
-                        xk = torch.clamp(xk, *bounds)
-                    if k in wanted:
-                        out[k] = xk
-    finally:
-        close()
+    with torch.enable_grad():
+        p = x.detach()
+        if at == "input":
+            delta = _delta(features, p)
+            for k in steps:
+                xk = torch.add(p, delta, alpha=k * float(eta))
+                out[k] = xk if bounds is None else torch.clamp(xk, *bounds)
+        else:
+            xk = p
+            for k in range(1, steps[-1] + 1):
+                xk = torch.add(xk, _delta(features, xk), alpha=float(eta))
+                if bounds is not None:
+                    xk = torch.clamp(xk, *bounds)
+                if k in wanted:
+                    out[k] = xk
     return out if snapshots is not None else out[steps[-1]]

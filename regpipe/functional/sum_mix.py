@@ -1,4 +1,8 @@
-"""Sum Augmentation: the weighted sum of k inputs and of their targets (SPEC.md section 1).
+"""Sum Augmentation: the weighted sum of k inputs and of their targets.
+
+Sum Augmentation, its cascading schedule and its gradual (GCC) variant come from the master's thesis
+"Deep Learning Training Procedure Augmentations" (Simionescu, Alexandru Ioan Cuza University, 2020),
+chapter 3. The formulas each function implements are written in its docstring.
 
 Pure functions: every random choice (the permutations of the permutation mode) is passed in.
 """
@@ -10,17 +14,32 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gcc_weights", "sum_mix", "mix_sources", "check_weights"]
+__all__ = ["gcc_weights", "sum_mix", "mix_sources", "check_weights", "group_rows"]
 
 # Tolerance for "the weights sum to one": float32 rounding of k <= 64 terms stays far below it.
 _WEIGHT_SUM_TOL = 1e-4
 
 
 def gcc_weights(k0: int, t: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Gradually Cascading Sum Augmentation coefficients (SPEC 1.3, reconstructed from the thesis).
+    """The Gradually Cascading Coefficients (GCC) of Gradually Cascading Sum Augmentation.
 
-    The weights move continuously from the uniform average of ``k0`` inputs (``t = 0``) to a single
-    input (``t = 1``): one coefficient at a time fades to zero and hands its mass to the others.
+    Simionescu (2020), section 3.5, eqs. 3.1-3.6 (the printed equations were lost from our copy of
+    the thesis; this is our reconstruction from its prose and its figure 3.4). The weights move
+    continuously from the uniform average of ``k0`` inputs (``t = 0``) to a single input (``t = 1``):
+    one coefficient at a time fades to zero and hands its mass to the others. With
+    ``s = t * (k0 - 1)``::
+
+        e = min(floor(s), k0 - 2)          inputs already eliminated
+        f = s - e                          progress through the current stage, in [0, 1]
+        m = k0 - e                         active inputs, the fading one included
+        c_j = (1 - f) / m                  for j = m - 1            (the fading coefficient)
+        c_j = (1 - c_{m-1}) / (m - 1)      for j < m - 1            (the "main" coefficients)
+        c_j = 0                            for j > m - 1
+
+    and ``c = [1]`` when ``k0 = 1``. Then ``sum(c) = 1``, ``c >= 0``, ``t = 0`` gives ``1/k0``
+    everywhere, ``t = 1`` gives ``[1, 0, ..., 0]``, and ``c`` is continuous and each coefficient
+    monotone in ``t`` (at a stage boundary ``f = 1`` the fading coefficient is 0 and the main ones are
+    ``1 / (m - 1)``, which is where the next stage starts with ``f = 0``).
 
     Args:
         k0: number of inputs mixed at the start (>= 1).
@@ -69,14 +88,14 @@ def check_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
 def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_remainder: bool = False) -> torch.Tensor:
     """Row indices that :func:`sum_mix` combines: output row ``i`` mixes rows ``sources[i, :]``.
 
-    Group mode (``perms is None``): ``sources[i, g] = g * n + i`` with ``n = n_rows // k``.
+    Group mode (``perms is None``): ``sources[i, g] = g * n + i`` with ``n = group_rows(n_rows, k)``.
     Permutation mode: ``sources[:, 0] = arange(n_rows)`` and ``sources[:, g] = perms[g - 1]``.
 
     Returns:
         ``(N_out, k)`` int64 tensor (on ``perms``' device in permutation mode, else the CPU).
     """
     if perms is None:
-        n = _group_rows(n_rows, k, drop_remainder)
+        n = group_rows(n_rows, k, drop_remainder)
         return torch.arange(k * n).view(k, n).t().contiguous()
     _check_perms(perms, n_rows, k)
     first = torch.arange(n_rows, device=perms.device).unsqueeze(0)
@@ -86,13 +105,22 @@ def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_rem
 def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[float], *,
             perms: torch.Tensor | None = None, drop_remainder: bool = False,
             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum of k inputs and of their soft targets (SPEC 1.1 and 1.3).
+    """Weighted sum of k inputs and of their soft targets (Sum Augmentation).
 
-    Group mode (``perms=None``, the thesis's): the batch is split into ``k = len(weights)`` sum
-    groups of ``n = N / k`` rows and ``out_i = sum_g weights[g] * x[g*n + i]``; the output has ``n``
-    rows. Permutation mode (ours): ``out_i = weights[0] * x[i] + sum_{g>=1} weights[g] * x[perms[g-1, i]]``;
-    the output keeps ``N`` rows. Targets are mixed alike, by *adding* weights per class, so partners
-    of the same class give that class the full weight. Groups whose weight is zero are not read.
+    Group mode (``perms=None``; Simionescu 2020, section 3.3): the batch is split into
+    ``k = len(weights)`` sum groups of ``n = N / k`` rows and row ``i`` of the output is::
+
+        x~_i = sum_{g<k} c_g * x_{g*n + i}          y~_i = sum_{g<k} c_g * y_{g*n + i}
+
+    with ``c_g = weights[g]``: ``1/k`` for plain Sum Augmentation (the thesis averages the sum
+    group), the GCC coefficients of :func:`gcc_weights` for the gradual variant (section 3.5). The
+    output has ``n`` rows. Permutation mode (ours, mixup-style pairing generalised to ``k`` inputs)::
+
+        x~_i = c_0 * x_i + sum_{g>=1} c_g * x_{perms[g-1, i]}
+
+    keeps ``N`` rows. Targets are mixed alike, by *adding* weights per class, so partners of the same
+    class give that class the full weight (the thesis's target: the number of summed samples with
+    each label, divided by ``k``). Groups whose weight is zero are not read.
 
     Args:
         x: ``(N, ...)`` inputs, float or uint8 (uint8 is mixed in ``out_dtype``, float32 by default).
@@ -121,7 +149,7 @@ def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[f
     n_rows = x.shape[0]
 
     if perms is None:
-        n = _group_rows(n_rows, k, drop_remainder)
+        n = group_rows(n_rows, k, drop_remainder)
         parts_x = [x[g * n:(g + 1) * n] for g in range(k)]
         parts_y = [y[g * n:(g + 1) * n] for g in range(k)]
     else:
@@ -143,7 +171,25 @@ def _weighted_sum(parts: list[torch.Tensor], weights: list[float], dtype: torch.
     return out
 
 
-def _group_rows(n_rows: int, k: int, drop_remainder: bool) -> int:
+def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
+    """Rows per sum group, ``n = N // k``, when a batch of ``N = n_rows`` rows is split into ``k`` groups.
+
+    Group-mode Sum Augmentation (Simionescu 2020, section 3.3) needs ``k`` to divide the batch size;
+    with ``drop_remainder`` the last ``N % k`` rows are left out instead.
+
+    Args:
+        n_rows: batch size ``N``.
+        k: number of sum groups (``k >= 1``).
+        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed).
+
+    Returns:
+        ``n = N // k``.
+
+    Raises:
+        ValueError: ``k < 1``, ``k > N``, or ``k`` does not divide ``N`` and ``drop_remainder`` is False.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if k > n_rows:
         raise ValueError(f"k={k} sum groups need at least k rows, the batch has {n_rows}")
     if n_rows % k and not drop_remainder:

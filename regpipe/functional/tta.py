@@ -1,4 +1,4 @@
-"""Test-Time Sum Augmentation (SPEC.md section 1.4)."""
+"""Test-Time Sum Augmentation (Simionescu, "Deep Learning Training Procedure Augmentations", 2020, section 3.6)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ def test_time_sum_predict(model: Callable[[torch.Tensor], torch.Tensor], x: torc
                           chunk_size: int = 1024) -> torch.Tensor:
     """Average the softmax over ``M`` mixes of every input with ``k - 1`` partners.
 
-    ``x~_j = (w * x + sum_r pool[partners[j, :, r]]) / (w + k - 1)`` and
-    ``p(x) = mean_j softmax(model(x~_j))``. All ``M * N`` mixed inputs go through the model in
-    batched forward passes of at most ``chunk_size`` rows.
+    Test-Time Sum Augmentation (Simionescu 2020, section 3.6, a generalised Mixup Inference): the
+    input ``x`` to predict is summed ``M`` times with ``k - 1`` random other inputs ``x_{rho_{j,r}}``,
+    its own weight ``w`` trading robustness for clean accuracy, and the predictions are averaged::
+
+        x~_j = (w * x + sum_{r<k-1} x_{rho_{j,r}}) / (w + k - 1),      j = 1 .. M
+        p(x) = (1/M) sum_j softmax(f(x~_j)),          class = argmax_c p(x)_c
+
+    The thesis uses ``k = 2``, ``w = 1`` (the plain average of two inputs) and draws the partners from
+    the train or test set; here they index ``pool`` (default: the test batch itself). All ``M * N``
+    mixed inputs go through the model in batched forward passes of at most ``chunk_size`` rows.
 
     Args:
         model: maps ``(B, C, H, W)`` to logits ``(B, K)`` (put it in eval mode yourself).

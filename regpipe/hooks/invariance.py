@@ -1,4 +1,9 @@
-"""Data-augmentation invariance, model side: ``(1 - alpha) * L_task + sum_l alpha_l * L_inv^l`` (SPEC 3.2).
+"""Data-augmentation invariance, model side: ``(1 - alpha) * L_task + sum_l alpha_l * L_inv^l``.
+
+The total objective of Hernández-García, König & Kietzmann (2019), eq. 4: the task loss plus the
+invariance loss ``L_inv^l`` of eq. 3 (:func:`~regpipe.functional.invariance_loss`) at several layers,
+weighted by ``alpha_l`` that grow exponentially with depth and sum to ``alpha``
+(:func:`~regpipe.functional.depth_weights`).
 
 The hook taps the named layers through forward hooks (:class:`~regpipe.hooks.tap.FeatureTap`), so
 the loss costs one forward pass plus an ``O(N * D)`` reduction per layer; the batch must hold
@@ -9,7 +14,7 @@ Example:
     >>> from regpipe import Batch
     >>> from regpipe.functional import soft_target_cross_entropy
     >>> from regpipe.hooks import InvarianceLoss
-    >>> from regpipe.models import preact_resnet_small
+    >>> from regpipe.engine.models import preact_resnet_small
     >>> model = preact_resnet_small(num_classes=4)
     >>> batch = Batch.from_labels(torch.rand(8, 3, 32, 32), torch.arange(8) // 2, num_classes=4,
     ...                           source_ids=torch.arange(8) // 2)
@@ -26,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.invariance import depth_weights, invariance_loss
 from regpipe.hooks.tap import FeatureTap
 
@@ -36,7 +41,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class InvarianceLoss:
-    """The paper's objective over several layers.
+    """``(1 - alpha) * L_task + sum_l alpha_l * L_inv^l`` over several layers (Hernández-García et al. 2019, eq. 4).
 
     Args:
         model: the model (DDP / ``torch.compile`` wrappers are fine).

@@ -1,4 +1,8 @@
-"""PatchUp, model side: apply a :class:`~regpipe.ops.patchup.PatchUpPlan` inside any model (SPEC 2).
+"""PatchUp, model side: apply a :class:`~regpipe.core.patchup_plan.PatchUpPlan` inside any model.
+
+PatchUp (Faramarzi et al. 2022, section 2) mixes blocks of the feature map at a layer drawn per
+mini-batch and trains on the three-term loss of its eq. 6; the formulas are in
+:mod:`regpipe.functional.patchup`.
 
 The user names the candidate layers once; per step the hook mixes the output of the plan's layer
 through a one-shot forward hook (or the inputs, for layer 0, through a forward pre-hook on the
@@ -10,7 +14,7 @@ Example:
     >>> import torch
     >>> from regpipe import Batch
     >>> from regpipe.hooks import PatchUpHook
-    >>> from regpipe.models import preact_resnet_small
+    >>> from regpipe.engine.models import preact_resnet_small
     >>> from regpipe.ops.patchup import PatchUp
     >>> model = preact_resnet_small(num_classes=4)
     >>> batch = Batch.from_labels(torch.rand(8, 3, 32, 32), torch.arange(8) % 4, num_classes=4)
@@ -30,17 +34,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
-from regpipe.functional.patchup import LossKind, patchup_loss, patchup_mix, unchanged_fraction
-from regpipe.ops.patchup import PatchUpPlan
+from regpipe.core.patchup_plan import PatchUpPlan
+from regpipe.functional.patchup import (LossKind, block_mask, box_holes, patchup_gamma, patchup_loss, patchup_mix,
+                                        unchanged_fraction)
 from regpipe.hooks.tap import find_module
 
-__all__ = ["PatchUpHook"]
+__all__ = ["PatchUpHook", "plan_mask"]
+
+
+def plan_mask(plan: PatchUpPlan, shape: torch.Size | tuple[int, ...], device: torch.device | str,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``holes`` mask (1 = altered) of ``plan`` for a feature map of ``shape`` ``(N, C, H, W)``.
+
+    Faramarzi et al. (2020), section 2, "Binary Mask Creation": every feature is a block seed with
+    probability ``gamma_adj = gamma / b^2 * (H * W) / ((H - b + 1) * (W - b + 1))`` (eq. 2) and each
+    seed alters the ``b x b`` square around it (:func:`~regpipe.functional.patchup.block_mask`). The
+    seeds, ``(C, H, W)`` (or ``(N, C, H, W)`` per sample), come from a generator on ``device`` seeded
+    with ``plan.mask_seed``, so the same plan always gives the same mask. Layer 0: the CutMix box,
+    ``(1, H, W)`` or ``(N, 1, H, W)``. An explicit ``plan.holes`` is returned as it is (in ``dtype``).
+
+    This lives on the model side, not on the plan: the plan is core data and may not import the math.
+
+    Raises:
+        ValueError: the plan does not apply, ``shape`` is not 4-D, the row count differs from the plan's,
+            or the block is larger than the map.
+    """
+    if not plan.apply:
+        raise ValueError("this PatchUp plan does not apply (apply=False): there is no mask")
+    if len(shape) != 4:
+        raise ValueError(f"PatchUp mixes (N, C, H, W) maps, got shape {tuple(shape)}")
+    n, c, height, width = (int(s) for s in shape)
+    plan.check_rows(n)
+    if plan.holes is not None:
+        return plan.holes.to(device=device, dtype=dtype)
+    if plan.layer == 0:
+        return box_holes(plan.box.to(device), height, width, dtype)
+    p = patchup_gamma(plan.gamma, plan.block_size, height, width)
+    generator = torch.Generator(device=device).manual_seed(plan.mask_seed)
+    seeds_shape = (n, c, height, width) if plan.per_sample else (c, height, width)
+    seeds = (torch.rand(seeds_shape, generator=generator, device=device) < p).float()
+    return block_mask(seeds, plan.block_size).to(dtype)
 
 
 class PatchUpHook:
-    """Apply PatchUp plans at named layers of any ``nn.Module`` (SPEC 2.3-2.5).
+    """Apply PatchUp plans at named layers of any ``nn.Module`` (Faramarzi et al. 2022, eqs. 3-6, input space).
 
     Args:
         model: the model as it is called (possibly wrapped by DDP or ``torch.compile``).
@@ -115,9 +154,9 @@ class PatchUpHook:
             raise ValueError(f"PatchUp at layer {plan.layer} ({self.layers.get(plan.layer, 'input')}) needs an "
                              f"(N, C, H, W) tensor, got {getattr(h, 'shape', type(h).__name__)}")
         plan.check_rows(h.shape[0])
-        holes = plan.mask(h.shape, h.device, h.dtype)
+        holes = plan_mask(plan, h.shape, h.device, h.dtype)
         mixed = patchup_mix(h, holes, plan.perm.to(h.device), plan.lam.to(h.device), plan.mode)
-        # SPEC 2.4: u = unchanged fraction of one sample's mask (or of every row's, per sample).
+        # u of eq. 6: the unchanged fraction of one sample's mask (or of every row's, per sample).
         self.unchanged = unchanged_fraction(holes)
         self._applied = plan
         # One shot: the hook fires once per armed plan (a module called twice is mixed once).
@@ -159,7 +198,7 @@ class PatchUpHook:
     # -- the loss --------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: Batch, kind: LossKind = "bce",
              loss_alpha: float = 1.0, loss_beta: float = 1.0) -> torch.Tensor:
-        """The PatchUp loss of the last forward (SPEC 2.4), or the plain loss when no plan applied.
+        """The PatchUp loss of the last forward (Faramarzi et al. 2022, eq. 6), or the plain loss when no plan applied.
 
         Plain steps use the same ``kind`` on ``batch.targets``: BCE on softmax probabilities (as the
         official plain step does) or soft-target cross-entropy.

@@ -1,4 +1,8 @@
-"""Saliency-map consistency (SPEC 4) and the combined ``alpha*class + beta*inv + gamma*sal`` objective.
+"""Saliency-map consistency and the combined ``alpha*class + beta*inv + gamma*sal`` objective.
+
+Al-afandi, Magyar & Horváth (2022), section 4, eq. 8: ``L = alpha * L_class + beta * L_inv + gamma * L_sal``,
+the class loss, the activation invariance loss (:mod:`regpipe.hooks.invariance`) and the saliency
+consistency loss of eq. 7 (:func:`~regpipe.functional.saliency_consistency_loss`).
 
 :class:`ConsistencyObjective` computes all three terms from **one** forward pass: the input is made
 a leaf that requires grad, the class loss and the tapped activations come from that forward, and
@@ -10,7 +14,7 @@ Example:
     >>> from regpipe import Batch
     >>> from regpipe.functional import soft_target_cross_entropy
     >>> from regpipe.hooks import ConsistencyObjective
-    >>> from regpipe.models import preact_resnet_small
+    >>> from regpipe.engine.models import preact_resnet_small
     >>> from regpipe.ops.augment import Augment, RandomFlip, Replicate
     >>> model = preact_resnet_small(num_classes=4)
     >>> seeds = Batch.from_labels(torch.rand(4, 3, 32, 32), torch.arange(4), num_classes=4)
@@ -30,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional.saliency import (
     mixed_saliency_loss,
     saliency,
@@ -78,7 +82,7 @@ class SaliencyLoss:
 
 
 class ConsistencyObjective:
-    """``alpha * L_class + beta * L_inv + gamma * L_sal`` from one forward pass (SPEC 4).
+    """``alpha * L_class + beta * L_inv + gamma * L_sal`` from one forward pass (Al-afandi et al. 2022, eq. 8).
 
     Args:
         model: the model (as called; wrappers are fine).

@@ -1,7 +1,8 @@
-"""Feature tap: record the activations of named modules through forward hooks (SPEC 3.2, 4, 5).
+"""Feature tap: record the activations of named modules through forward hooks.
 
-The invariance loss reads hidden activations, SIGN differentiates the layer before the logits; both
-need the outputs of modules the user names. The tap resolves names on the unwrapped model (so a
+The invariance loss (:mod:`regpipe.hooks.invariance`) reads hidden activations, SIGN differentiates
+the layer before the logits (:mod:`regpipe.hooks.features`); both need the outputs of modules the
+user names. The tap resolves names on the unwrapped model (so a
 model wrapped by ``DistributedDataParallel`` or ``torch.compile`` works, with or without the
 wrapper's ``module.`` prefix), registers one forward hook per module and keeps the latest output of
 each. Hooks are removed on :meth:`close` or when the ``with`` block exits.
@@ -9,7 +10,7 @@ each. Hooks are removed on :meth:`close` or when the ``with`` block exits.
 Example:
     >>> import torch
     >>> from regpipe.hooks import FeatureTap
-    >>> from regpipe.models import preact_resnet_small
+    >>> from regpipe.engine.models import preact_resnet_small
     >>> model = preact_resnet_small(num_classes=4)
     >>> with FeatureTap(model, ["layer1", "layer3"]) as tap:
     ...     logits = model(torch.rand(2, 3, 32, 32))

@@ -1,5 +1,7 @@
-"""Ops: classes that sample parameters from a generator and call a pure function on a :class:`Batch`."""
+"""Ops: classes that draw their parameters from their own generator and call a pure function on a
+:class:`Batch` (the op contract of :mod:`regpipe.core.op`)."""
 
+from regpipe.core.patchup_plan import PatchUpPlan
 from regpipe.ops.augment import (
     Augment,
     RandomAffine,
@@ -8,10 +10,11 @@ from regpipe.ops.augment import (
     RandomResizedCrop,
     Replicate,
 )
-from regpipe.ops.patchup import PatchUp, PatchUpPlan
+from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sign import SignAugment, SignPlan
-from regpipe.ops.sum_mix import GradualSumMix, SumMix, mix_batch
-from regpipe.ops.tta import TestTimeSumAugmentation, draw_partners
+from regpipe.ops.sum_mix import GradualSumMix, MixParams, SumMix, mix_batch
+from regpipe.ops.tta import TestTimeSumAugmentation, TTAParams, draw_partners
 
 __all__ = ["Augment", "RandomAffine", "RandomBrightnessContrast", "RandomFlip", "RandomResizedCrop", "Replicate",
-           "GradualSumMix", "PatchUp", "PatchUpPlan", "SignAugment", "SignPlan", "SumMix", "TestTimeSumAugmentation", "draw_partners", "mix_batch"]
+           "GradualSumMix", "MixParams", "PatchUp", "PatchUpPlan", "SignAugment", "SignPlan", "SumMix",
+           "TTAParams", "TestTimeSumAugmentation", "draw_partners", "mix_batch"]

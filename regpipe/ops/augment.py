@@ -1,11 +1,18 @@
-"""Batch-level augmentations that remember what they did, and in-batch replication (SPEC 3.1).
+"""Batch-level augmentations that remember what they did, and in-batch replication.
 
-Each transform samples typed parameters from a ``torch.Generator`` (``sample``) and turns them into
-what :mod:`regpipe.functional.augment` applies: geometric transforms give a 2x3 matrix per row
-(``matrix``), photometric ones brightness/contrast factors. :class:`Augment` chains transforms:
-it multiplies the matrices and warps once, then applies the colour change, and records the
-composed matrix in ``Batch.affine`` and the colour factors in ``Batch.photometric`` so the chain can
-be inverted (:meth:`Augment.inverse`). :class:`Replicate` turns ``S`` seeds into ``S * m`` rows.
+Each transform is declared once: a *draw table* (:mod:`regpipe.functional.augment`) says how many
+uniforms a row takes (``num_uniforms``) and which distribution fills which parameter, and
+``from_uniforms`` turns ``(N, num_uniforms)`` uniforms into the transform's frozen parameter record.
+``sample(n, generator)`` is ``from_uniforms`` of fresh uniforms; the DALI and FFCV adapters
+(:mod:`regpipe.loaders`) draw their uniforms in their own workers and read the same table, so a
+transform added here runs in every loader without another edit.
+
+Geometric transforms turn their parameters into a 2x3 matrix per row (``matrix``), photometric ones
+into brightness/contrast factors. :class:`Augment` chains transforms: it multiplies the matrices and
+warps once, then applies the colour change, and records the composed matrix in ``Batch.affine`` and
+the colour factors in ``Batch.photometric`` so the chain can be inverted (:meth:`Augment.inverse`).
+:class:`Replicate` turns ``S`` seeds into ``S * m`` rows. Both follow the op contract
+(:mod:`regpipe.core.op`): ``draw`` then ``apply``, and replaying the parameters replays the batch.
 
 Example:
     >>> import torch
@@ -17,32 +24,60 @@ Example:
     (torch.Size([12, 3, 16, 16]), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
     >>> bool((batch.affine[0::3] == torch.eye(2, 3)).all())  # the first copy of each seed is the original
     True
+    >>> RandomAffine(degrees=15).num_uniforms  # angle, shift x, shift y, scale, shear x, shear y
+    6
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
+from regpipe.core.op import BatchOp
+from regpipe.core.rng import DeviceGenerator
 from regpipe.functional.augment import (
+    ANGLE,
+    BRIGHTNESS,
+    CENTER_X,
+    CENTER_Y,
+    CONTRAST,
+    FLIP_X,
+    FLIP_Y,
+    MEAN_PIVOT,
+    PIVOT,
+    SCALE,
+    SHEAR_X,
+    SHEAR_Y,
+    SHIFT_X,
+    SHIFT_Y,
+    SIZE_X,
+    SIZE_Y,
     affine_matrix,
+    bernoulli,
     brightness_contrast,
     compose_affine,
+    constant,
     crop_affine,
+    crop_window,
+    draw_table,
     flip_affine,
     inverse_warp,
+    table_uniforms,
+    uniform,
+    values_from_uniforms,
     warp,
 )
-from regpipe.rng import DeviceGenerator
 
 __all__ = [
     "AffineParams",
     "Augment",
+    "AugmentParams",
     "ColourParams",
     "CropParams",
     "FlipParams",
@@ -50,12 +85,11 @@ __all__ = [
     "RandomBrightnessContrast",
     "RandomFlip",
     "RandomResizedCrop",
+    "RandomTransform",
     "Replicate",
 ]
 
-
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+_PADDING_MODES = ("zeros", "border", "reflection")
 
 
 def _range(name: str, value: tuple[float, float], lowest: float | None = None) -> tuple[float, float]:
@@ -100,13 +134,73 @@ class ColourParams:
     contrast: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    """Every random choice of one :class:`Augment` draw: one record per transform, in chain order, each for the
+    same ``N`` rows (:class:`FlipParams`, :class:`CropParams`, ...). Indexable like the tuple it holds."""
+
+    records: tuple[Any, ...]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.records)
+
+
 class Transform(Protocol):
+    """What :class:`Augment` needs of a transform (:class:`RandomTransform` provides all but ``matrix``/``apply``)."""
+
+    geometric: bool
+    num_uniforms: int
+
+    def from_uniforms(self, u: torch.Tensor) -> Any: ...
+
+
+class RandomTransform(ABC):
+    """A transform whose parameters are a fixed function of ``num_uniforms`` uniforms per row.
+
+    A subclass declares its randomness once, in :meth:`draws` (rows of a draw table, see
+    :func:`~regpipe.functional.augment.values_from_uniforms`), and packs the slot values into its
+    parameter record in :meth:`from_values`. The torch op (:meth:`sample`, :meth:`from_uniforms`) and the
+    DALI and FFCV kernels (which read :attr:`table`) then agree by construction. Geometric subclasses
+    add ``matrix(params, height, width)``, photometric ones ``apply(x, params)``.
+    """
+
     geometric: bool
 
-    def sample(self, n: int, generator: torch.Generator) -> Any: ...
+    @abstractmethod
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        """The draw-table rows of this transform (from ``bernoulli``, ``uniform``, ``crop_window``, ``constant``)."""
+
+    @abstractmethod
+    def from_values(self, values: torch.Tensor) -> Any:
+        """The parameter record from ``(N, NUM_SLOTS)`` slot values (``values_from_uniforms`` of the table)."""
+
+    @property
+    def table(self) -> torch.Tensor:
+        """``(D, 6)`` float64 draw table: what the loaders' numba kernels read."""
+        return draw_table(self.draws())
+
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms one row of parameters consumes."""
+        return table_uniforms(self.table)
+
+    def from_uniforms(self, u: torch.Tensor) -> Any:
+        """The parameter record of ``N`` rows from ``(N, num_uniforms)`` uniforms in ``[0, 1)`` (any device; the
+        record is in ``u``'s float dtype, flips are bool)."""
+        return self.from_values(values_from_uniforms(self.table, u))
+
+    def sample(self, n: int, generator: torch.Generator) -> Any:
+        """The parameter record of ``n`` rows drawn from ``generator`` (on its device)."""
+        return self.from_uniforms(torch.rand(n, self.num_uniforms, generator=generator, device=generator.device))
 
 
-class RandomFlip:
+class RandomFlip(RandomTransform):
     """Flip each row horizontally with probability ``horizontal`` and vertically with ``vertical``."""
 
     geometric = True
@@ -117,20 +211,23 @@ class RandomFlip:
                 raise ValueError(f"{name} flip probability must be in [0, 1], got {p}")
         self.horizontal, self.vertical = float(horizontal), float(vertical)
 
-    def sample(self, n: int, generator: torch.Generator) -> FlipParams:
-        return FlipParams(horizontal=_uniform(n, 0, 1, generator) < self.horizontal,
-                          vertical=_uniform(n, 0, 1, generator) < self.vertical)
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        return bernoulli(FLIP_X, self.horizontal), bernoulli(FLIP_Y, self.vertical)
+
+    def from_values(self, values: torch.Tensor) -> FlipParams:
+        return FlipParams(horizontal=values[:, FLIP_X] > 0.5, vertical=values[:, FLIP_Y] > 0.5)
 
     def matrix(self, params: FlipParams, height: int, width: int) -> torch.Tensor:
         return flip_affine(params.horizontal, params.vertical)
 
 
-class RandomResizedCrop:
+class RandomResizedCrop(RandomTransform):
     """torchvision's ``RandomResizedCrop`` at the batch's own size: a window of area ``scale`` (fraction of the
     image) and aspect ``ratio`` (log-uniform), placed uniformly inside the frame, resized to the frame.
 
     Windows are drawn as torchvision does, up to 10 tries per row; a row whose 10 tries all fall outside
     the frame keeps the whole image (torchvision falls back to a centre crop of the clamped ratio).
+    The formulas are in :func:`~regpipe.functional.augment.values_from_uniforms` (``WINDOW``).
     """
 
     geometric = True
@@ -141,28 +238,20 @@ class RandomResizedCrop:
         if self.scale[1] > 1.0:
             raise ValueError(f"scale is a fraction of the image area, at most 1, got {scale!r}")
 
-    def sample(self, n: int, generator: torch.Generator) -> CropParams:
-        tries = 10
-        area = _uniform(n * tries, *self.scale, generator).view(n, tries)
-        log_ratio = _uniform(n * tries, math.log(self.ratio[0]), math.log(self.ratio[1]), generator).view(n, tries)
-        aspect = log_ratio.exp()
-        w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
-        fits = (w <= 1.0) & (h <= 1.0)
-        first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros_like(fits[:, 0], dtype=torch.long))
-        pick = first.unsqueeze(1)
-        size = torch.stack([w.gather(1, pick), h.gather(1, pick)], -1).squeeze(1)
-        size = torch.where(fits.any(1, keepdim=True), size, torch.ones_like(size))
-        center = (_uniform(2 * n, -1, 1, generator).view(n, 2)) * (1.0 - size)
-        return CropParams(size=size, center=center)
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        return (crop_window(self.scale, self.ratio),)
+
+    def from_values(self, values: torch.Tensor) -> CropParams:
+        return CropParams(size=values[:, [SIZE_X, SIZE_Y]], center=values[:, [CENTER_X, CENTER_Y]])
 
     def matrix(self, params: CropParams, height: int, width: int) -> torch.Tensor:
         return crop_affine(params.size, params.center)
 
 
-class RandomAffine:
+class RandomAffine(RandomTransform):
     """Random rotation (``degrees``: max absolute angle), translation (``translate``: max fraction of width and
     height), scale (``scale`` range) and shear (``shear``: max absolute degrees along x and y), as
-    torchvision's ``RandomAffine`` about the centre."""
+    torchvision's ``RandomAffine`` about the centre; each uniform over its range."""
 
     geometric = True
 
@@ -170,29 +259,29 @@ class RandomAffine:
                  scale: tuple[float, float] = (1.0, 1.0), shear: tuple[float, float] = (0.0, 0.0)) -> None:
         if degrees < 0:
             raise ValueError(f"degrees is the maximum absolute angle, must be >= 0, got {degrees}")
-        if any(not 0.0 <= t <= 1.0 for t in translate) or len(translate) != 2:
+        if len(translate) != 2 or any(not 0.0 <= t <= 1.0 for t in translate):
             raise ValueError(f"translate must be two fractions in [0, 1], got {translate!r}")
-        if any(not 0.0 <= s < 90.0 for s in shear) or len(shear) != 2:
+        if len(shear) != 2 or any(not 0.0 <= s < 90.0 for s in shear):
             raise ValueError(f"shear must be two angles in [0, 90) degrees, got {shear!r}")
         self.degrees = float(degrees)
         self.translate = tuple(float(t) for t in translate)
         self.scale = _range("scale", scale, lowest=1e-6)
         self.shear = tuple(float(s) for s in shear)
 
-    def sample(self, n: int, generator: torch.Generator) -> AffineParams:
-        angle = _uniform(n, -self.degrees, self.degrees, generator)
-        tx, ty = self.translate
-        translate = torch.stack([_uniform(n, -tx, tx, generator), _uniform(n, -ty, ty, generator)], -1)
-        scale = _uniform(n, *self.scale, generator)
-        sx, sy = self.shear
-        shear = torch.stack([_uniform(n, -sx, sx, generator), _uniform(n, -sy, sy, generator)], -1)
-        return AffineParams(angle=angle, scale=scale, translate=translate, shear=shear)
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        (tx, ty), (hx, hy) = self.translate, self.shear
+        return (uniform(ANGLE, -self.degrees, self.degrees), uniform(SHIFT_X, -tx, tx), uniform(SHIFT_Y, -ty, ty),
+                uniform(SCALE, *self.scale), uniform(SHEAR_X, -hx, hx), uniform(SHEAR_Y, -hy, hy))
+
+    def from_values(self, values: torch.Tensor) -> AffineParams:
+        return AffineParams(angle=values[:, ANGLE], scale=values[:, SCALE], translate=values[:, [SHIFT_X, SHIFT_Y]],
+                            shear=values[:, [SHEAR_X, SHEAR_Y]])
 
     def matrix(self, params: AffineParams, height: int, width: int) -> torch.Tensor:
         return affine_matrix(params.angle, params.scale, params.translate, params.shear, height, width)
 
 
-class RandomBrightnessContrast:
+class RandomBrightnessContrast(RandomTransform):
     """Brightness and contrast factors drawn uniformly from ``brightness`` and ``contrast``; the contrast
     pivot is ``center`` (``None``: each image's mean)."""
 
@@ -202,17 +291,29 @@ class RandomBrightnessContrast:
                  center: float | None = None) -> None:
         self.brightness = _range("brightness", brightness, lowest=0.0)
         self.contrast = _range("contrast", contrast, lowest=0.0)
-        self.center = center
+        self.center = None if center is None else float(center)
 
-    def sample(self, n: int, generator: torch.Generator) -> ColourParams:
-        return ColourParams(brightness=_uniform(n, *self.brightness, generator),
-                            contrast=_uniform(n, *self.contrast, generator))
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        # The pivot is a setting, not a draw; it travels in the table so the loaders' kernels read it there too.
+        return (uniform(BRIGHTNESS, *self.brightness), uniform(CONTRAST, *self.contrast),
+                constant(PIVOT, MEAN_PIVOT if self.center is None else self.center))
+
+    def from_values(self, values: torch.Tensor) -> ColourParams:
+        return ColourParams(brightness=values[:, BRIGHTNESS], contrast=values[:, CONTRAST])
 
     def apply(self, x: torch.Tensor, params: ColourParams) -> torch.Tensor:
         return brightness_contrast(x, params.brightness, params.contrast, self.center)
 
 
-class Augment:
+def _record_rows(record: Any) -> set[int]:
+    """Row counts of the tensor fields of a parameter record (a dataclass; other records are not checked)."""
+    if not dataclasses.is_dataclass(record):
+        return set()
+    return {getattr(record, f.name).shape[0] for f in dataclasses.fields(record)
+            if isinstance(getattr(record, f.name), torch.Tensor) and getattr(record, f.name).dim() > 0}
+
+
+class Augment(BatchOp[AugmentParams]):
     """A chain of transforms applied to a :class:`Batch` with one warp.
 
     The geometric transforms' matrices are multiplied (in chain order) and applied by a single
@@ -221,12 +322,20 @@ class Augment:
     and ``photometric`` records the product of the brightness and contrast factors (exact for one
     photometric transform; for several it is the record of their combined scaling).
 
+    A draw is one ``(N, num_uniforms)`` block of uniforms from the op's generator, the transforms'
+    columns side by side in chain order (the layout the DALI and FFCV adapters draw too).
+
     Args:
         transforms: instances of :class:`RandomFlip`, :class:`RandomResizedCrop`, :class:`RandomAffine`,
-            :class:`RandomBrightnessContrast` (or anything with ``geometric``, ``sample`` and ``matrix``
-            or ``apply``).
+            :class:`RandomBrightnessContrast` (or any :class:`RandomTransform`; anything else with
+            ``geometric``, ``num_uniforms``, ``from_uniforms`` and ``matrix`` or ``apply`` runs in torch
+            but not in the DALI/FFCV kernels).
         seed: seed of the op's generator (on the batch's device).
         padding_mode: ``grid_sample`` padding for pixels that come from outside the frame.
+
+    Raises:
+        ValueError: no transforms, or an unknown ``padding_mode`` (named).
+        TypeError: an object that is not a transform (named, with what it lacks).
     """
 
     def __init__(self, transforms: Sequence[Transform], seed: int = 0, padding_mode: str = "zeros") -> None:
@@ -234,47 +343,87 @@ class Augment:
         if not self.transforms:
             raise ValueError("Augment needs at least one transform")
         for t in self.transforms:
-            if not hasattr(t, "sample") or not hasattr(t, "geometric"):
-                raise TypeError(f"{type(t).__name__} is not a transform (needs .geometric and .sample())")
+            kind = "matrix" if getattr(t, "geometric", False) else "apply"
+            needs = ("geometric", "num_uniforms", "from_uniforms", kind)
+            missing = [name for name in needs if not hasattr(t, name)]
+            if missing:
+                raise TypeError(f"{type(t).__name__} is not a transform: it lacks {missing}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {list(_PADDING_MODES)}, got {padding_mode!r}")
+        super().__init__(seed)
         self.padding_mode = padding_mode
-        self.rng = DeviceGenerator(seed)
 
-    def sample(self, n: int, device: torch.device | str) -> list[Any]:
-        """One parameter record per transform, for ``n`` rows."""
+    @property
+    def num_uniforms(self) -> int:
+        """Uniforms one row consumes: the transforms' counts, summed."""
+        return sum(t.num_uniforms for t in self.transforms)
+
+    def from_uniforms(self, u: torch.Tensor) -> AugmentParams:
+        """The parameters of ``N`` rows from ``(N, num_uniforms)`` uniforms (columns in chain order), e.g. those a
+        DALI pipeline returned, so :meth:`apply` replays what the loader did.
+
+        Raises:
+            ValueError: ``u`` is not ``(N, num_uniforms)`` (the shape is named).
+        """
+        counts = [t.num_uniforms for t in self.transforms]
+        if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[1] != sum(counts):
+            raise ValueError(f"expected (N, {sum(counts)}) uniforms for this chain ({counts} per transform), got "
+                             f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+        records, k = [], 0
+        for t, count in zip(self.transforms, counts):
+            records.append(t.from_uniforms(u[:, k:k + count]))
+            k += count
+        return AugmentParams(tuple(records))
+
+    def sample(self, n: int, device: torch.device | str) -> AugmentParams:
+        """The parameters of ``n`` rows, drawn from the op's generator on ``device``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n (rows) must be an integer >= 0, got {n!r}")
         generator = self.rng.get(device)
-        return [t.sample(n, generator) for t in self.transforms]
+        return self.from_uniforms(torch.rand(n, self.num_uniforms, generator=generator, device=generator.device))
+
+    def draw(self, batch: Batch) -> AugmentParams:
+        """The parameters of every row of ``batch``, from the op's generator on the batch's device."""
+        return self.sample(batch.size, batch.device)
 
     def matrix(self, params: Sequence[Any], height: int, width: int) -> torch.Tensor | None:
-        """The composed ``(N, 2, 3)`` matrix of the geometric transforms, or ``None`` when there are none."""
+        """The composed ``(N, 2, 3)`` float32 matrix of the geometric transforms, or ``None`` when there are none."""
         theta = None
         for t, p in zip(self.transforms, params):
             if t.geometric:
-                m = t.matrix(p, height, width)
+                m = t.matrix(p, height, width).to(torch.float32)
                 theta = m if theta is None else compose_affine(theta, m)
         return theta
 
-    def apply(self, batch: Batch, params: Sequence[Any]) -> Batch:
-        """Apply the chain with the given parameters (``len(params) == len(transforms)``)."""
-        if len(params) != len(self.transforms):
-            raise ValueError(f"{len(params)} parameter records for {len(self.transforms)} transforms")
+    def apply(self, batch: Batch, params: AugmentParams | Sequence[Any]) -> Batch:
+        """Apply the chain with the given parameters (one record per transform, each for ``batch.size`` rows).
+
+        Raises:
+            ValueError: a record count or a row count that does not match (named) -- checked before any work.
+        """
+        records = tuple(params)
+        if len(records) != len(self.transforms):
+            raise ValueError(f"{len(records)} parameter records for {len(self.transforms)} transforms")
+        for t, record in zip(self.transforms, records):
+            rows = _record_rows(record)
+            if rows and rows != {batch.size}:
+                raise ValueError(f"{type(t).__name__} parameters are for {sorted(rows)} rows, "
+                                 f"the batch has {batch.size}")
         x = batch.inputs
         height, width = x.shape[-2:]
-        theta = self.matrix(params, height, width)
+        theta = self.matrix(records, height, width)
         affine = batch.affine
         if theta is not None:
             theta = theta.to(x.device)
             x = warp(x, theta, padding_mode=self.padding_mode)
             affine = compose_affine(batch.affine, theta.to(batch.affine.dtype))
         photometric = batch.photometric
-        for t, p in zip(self.transforms, params):
+        for t, p in zip(self.transforms, records):
             if not t.geometric:
                 x = t.apply(x, p)
                 factors = torch.stack([p.brightness, p.contrast], -1).to(x.device, torch.float32)
                 photometric = factors if photometric is None else photometric * factors
         return batch.replace(inputs=x, affine=affine, photometric=photometric)
-
-    def __call__(self, batch: Batch, params: Sequence[Any] | None = None) -> Batch:
-        return self.apply(batch, self.sample(batch.size, batch.device) if params is None else params)
 
     @staticmethod
     def inverse(y: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -283,19 +432,30 @@ class Augment:
         return inverse_warp(y, batch.affine.to(y.device))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.state_dict()}
+        return {**super().state_dict(), "padding_mode": self.padding_mode}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.load_state_dict(state["rng"])
+        super().load_state_dict(state)
+        self.padding_mode = state.get("padding_mode", self.padding_mode)
 
 
-class Replicate:
-    """In-batch augmentation replication (SPEC 3.1): ``S`` seeds -> ``S * m`` rows.
+class Replicate(BatchOp[AugmentParams]):
+    """In-batch augmentation replication: ``S`` seeds -> ``S * m`` rows.
+
+    Hernández-García, König & Kietzmann (2019), "Learning robust visual representations using data
+    augmentation invariance", section 2.3: instead of one augmented view of each image per batch, a batch
+    holds ``m`` independently transformed copies of each of ``S`` seed images, and every row keeps the id
+    of its seed, so a loss can compare the copies of one seed (the invariance loss of
+    :mod:`regpipe.functional.invariance`, the saliency loss).
 
     Rows ``s*m .. s*m + m - 1`` are the copies of seed ``s`` (contiguous), each with independently drawn
     parameters; with ``include_original`` the first copy is the seed untouched (identity affine).
     ``source_ids`` are the seeds' ids, affines and photometric factors are recorded. Works on uint8
     or float input.
+
+    The op has no generator of its own: the copies' parameters are draws of ``augment`` (its seed, its
+    state), so ``draw`` returns the :class:`AugmentParams` of the ``S * (m - 1)`` (or ``S * m``) copies,
+    seed-major, and ``reseed`` reseeds ``augment``.
 
     Args:
         m: copies per seed, ``>= 1`` (``m = 1`` with ``include_original`` returns the batch unchanged).
@@ -308,18 +468,39 @@ class Replicate:
             raise ValueError(f"m (copies per seed) must be an integer >= 1, got {m!r}")
         if not isinstance(augment, Augment):
             raise TypeError(f"augment must be an Augment chain, got {type(augment).__name__}")
+        # No BatchOp.__init__: the generator is the chain's (the `rng` property), not a second one.
         self.m = m
         self.augment = augment
-        self.include_original = include_original
+        self.include_original = bool(include_original)
 
-    def __call__(self, batch: Batch) -> Batch:
+    @property
+    def rng(self) -> DeviceGenerator:  # type: ignore[override]
+        """The chain's generator, which draws every copy's parameters."""
+        return self.augment.rng
+
+    @property
+    def extra(self) -> int:
+        """Augmented copies per seed (``m - 1`` with the original kept, else ``m``)."""
+        return self.m - 1 if self.include_original else self.m
+
+    @staticmethod
+    def _check_seeds(batch: Batch) -> None:
         if batch.mixing is not None or batch.patchup is not None:
             raise ValueError("Replicate takes seed batches: apply it before mixing ops and PatchUp")
-        s, m = batch.size, self.m
-        extra = m - 1 if self.include_original else m
+
+    def draw(self, batch: Batch) -> AugmentParams:
+        """The chain's parameters for the ``S * extra`` augmented copies, seed-major (copy ``j`` of seed ``s`` is
+        row ``s * extra + j``)."""
+        self._check_seeds(batch)
+        return self.augment.sample(batch.size * self.extra, batch.device)
+
+    def apply(self, batch: Batch, params: AugmentParams) -> Batch:
+        """The ``S * m`` rows with the copies' parameters ``params`` (from :meth:`draw`)."""
+        self._check_seeds(batch)
+        s, extra = batch.size, self.extra
         if extra == 0:
             return batch
-        copies = self.augment(batch.rows(torch.arange(s, device=batch.device).repeat_interleave(extra)))
+        copies = self.augment.apply(batch.rows(torch.arange(s, device=batch.device).repeat_interleave(extra)), params)
         if not self.include_original:
             return copies
         photometric = copies.photometric
@@ -332,10 +513,17 @@ class Replicate:
                      source_ids=_interleave(batch.source_ids, copies.source_ids, s),
                      affine=_interleave(batch.affine, copies.affine, s), photometric=photometric)
 
+    def reseed(self, seed: int, rank: int = 0) -> None:
+        """Reseed the chain (whose generator draws the copies) with ``rank_seed(seed, rank)``."""
+        self.augment.reseed(seed, rank)
+
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m, "include_original": self.include_original, "augment": self.augment.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [key for key in ("m", "include_original", "augment") if key not in state]
+        if missing:
+            raise KeyError(f"Replicate state lacks {missing} (keys: {sorted(state)})")
         self.m = int(state["m"])
         self.include_original = bool(state["include_original"])
         self.augment.load_state_dict(state["augment"])

@@ -1,94 +1,213 @@
-"""Sum Augmentation ops: sample the parameters, then call :func:`regpipe.functional.sum_mix` (SPEC 1)."""
+"""Sum Augmentation ops: draw the mixing parameters, then call :func:`regpipe.functional.sum_mix`.
+
+Sum Augmentation, Cascading and Gradually Cascading Sum Augmentation are from C. Simionescu, *Deep
+Learning Training Procedure Augmentations* (MSc thesis, Alexandru Ioan Cuza University, 2020;
+arXiv:2211.14395), chapter 3. Both ops follow the op contract (:class:`~regpipe.core.op.BatchOp`):
+``draw(batch)`` returns a frozen :class:`MixParams`, ``apply(batch, params)`` mixes deterministically.
+
+A batch that carries a PatchUp plan cannot be mixed: the plan pairs the rows of the batch as it was
+given, so draw PatchUp after mixing (:func:`mix_batch` raises ``ValueError`` otherwise).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from regpipe.batch import Batch, MixRecord
+from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.op import BatchOp
 from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
-from regpipe.rng import DeviceGenerator
 
-__all__ = ["SumMix", "GradualSumMix", "mix_batch"]
+__all__ = ["GradualSumMix", "MixParams", "SumMix", "mix_batch"]
 
 MixMode = Literal["group", "permute"]
 
 
-def mix_batch(batch: Batch, weights: torch.Tensor | list[float], perms: torch.Tensor | None = None,
-              drop_remainder: bool = False) -> Batch:
-    """Apply :func:`sum_mix` to a whole :class:`Batch`, recording the mix in ``batch.mixing``.
+@dataclass(frozen=True)
+class MixParams:
+    """Every choice of one Sum Augmentation step.
+
+    Attributes:
+        weights: the ``k`` mixing weights ``c_0 .. c_{k-1}`` as host floats (non-negative, summing to
+            1; a tensor or list is converted). The schedule position of :class:`GradualSumMix` is baked
+            in, so replaying the params needs no op state.
+        perms: ``(k - 1, N)`` int64 partner permutations on the batch's device (permutation mode), or
+            ``None`` (group mode, which draws nothing).
+
+    Raises:
+        ValueError: weights that :func:`~regpipe.functional.check_weights` rejects, or ``perms`` that
+            are not 2-D with ``k - 1`` rows.
+        TypeError: ``perms`` that are not an int64 tensor.
+    """
+
+    weights: tuple[float, ...]
+    perms: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise to host floats once, so `apply` never synchronises on a device tensor.
+        object.__setattr__(self, "weights", tuple(check_weights(self.weights)))
+        if self.perms is not None:
+            if not isinstance(self.perms, torch.Tensor) or self.perms.dtype != torch.int64:
+                raise TypeError(f"MixParams.perms must be an int64 tensor, got "
+                                f"{getattr(self.perms, 'dtype', type(self.perms).__name__)}")
+            if self.perms.dim() != 2 or self.perms.shape[0] != self.k - 1:
+                raise ValueError(f"MixParams.perms must be (k - 1, N) = ({self.k - 1}, N) for {self.k} weights, "
+                                 f"got shape {tuple(self.perms.shape)}")
+
+    @property
+    def k(self) -> int:
+        """Number of inputs mixed into each output row."""
+        return len(self.weights)
+
+
+def _refuse_patchup_plan(batch: Batch, k: int, rows_out: int) -> None:
+    """Raise when a batch carrying a PatchUp plan is about to be mixed.
+
+    The plan's partner permutation and ``lam`` refer to the rows as given; after mixing, rows are new
+    combinations (and in group mode fewer), so no plan stays valid — even when the row count is kept.
+    """
+    plan = batch.patchup
+    if plan is not None:
+        raise ValueError(f"this batch carries a PatchUp plan drawn for {plan.batch_size} rows; mixing {k} inputs "
+                         f"per row gives {rows_out} new rows, which the plan does not describe: draw PatchUp "
+                         "after mixing")
+
+
+def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, ...],
+              perms: torch.Tensor | None = None, drop_remainder: bool = False, keep_parent: bool = False) -> Batch:
+    """Apply :func:`~regpipe.functional.sum_mix` to a whole :class:`Batch`, recording the mix in ``batch.mixing``.
+
+    Output row ``i`` is ``sum_g c_g * x[s_{i,g}]`` (targets alike, weights added per class), with
+    ``s_{i,g} = g * n + i`` in group mode (``perms=None``, ``n = N / k`` output rows) and
+    ``s_{i,0} = i``, ``s_{i,g} = perms[g - 1, i]`` in permutation mode (``N`` output rows). The output's
+    ``source_ids``, ``affine`` and ``photometric`` are those of each row's first component ``s_{i,0}``
+    (mixing is neither geometric nor photometric); ``mixing`` holds all components.
 
     With a single weight of 1 the batch is returned as it is (nothing to mix).
+
+    Args:
+        batch: ``N`` rows, no PatchUp plan.
+        weights: ``(k,)`` non-negative weights summing to 1.
+        perms: ``(k - 1, N)`` int64 permutations (permutation mode) or ``None`` (group mode).
+        drop_remainder: group mode: drop the last ``N % k`` rows instead of raising.
+        keep_parent: record the unmixed inputs and targets in the :class:`MixRecord` (a reference, not a
+            copy: it keeps the pre-mix batch alive as long as the mixed one), for losses that compare a
+            mixed row with its components (the saliency consistency loss).
+
+    Returns:
+        The mixed batch, ``N / k`` (group) or ``N`` (permutation) rows, with a :class:`MixRecord`.
+
+    Raises:
+        ValueError: bad weights or perms, ``k`` not dividing ``N`` in group mode (without
+            ``drop_remainder``), or a batch carrying a PatchUp plan.
     """
     w = check_weights(weights)
     k = len(w)
     if k == 1:
         return batch
-    inputs, targets = sum_mix(batch.inputs, batch.targets, w, perms=perms, drop_remainder=drop_remainder)
     sources = mix_sources(batch.size, k, perms, drop_remainder).to(batch.device)
     n_out = sources.shape[0]
+    _refuse_patchup_plan(batch, k, n_out)
+    inputs, targets = sum_mix(batch.inputs, batch.targets, w, perms=perms, drop_remainder=drop_remainder)
     weight_table = torch.tensor(w, dtype=torch.float32, device=batch.device).expand(n_out, k)
-    record = MixRecord(sources=sources, weights=weight_table, source_ids=batch.source_ids[sources])
-    # The affine and photometric record of a mixed row are its first component's (mixing is neither).
-    return Batch(inputs=inputs, targets=targets, source_ids=batch.source_ids[sources[:, 0]],
-                 affine=batch.affine[sources[:, 0]], mixing=record, patchup=batch.patchup,
-                 photometric=None if batch.photometric is None else batch.photometric[sources[:, 0]])
+    record = MixRecord(sources=sources, weights=weight_table, source_ids=batch.source_ids[sources],
+                       parent_inputs=batch.inputs if keep_parent else None,
+                       parent_targets=batch.targets if keep_parent else None)
+    first = sources[:, 0]
+    return Batch(inputs=inputs, targets=targets, source_ids=batch.source_ids[first], affine=batch.affine[first],
+                 mixing=record, photometric=None if batch.photometric is None else batch.photometric[first])
 
 
 def _draw_perms(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.stack([torch.randperm(n, generator=generator, device=generator.device) for _ in range(k - 1)]) \
-        if k > 1 else torch.empty(0, n, dtype=torch.int64, device=generator.device)
+    """``(k - 1, n)`` int64: one ``randperm(n)`` per partner, drawn in order from ``generator``."""
+    if k == 1:
+        return torch.empty(0, n, dtype=torch.int64, device=generator.device)
+    return torch.stack([torch.randperm(n, generator=generator, device=generator.device) for _ in range(k - 1)])
 
 
-class _MixOp:
-    """Shared plumbing of the sum-mixing ops: mode checks and the permutation generator."""
+def _check_mode(mode: str) -> MixMode:
+    if mode not in ("group", "permute"):
+        raise ValueError(f"mode must be 'group' or 'permute', got {mode!r}")
+    return mode  # type: ignore[return-value]
 
-    def __init__(self, mode: MixMode, seed: int, drop_remainder: bool) -> None:
+
+class _SumMixBase(BatchOp[MixParams]):
+    """What both sum-mixing ops share: the mode, ``drop_remainder``, and drawing/applying :class:`MixParams`."""
+
+    def __init__(self, mode: MixMode, seed: int, drop_remainder: bool, keep_parent: bool) -> None:
+        super().__init__(seed)
+        self.mode: MixMode = _check_mode(mode)
+        self.drop_remainder = bool(drop_remainder)
+        self.keep_parent = bool(keep_parent)
+
+    def _draw(self, batch: Batch, weights: torch.Tensor | list[float]) -> MixParams:
+        w = check_weights(weights)
+        if self.mode == "group" or len(w) == 1:
+            return MixParams(tuple(w))  # group mode has no random choice
+        # Refuse before drawing, so a failed call leaves the generator where it was.
+        _refuse_patchup_plan(batch, len(w), batch.size)
+        return MixParams(tuple(w), _draw_perms(len(w), batch.size, self.rng.get(batch.device)))
+
+    def apply(self, batch: Batch, params: MixParams) -> Batch:
+        """Mix ``batch`` with ``params`` (:func:`mix_batch`): the same params give the same batch."""
+        if not isinstance(params, MixParams):
+            raise TypeError(f"{type(self).__name__}.apply needs MixParams, got {type(params).__name__}")
+        return mix_batch(batch, params.weights, perms=params.perms, drop_remainder=self.drop_remainder,
+                         keep_parent=self.keep_parent)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "drop_remainder": self.drop_remainder, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mode = state["mode"]
         if mode not in ("group", "permute"):
-            raise ValueError(f"mode must be 'group' or 'permute', got {mode!r}")
-        self.mode: MixMode = mode
-        self.drop_remainder = drop_remainder
-        self.rng = DeviceGenerator(seed)
-
-    def _base_state(self) -> dict[str, Any]:
-        return {"mode": self.mode, "drop_remainder": self.drop_remainder, "rng": self.rng.state_dict()}
-
-    def _load_base_state(self, state: dict[str, Any]) -> None:
-        if state["mode"] not in ("group", "permute"):
-            raise ValueError(f"state has an unknown mode {state['mode']!r}")
-        self.mode, self.drop_remainder = state["mode"], bool(state["drop_remainder"])
-        self.rng.load_state_dict(state["rng"])
-
-    def _mix(self, batch: Batch, weights: torch.Tensor | list[float]) -> Batch:
-        k = len(weights)
-        perms = None
-        if self.mode == "permute" and k > 1:
-            perms = _draw_perms(k, batch.size, self.rng.get(batch.device))
-        return mix_batch(batch, weights, perms=perms, drop_remainder=self.drop_remainder)
+            raise ValueError(f"state has an unknown mode {mode!r}")
+        super().load_state_dict(state)
+        self.mode, self.drop_remainder = mode, bool(state["drop_remainder"])
 
 
-class SumMix(_MixOp):
-    """Sum Augmentation with ``k`` equally weighted inputs (SPEC 1.1).
+class SumMix(_SumMixBase):
+    """Sum Augmentation with ``k`` equally weighted inputs (Simionescu 2020, section 3.3).
 
-    Group mode (default, the thesis's) turns a batch of ``N`` rows into ``N / k`` mixed rows;
-    permutation mode keeps ``N`` rows and mixes each row with ``k - 1`` randomly permuted partners.
-    ``k`` may be changed between batches (the :class:`~regpipe.cascade.Cascade` controller does).
+    Group mode (default, the thesis's): the batch is split into ``k`` sum groups of ``n = N / k``
+    rows and output row ``i`` is the mean of the rows at index ``i`` of every group,
+    ``x~_i = (1/k) sum_{g<k} x_{g*n+i}``, its target the same mean of the one-hot targets (so a class
+    present in ``m`` of the ``k`` inputs gets weight ``m / k``). The output has ``n`` rows.
+    Permutation mode (ours, not in the thesis): keeps ``N`` rows, ``x~_i = (1/k)(x_i + sum_{g=1}^{k-1}
+    x_{pi_g(i)})`` with ``pi_g`` random permutations of the batch — mixup-style pairing with ``k`` inputs.
+
+    ``groups`` may be changed between batches (the :class:`~regpipe.engine.cascade.Cascade` controller
+    does: Cascading Sum Augmentation, section 3.4, trains at ``k = 8, 4, 2, 1`` in turn).
+
+    Args:
+        groups: ``k >= 1`` (1 = the batch passes through).
+        mode: ``"group"`` or ``"permute"``.
+        seed: seed of the permutation generator (permutation mode; group mode draws nothing).
+        drop_remainder: group mode: drop the last ``N % k`` rows instead of raising.
+        keep_parent: keep the unmixed rows in ``batch.mixing`` (see :func:`mix_batch`).
 
     Example:
         >>> import torch
         >>> from regpipe import Batch, SumMix
         >>> batch = Batch.from_labels(torch.rand(8, 3, 4, 4), torch.arange(8) % 4, num_classes=4)
-        >>> SumMix(groups=4)(batch).inputs.shape
+        >>> op = SumMix(groups=4)
+        >>> params = op.draw(batch)
+        >>> params.weights, params.perms
+        ((0.25, 0.25, 0.25, 0.25), None)
+        >>> op.apply(batch, params).inputs.shape
         torch.Size([2, 3, 4, 4])
     """
 
-    def __init__(self, groups: int = 2, mode: MixMode = "group", seed: int = 0, drop_remainder: bool = False) -> None:
-        super().__init__(mode, seed, drop_remainder)
+    def __init__(self, groups: int = 2, mode: MixMode = "group", seed: int = 0, drop_remainder: bool = False,
+                 keep_parent: bool = False) -> None:
+        super().__init__(mode, seed, drop_remainder, keep_parent)
         self.groups = groups
 
     @property
     def groups(self) -> int:
+        """``k``, the number of inputs in each mixed row (settable between batches)."""
         return self._groups
 
     @groups.setter
@@ -98,27 +217,40 @@ class SumMix(_MixOp):
         self._groups = k
 
     def weights(self) -> list[float]:
+        """The ``k`` equal weights ``1 / k``."""
         return [1.0 / self.groups] * self.groups
 
-    def __call__(self, batch: Batch) -> Batch:
-        return self._mix(batch, self.weights())
+    def draw(self, batch: Batch) -> MixParams:
+        """Equal weights, and in permutation mode ``k - 1`` permutations of ``batch``'s rows from ``self.rng``."""
+        return self._draw(batch, self.weights())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, **self._base_state()}
+        return {"groups": self.groups, **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.groups = int(state["groups"])
-        self._load_base_state(state)
+        super().load_state_dict(state)
 
 
-class GradualSumMix(_MixOp):
-    """Gradually Cascading Sum Augmentation (SPEC 1.3).
+class GradualSumMix(_SumMixBase):
+    """Gradually Cascading Sum Augmentation (Simionescu 2020, section 3.5, eqs. 3.1-3.6).
 
-    ``t = min(step / gradual_steps, 1)`` advances with every :meth:`step` (call it after each
-    optimizer step); the batch is mixed with :func:`gcc_weights(k0, t) <regpipe.functional.gcc_weights>`.
-    Once ``t == 1`` (the fine-tune phase) the batch passes through clean and whole. In group mode
-    the group size stays ``N / k0`` during the gradual phase and groups whose weight reached zero are
-    not read.
+    The batch is mixed like :class:`SumMix`, but with the Gradually Cascading Coefficients
+    ``c = gcc_weights(k0, t)`` instead of equal weights: ``x~_i = sum_g c_g x_{g*n+i}`` (group mode,
+    ``n = N / k0``; groups whose weight reached zero are not read) or ``x~_i = c_0 x_i + sum_{g>=1}
+    c_g x_{pi_g(i)}`` (permutation mode). The progress ``t = min(step_count / gradual_steps, 1)``
+    advances with :meth:`step` (call it after each optimizer step); as ``t`` goes from 0 to 1 the
+    weights move continuously from the uniform ``1 / k0`` to ``(1, 0, ..., 0)``, one input fading out
+    at a time (see :func:`~regpipe.functional.gcc_weights` for the formula). Once ``t == 1`` (the
+    fine-tune phase) the batch passes through clean and whole.
+
+    Args:
+        k0: number of inputs mixed at ``t = 0``.
+        gradual_steps: optimizer steps from ``t = 0`` to ``t = 1``.
+        mode: ``"group"`` or ``"permute"``.
+        seed: seed of the permutation generator (permutation mode).
+        drop_remainder: group mode: drop the last ``N % k0`` rows instead of raising.
+        keep_parent: keep the unmixed rows in ``batch.mixing`` (see :func:`mix_batch`).
 
     Example:
         >>> import torch
@@ -130,8 +262,8 @@ class GradualSumMix(_MixOp):
     """
 
     def __init__(self, k0: int = 4, gradual_steps: int = 1000, mode: MixMode = "group", seed: int = 0,
-                 drop_remainder: bool = False) -> None:
-        super().__init__(mode, seed, drop_remainder)
+                 drop_remainder: bool = False, keep_parent: bool = False) -> None:
+        super().__init__(mode, seed, drop_remainder, keep_parent)
         gcc_weights(k0, 0.0)  # validates k0
         if isinstance(gradual_steps, bool) or not isinstance(gradual_steps, int) or gradual_steps < 1:
             raise ValueError(f"gradual_steps must be an integer >= 1, got {gradual_steps!r}")
@@ -141,26 +273,30 @@ class GradualSumMix(_MixOp):
 
     @property
     def t(self) -> float:
+        """Progress of the gradual phase, ``min(step_count / gradual_steps, 1)``."""
         return min(self.step_count / self.gradual_steps, 1.0)
 
     def weights(self) -> torch.Tensor:
+        """``(k0,)`` float32 Gradually Cascading Coefficients at the current ``t``."""
         return gcc_weights(self.k0, self.t)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step."""
         self.step_count += 1
 
-    def __call__(self, batch: Batch) -> Batch:
+    def draw(self, batch: Batch) -> MixParams:
+        """The weights at the current ``t`` (``(1.0,)``, i.e. no mixing, once ``t == 1``) and, in permutation
+        mode, ``k0 - 1`` permutations from ``self.rng``."""
         if self.t >= 1.0:
-            return batch
-        return self._mix(batch, self.weights())
+            return MixParams((1.0,))  # fine-tune phase: nothing to draw
+        return self._draw(batch, self.weights())
 
     def state_dict(self) -> dict[str, Any]:
         return {"k0": self.k0, "gradual_steps": self.gradual_steps, "step_count": self.step_count,
-                **self._base_state()}
+                **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.k0 = int(state["k0"])
         self.gradual_steps = int(state["gradual_steps"])
         self.step_count = int(state["step_count"])
-        self._load_base_state(state)
+        super().load_state_dict(state)

@@ -1,15 +1,20 @@
-"""Maximum loss delta orderer: train on the candidate batch whose step lowers the loss most (SPEC 6.2).
+"""Maximum loss delta orderer: train on the candidate batch whose step lowers the loss most.
 
-For each of the ``K`` candidate batches ``B_j`` in a buffer, from the same (parameters, buffers,
-optimizer state):
+The Maximum Loss Delta Orderer of the Perfect Ordering Approximation (Simionescu, "Deep Learning
+Training Procedure Augmentations", 2020, section 2.4.2). For each of the ``K`` candidate batches
+``B_j`` in a buffer, from the same (parameters, buffers, optimizer state)::
 
     theta_j' = one optimizer step from theta on B_j
-    score_j  = L(theta; E_j) - L(theta_j'; E_j)        (relative: divided by L(theta; E_j))
+    score_j  = L(theta; E_j) - L(theta_j'; E_j)                 (the loss drop)
+    score_j  = (L(theta; E_j) - L(theta_j'; E_j)) / L(theta; E_j)   (relative variant)
 
-with ``E_j = B_j`` (``variant="same"``) or an external batch ``E`` (``variant="external"``, redrawn at
-each epoch start). The step of ``argmax_j score_j`` is committed -- its already computed state is
-copied back from a second preallocated snapshot, not recomputed -- and the other candidates stay in
-the buffer; every batch of the epoch is used exactly once and the buffer drains at the epoch end.
+with ``E_j = B_j`` (``variant="same"``, the thesis's Same Batch Loss Delta Variant) or an external
+batch ``E`` (``variant="external"``, its Static External Batch Variant: 512 held-out samples redrawn
+at each epoch start); the model and the optimizer state are rolled back after every trial. The thesis
+ran the trials one after another, with the model weights and SGD momentum copied back after each.
+The step of ``argmax_j score_j`` is committed -- its already computed state is copied back from a
+second preallocated snapshot, not recomputed -- and the other candidates stay in the buffer; every
+batch of the epoch is used exactly once and the buffer drains at the epoch end.
 
 How the state is kept exact (all choices **(ours)**):
 
@@ -31,10 +36,12 @@ How the state is kept exact (all choices **(ours)**):
   start state is restored and the winner's step is recomputed through DDP with gradient sync.
   ``commit="recompute"`` forces that path on one process too.
 
-``approximate=True`` is an **approximation**: ``score_j = sum_groups lr * <g(B_j), g(E_j)>`` (the
-first-order predicted loss drop of a plain SGD step; for momentum or Adam it is only a proxy), with no
-trial step. Each candidate costs one forward/backward; the winner's gradients and BatchNorm buffers are
-kept, and the committed step is ``optimizer.step()`` on them -- the same state as a plain step.
+``approximate=True`` is an **approximation (ours)**: ``score_j = sum_groups lr * <g(B_j), g(E_j)>``
+with ``g(B) = grad_theta L(theta; B)``, the first-order Taylor term of
+``L(theta - lr g(B_j); E_j) = L(theta; E_j) - lr <g(B_j), g(E_j)> + O(lr^2)``, i.e. the predicted loss
+drop of a plain SGD step (for momentum or Adam it is only a proxy), with no trial step. Each
+candidate costs one forward/backward; the winner's gradients and BatchNorm buffers are kept, and the
+committed step is ``optimizer.step()`` on them -- the same state as a plain step.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.sampler.snapshot import StateSnapshot, frozen_running_stats, tracked_parameters
 
 __all__ = ["LossDeltaOrderer", "DeltaStep", "draw_external"]
@@ -82,7 +89,7 @@ class DeltaStep:
 
 
 def draw_external(pool: Batch, size: int, generator: torch.Generator) -> Batch:
-    """Draw ``size`` rows of ``pool`` without replacement (the SPEC 6.2 external batch).
+    """Draw ``size`` rows of ``pool`` without replacement (the external batch ``E`` of the external variant).
 
     Args:
         pool: held-out rows, inputs ``(M, C, H, W)``, targets ``(M, K)``.
@@ -110,7 +117,7 @@ def _check_optimizer(optimizer: Any) -> None:
 
 
 class LossDeltaOrderer:
-    """Reorder a batch stream by loss delta and take the training steps (SPEC 6.2).
+    """Reorder a batch stream by loss delta and take the training steps (Simionescu 2020, section 2.4.2).
 
     Iterating the orderer runs one epoch over ``batches`` and yields ``(batch, DeltaStep)`` *after* the
     batch's optimizer step was taken -- the loop only logs, steps schedulers, evaluates.
@@ -127,7 +134,7 @@ class LossDeltaOrderer:
         external: for ``"external"``: a held-out :class:`~regpipe.Batch` (``external_size`` rows are
             redrawn from it at each epoch start; used whole when ``external_size`` is ``None`` or equal
             to its size) or a callable ``generator -> Batch`` called at each epoch start.
-        external_size: rows of the external batch (SPEC 6.2: 512), or ``None``.
+        external_size: rows of the external batch (the thesis: 512), or ``None``.
         approximate: first-order **approximate** scores (see the module docstring).
         seed: seeds the CPU generator of the external draws.
         rescore_every: score the buffer every ``r`` steps; in between, hand out the remaining
@@ -210,7 +217,7 @@ class LossDeltaOrderer:
         self.last_step: DeltaStep | None = None
         self.last_scores: torch.Tensor | None = None
         self._params = tracked_parameters(model, optimizer)
-        # SPEC 6.2 rollback: one snapshot of the start state, one of the best trial's state (exact);
+        # Rollback after each trial: one snapshot of the start state, one of the best trial's state (exact);
         # approximate mode keeps buffers (+ the best trial's gradients) only.
         if approximate:
             self._start = StateSnapshot(model, None, params=False, buffers=True)
@@ -325,7 +332,7 @@ class LossDeltaOrderer:
                 drop = self._predicted_drop(grads_e)
             else:
                 drop = before - self._score_loss(external if external is not None else batch)
-            score = float(drop / before if self.relative else drop)  # SPEC 6.2 (relative variant)
+            score = float(drop / before if self.relative else drop)  # relative variant: drop / L(theta; E_j)
             scores.append(score)
             losses.append(float(loss))
             if not math.isfinite(score):

@@ -1,4 +1,17 @@
-"""Sample loss orderer and sampler: batches chosen by each sample's current loss (SPEC 6.1).
+"""Sample loss orderer and sampler: batches chosen by each sample's current loss.
+
+The Sample Loss Orderer & Sampler of the Perfect Ordering Approximation (Simionescu, "Deep Learning
+Training Procedure Augmentations", 2020, section 2.4.1, in the vocabulary of section 2.3): the
+*scoring mechanism* gives every sample its current loss, ``score(i) = L(f_theta(x_i), y_i)`` (a forward
+pass, no gradient); the *ordering strategy* sorts the scored samples ascending or descending and hands
+out the first unused ones; the *sampler strategy* draws samples with replacement, with probability
+proportional to the score or to its inverse::
+
+    P(i) = score(i) / sum_j score(j)                          ("direct")
+    P(i) = w_i / sum_j w_j,   w_i = 1 / (score(i) + eps)      ("inverse")
+
+The thesis's data loader rescores after every gradient step, over randomly chosen candidates only;
+here the candidate pool has ``pool_size`` samples and is rescored every ``rescore_every`` batches.
 
 Both are ``torch.utils.data.Sampler`` s yielding lists of dataset indices, for a DataLoader's
 ``batch_sampler``::
@@ -37,11 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
-from regpipe.batch import Batch
-from regpipe.loaders.torch import TorchLoader
+from regpipe.core.batch import Batch, labels_to_targets
 from regpipe.sampler.snapshot import frozen_running_stats
 
-__all__ = ["LossOrderer", "LossSampler", "per_sample_cross_entropy", "sample_losses"]
+__all__ = ["LossOrderer", "LossSampler", "PlainBatch", "per_sample_cross_entropy", "sample_losses"]
 
 Prepare = Callable[[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Batch]
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,6 +62,31 @@ PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def per_sample_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Soft-target cross-entropy per row: logits ``(N, K)``, targets ``(N, K)`` -> ``(N,)`` float32."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+
+
+class PlainBatch:
+    """The default ``prepare``: ``(images, labels, indices)`` -> :class:`Batch` on ``device``, no ops.
+
+    uint8 images become float in ``0..1`` (``x / 255``), float images pass as they are; labels become
+    one-hot ``(n, num_classes)`` targets and ``indices`` the source ids. (What a ``TorchLoader`` without
+    mean/std builds; pass ``prepare=loader.to_batch`` for a loader's normalisation.)
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes, self.device = num_classes, torch.device(device)
+
+    def __call__(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Batch:
+        images, labels, indices = item
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a (N, C, H, W) tensor, got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        x = images.to(self.device)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        targets = labels_to_targets(torch.as_tensor(labels), self.num_classes)
+        return Batch(inputs=x, targets=targets.to(self.device),
+                     source_ids=torch.as_tensor(indices).long().to(self.device))
 
 
 def _fetch(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +104,7 @@ def _fetch(data: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def sample_losses(model: nn.Module, data: Any, indices: torch.Tensor, prepare: Prepare,
                   loss_fn: PerSampleLoss = per_sample_cross_entropy, score_mode: Literal["eval", "train"] = "eval",
                   eval_batch_size: int = 1024) -> torch.Tensor:
-    """Per-sample losses of ``data`` at ``indices`` (SPEC 6.1 score), forward only.
+    """Per-sample losses of ``data`` at ``indices`` (the scoring mechanism), forward only.
 
     Args:
         model: the model; its modes are restored afterwards.
@@ -126,8 +163,7 @@ class _SampleLossBase(Sampler[list[int]]):
             num_classes = getattr(data, "num_classes", num_classes)
             if num_classes is None:
                 raise ValueError("num_classes is needed to build targets (or pass prepare=)")
-            device = next(model.parameters()).device
-            prepare = TorchLoader([], num_classes=num_classes, device=device).to_batch
+            prepare = PlainBatch(int(num_classes), next(model.parameters()).device)
         self.data, self.model, self.prepare, self.loss_fn = data, model, prepare, loss_fn
         self.batch_size, self.pool_size, self.score_mode = batch_size, pool_size, score_mode
         self.eval_batch_size, self.rescore_every, self.seed = eval_batch_size, rescore_every, seed
@@ -153,7 +189,7 @@ class _SampleLossBase(Sampler[list[int]]):
 
 
 class LossOrderer(_SampleLossBase):
-    """Ordering strategy over per-sample losses (SPEC 6.1); every item once per epoch.
+    """Ordering strategy over per-sample losses (Simionescu 2020, section 2.4.1); every item once per epoch.
 
     The epoch's items are queued in a random order (``randperm`` from the seeded generator). At each
     rescoring the first ``pool_size`` queued items are scored; the next ``rescore_every`` batches are
@@ -174,7 +210,7 @@ class LossOrderer(_SampleLossBase):
         >>> import torch
         >>> from torch import nn
         >>> from torch.utils.data import DataLoader
-        >>> from regpipe.data import ArrayDataset, ImageArrays
+        >>> from regpipe.engine.data import ArrayDataset, ImageArrays
         >>> from regpipe.sampler import LossOrderer
         >>> arrays = ImageArrays(torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8), torch.arange(10) % 2,
         ...                      2, ("a", "b"))
@@ -221,7 +257,7 @@ class LossOrderer(_SampleLossBase):
 
 
 class LossSampler(_SampleLossBase):
-    """Sampler strategy over per-sample losses (SPEC 6.1): draws with replacement.
+    """Sampler strategy over per-sample losses (Simionescu 2020, section 2.4.1): draws with replacement.
 
     At each rescoring ``pool_size`` distinct items are drawn uniformly; the next ``rescore_every``
     batches draw ``batch_size`` items from that pool with replacement (``torch.multinomial``), with
@@ -257,7 +293,8 @@ class LossSampler(_SampleLossBase):
         return self.num_batches
 
     def weights(self, scores: torch.Tensor) -> torch.Tensor:
-        """Draw weights ``(n,)`` float64 from scores ``(n,)`` (SPEC 6.1: score or its inverse)."""
+        """Draw weights ``(n,)`` float64 from scores ``(n,)``: ``score`` ("direct") or ``1 / (score + eps)``
+        ("inverse"); ``torch.multinomial`` normalises them to probabilities."""
         scores = scores.double()
         w = scores if self.weighting == "direct" else 1.0 / (scores + self.eps)
         bad = ~torch.isfinite(w) | (w < 0)

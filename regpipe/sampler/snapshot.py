@@ -1,4 +1,4 @@
-"""Exact, allocation-free save/restore of a training state (SPEC 6.2: "rolled back after each trial").
+"""Exact, allocation-free save/restore of a training state (the loss-delta orderer's rollback after each trial).
 
 The loss-delta orderer takes one trial optimizer step per candidate batch and must undo it bitwise:
 parameters, module buffers (BatchNorm running statistics and ``num_batches_tracked``) and the

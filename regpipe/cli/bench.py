@@ -1,6 +1,6 @@
 """``regpipe bench``: regpipe's ops against the eager reference and the peers, side by side in one run.
 
-Row groups (each timed with the interleaved :func:`regpipe.timing.median_ms`; ``ratio`` is the row's
+Row groups (each timed with the interleaved :func:`regpipe.engine.timing.median_ms`; ``ratio`` is the row's
 median over its group's baseline, measured in the same rounds):
 
 * ``mix-uint8``: the loader's uint8 batch -> normalised k = 2 group mix (float32 out). Baseline: a
@@ -24,8 +24,11 @@ environment).
 
 from __future__ import annotations
 
+import argparse
+
 import importlib
 import json
+import sys
 import platform
 import time
 from collections.abc import Callable
@@ -35,14 +38,14 @@ from typing import Any
 
 import torch
 
-from regpipe.batch import Batch
+from regpipe.core.batch import Batch
 from regpipe.functional import block_mask, soft_target_cross_entropy, sum_mix
 from regpipe.hooks import PatchUpHook
 from regpipe.kernels import available_backends, default_numba_threads, fused_group_mix, group_mix_reference
-from regpipe.models import preact_resnet_small
+from regpipe.engine.models import preact_resnet_small
 from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
-from regpipe.timing import median_ms
+from regpipe.engine.timing import median_ms
 
 __all__ = ["BenchConfig", "run_bench", "format_table", "write_json", "bench"]
 
@@ -344,3 +347,25 @@ def bench(device: str = "cpu", json_path: str | None = None, quick: bool = False
         write_json(json_path, rows, notes, cfg)
         print(f"rows written to {json_path}")
     return rows, notes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """``regpipe bench``: time regpipe's ops against the eager reference and the peers."""
+    p = sub.add_parser("bench", help="time regpipe's ops against the eager reference and the peers",
+                             description="Time, side by side in one run, the fused uint8 -> normalised k-group mix, "
+                                         "the k=2 mix against timm/torchvision/kornia MixUp, block masks against "
+                                         "timm DropBlock2d, and recipe training steps against the plain step. "
+                                         "Peers that are not installed are skipped with a note "
+                                         "(`make bench-peers` installs them in their own environment).")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default: cpu)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows (and the machine) to FILE")
+    p.add_argument("--quick", action="store_true", help="small shapes and 2 rounds: a smoke run, not numbers")
+    p.add_argument("--repeats", type=int, default=None,
+                         help="interleaved rounds per group (default: 15, --quick: 2)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    bench(args.device, json_path=args.json, quick=args.quick, repeats=args.repeats,
+          progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0

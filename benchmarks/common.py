@@ -1,6 +1,6 @@
 """Shared timing and reporting for the benchmark scripts (run them as ``python benchmarks/bench_*.py``).
 
-The timer lives in :mod:`regpipe.timing` so that the installed ``regpipe bench`` uses the same
+The timer lives in :mod:`regpipe.engine.timing` so that the installed ``regpipe bench`` uses the same
 interleaved timer; this module re-exports it for the scripts' ``from timing import median_ms`` and adds
 the scripts' shared command-line plumbing.
 """
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from regpipe.timing import median_ms
+from regpipe.engine.timing import median_ms
 
 __all__ = ["machine_line", "median_ms", "pick_devices", "write_json"]
 

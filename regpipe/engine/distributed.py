@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from regpipe.rng import DeviceGenerator
+from regpipe.core.op import Op
+from regpipe.core.rng import rank_seed
 
-__all__ = ["DistInfo", "RankSlice", "all_reduce_sum", "rank_seed", "reseed_ops", "setup", "teardown"]
+__all__ = ["DistInfo", "RankSlice", "all_reduce_sum", "rank_seed", "reseed_ops", "resolve_device", "setup",
+           "teardown"]
 
 
 @dataclass(frozen=True)
@@ -56,27 +58,57 @@ def setup(device: torch.device) -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given.
+
+    Raises:
+        ValueError: the name is not a device torch knows, or CUDA is requested but absent.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
 def teardown(info: DistInfo) -> None:
     """Leave the process group joined by :func:`setup`."""
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of rank ``rank``'s generators: ``seed`` on rank 0, a distinct large offset on the others."""
-    return seed + rank * 1_000_003
+def reseed_ops(ops: Iterable[Op], seed: int, rank: int) -> None:
+    """Seed every op for ``rank``: ``op.reseed(seed, rank)``, i.e. the op's generators restart from
+    :func:`rank_seed` ``(seed, rank)`` (rank 0 keeps ``seed``, so a one-process run draws what it always did).
 
+    Each op decides what reseeding means for it (an op holding sub-ops, e.g. ``Replicate`` and its
+    ``Augment``, reseeds them in its own ``reseed``); nothing here looks inside an op. Call it once,
+    before the first batch and before restoring a checkpoint's op states (reseeding restarts the
+    generators, so it would discard the restored positions).
 
-def reseed_ops(ops: Iterable[object], rank: int) -> None:
-    """Give every op's generators (attributes holding a :class:`~regpipe.rng.DeviceGenerator`, also one level
-    down, e.g. ``Replicate.augment.rng``) the seed :func:`rank_seed` of their seed and ``rank``."""
-    if rank == 0:
-        return
+    Args:
+        ops: the run's ops, each with ``reseed(seed, rank)`` (the :class:`~regpipe.core.op.Op` protocol).
+        seed: the run's seed (the same on every rank).
+        rank: this process's rank, ``>= 0``.
+
+    Raises:
+        TypeError: an op without a ``reseed`` method (it is named).
+        ValueError: a negative or non-integer rank.
+    """
+    rank_seed(seed, rank)  # validates rank before any op is touched
+    ops = list(ops)
     for op in ops:
-        for owner in (op, *(v for v in vars(op).values() if hasattr(v, "__dict__"))):
-            for name, value in list(vars(owner).items()):
-                if isinstance(value, DeviceGenerator):
-                    setattr(owner, name, DeviceGenerator(rank_seed(value.seed, rank)))
+        if not callable(getattr(op, "reseed", None)):
+            raise TypeError(f"{type(op).__name__} has no reseed(seed, rank) method; every op must define one "
+                            "(regpipe.core.op.BatchOp does)")
+    for op in ops:
+        op.reseed(seed, rank)
 
 
 def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list[float]:

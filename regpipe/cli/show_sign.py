@@ -1,4 +1,4 @@
-"""``regpipe show sign``: inputs before and after SIGN (K = 50, 100) and the perturbation delta (SPEC 5)."""
+"""``regpipe show sign``: inputs before and after SIGN (K = 50, 100) and the perturbation delta."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from regpipe.checkpoint import load_checkpoint
-from regpipe.data import ImageArrays, load_fashion_mnist, stratified_indices
+from regpipe.engine.checkpoint import load_checkpoint
+from regpipe.engine.data import ImageArrays, load_fashion_mnist, stratified_indices
 from regpipe.functional.losses import soft_target_cross_entropy
-from regpipe.loaders.torch import normalize
-from regpipe.models import preact_resnet_small
-from regpipe.sign_offline import transform_images
+from regpipe.functional.normalize import normalize
+from regpipe.engine.models import preact_resnet_small
+from regpipe.engine.sign_dataset import transform_images
 
 __all__ = ["draw_sign", "fit_quick_teacher"]
 

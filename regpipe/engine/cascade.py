@@ -1,4 +1,11 @@
-"""Cascading Sum Augmentation controller (SPEC 1.2): stage k, plateau patience, best-checkpoint restore."""
+"""Cascading Sum Augmentation controller: stage k, plateau patience, best-checkpoint restore.
+
+Simionescu (2020), section 3.4: train with ``k`` summed inputs for stages ``k = 8, 4, 2, 1`` (any
+strictly decreasing list); after each evaluation keep the best validation checkpoint; when the metric
+has not improved for ``patience`` evaluations (or the stage's budget is spent), restore the best
+checkpoint and go to the next stage. The last stage, ``k = 1``, fine-tunes on clean data (``stop_at=2``
+ends at ``k = 2`` for test-time sum augmentation, as the thesis does).
+"""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True)
     With ``reuse``, runs already finished with the same settings (see :func:`finished_run`) are read
     back instead of trained again.
     """
-    from regpipe.train import train
+    from regpipe.engine.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     runs = {recipe: [(reuse and finished_run(cfg)) or train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}

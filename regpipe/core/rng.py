@@ -1,4 +1,8 @@
-"""Explicit, resumable randomness: one ``torch.Generator`` per op, on the batch's device (SPEC 7)."""
+"""Explicit, resumable randomness: one ``torch.Generator`` per op, on the batch's device.
+
+Every op owns a :class:`DeviceGenerator`; nothing draws from torch's or numpy's global generators, so
+the same seed gives the same batches and a resumed run draws what the uninterrupted run would have.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DeviceGenerator"]
+__all__ = ["DeviceGenerator", "rank_seed"]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of rank ``rank``'s generators under ``torchrun``: ``seed`` on rank 0 (a one-process run is
+    unchanged), ``seed + rank * 1_000_003`` on the others (a prime stride, so ranks never share a seed)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, got {rank!r}")
+    return seed + rank * 1_000_003
 
 
 class DeviceGenerator:
@@ -36,6 +48,14 @@ class DeviceGenerator:
             raise ValueError(f"this op's generator lives on {self._generator.device}, the batch is on {device}; "
                              "use one op instance per device")
         return self._generator
+
+    def reseed(self, seed: int) -> None:
+        """Start over from ``seed`` (the generator is created again on the next batch's device)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self._generator = None
+        self._pending_state = None
 
     def state_dict(self) -> dict[str, Any]:
         state = self._generator.get_state() if self._generator is not None else self._pending_state

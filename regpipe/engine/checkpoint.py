@@ -7,8 +7,8 @@ was trained with, and the training config.
 
 Example:
     >>> import tempfile, torch
-    >>> from regpipe.checkpoint import load_checkpoint, save_checkpoint
-    >>> from regpipe.models import build_model
+    >>> from regpipe.engine.checkpoint import load_checkpoint, save_checkpoint
+    >>> from regpipe.engine.models import build_model
     >>> net = build_model("preact-small", num_classes=4, in_channels=1)
     >>> path = tempfile.mkdtemp() + "/model.pt"
     >>> _ = save_checkpoint(path, net, "preact-small", 4, (1, 28, 28), mean=(0.5,), std=(0.25,))
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from regpipe.hooks.tap import unwrap_model
-from regpipe.models import build_model
+from regpipe.engine.models import build_model
 
 __all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 

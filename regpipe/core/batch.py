@@ -8,11 +8,14 @@ the batch it came from).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# patchup_plan imports nothing from regpipe, so this import inside the core layer cannot cycle.
+from regpipe.core.patchup_plan import PatchUpPlan
 
 __all__ = ["Batch", "MixRecord", "identity_affine", "labels_to_targets"]
 
@@ -57,11 +60,16 @@ class MixRecord:
         sources: ``(N_out, k)`` int64, row indices into the batch *before* mixing.
         weights: ``(N_out, k)`` float, the mixing weights (rows sum to 1).
         source_ids: ``(N_out, k)`` int64, the dataset ids of those rows.
+        parent_inputs: ``(N_in, C, H, W)`` the inputs before mixing, kept only when the mixing op was
+            asked to (``keep_parent=True``: the saliency loss needs the components' own maps); else ``None``.
+        parent_targets: ``(N_in, K)`` their targets, with ``parent_inputs``.
     """
 
     sources: torch.Tensor
     weights: torch.Tensor
     source_ids: torch.Tensor
+    parent_inputs: torch.Tensor | None = None
+    parent_targets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.sources.dim() != 2:
@@ -71,6 +79,22 @@ class MixRecord:
             if value.shape != self.sources.shape:
                 raise ValueError(f"MixRecord.{name} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(self.sources.shape)} like sources")
+        if (self.parent_inputs is None) != (self.parent_targets is None):
+            raise ValueError("MixRecord.parent_inputs and parent_targets come together (both or neither)")
+        if self.parent_inputs is not None and self.parent_inputs.shape[0] != self.parent_targets.shape[0]:
+            raise ValueError(f"MixRecord.parent_inputs has {self.parent_inputs.shape[0]} rows, parent_targets "
+                             f"{self.parent_targets.shape[0]}")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MixRecord":
+        """Every tensor on ``device``."""
+        return MixRecord(*(None if t is None else t.to(device, non_blocking=non_blocking)
+                           for t in (self.sources, self.weights, self.source_ids, self.parent_inputs,
+                                     self.parent_targets)))
+
+    def rows(self, index: torch.Tensor) -> "MixRecord":
+        """The record of output rows ``index`` (the parent rows they read are kept whole)."""
+        return MixRecord(self.sources[index], self.weights[index], self.source_ids[index], self.parent_inputs,
+                         self.parent_targets)
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,8 @@ class Batch:
         affine: ``(N, 2, 3)`` float, output -> input coordinates of the geometric ops applied so far
             (identity when none ran). Filled with identities when omitted.
         mixing: the :class:`MixRecord` of the last mixing op, or ``None``.
-        patchup: the PatchUp plan drawn for this batch, or ``None``.
+        patchup: the :class:`~regpipe.core.patchup_plan.PatchUpPlan` drawn for this batch (for its
+            ``N`` rows, in this order), or ``None``.
         photometric: ``(N, 2)`` float, the brightness and contrast factors applied to each row
             (``None``: none applied, i.e. all ones).
     """
@@ -95,7 +120,7 @@ class Batch:
     source_ids: torch.Tensor
     affine: torch.Tensor | None = None
     mixing: MixRecord | None = None
-    patchup: Any | None = field(default=None)
+    patchup: PatchUpPlan | None = None
     photometric: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -127,6 +152,10 @@ class Batch:
             raise ValueError(f"Batch.photometric must be (N, 2) with N={n}, got shape {tuple(self.photometric.shape)}")
         if self.mixing is not None and self.mixing.sources.shape[0] != n:
             raise ValueError(f"Batch.mixing describes {self.mixing.sources.shape[0]} rows, the batch has {n}")
+        if self.patchup is not None:
+            if not isinstance(self.patchup, PatchUpPlan):
+                raise TypeError(f"Batch.patchup must be a PatchUpPlan or None, got {type(self.patchup).__name__}")
+            self.patchup.check_rows(n)  # a plan pairs the rows it was drawn for
 
     @classmethod
     def from_labels(cls, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -164,19 +193,14 @@ class Batch:
         if self.patchup is not None:
             raise ValueError("cannot select rows of a batch that carries a PatchUp plan: apply PatchUp after selecting")
         index = index.to(self.device)
-        mixing = self.mixing
-        if mixing is not None:
-            mixing = MixRecord(*(t[index] for t in (mixing.sources, mixing.weights, mixing.source_ids)))
+        mixing = None if self.mixing is None else self.mixing.rows(index)
         return Batch(inputs=self.inputs[index], targets=self.targets[index], source_ids=self.source_ids[index],
                      affine=self.affine[index], mixing=mixing,
                      photometric=None if self.photometric is None else self.photometric[index])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """Move every tensor to ``device``."""
-        mixing = self.mixing
-        if mixing is not None:
-            mixing = MixRecord(*(t.to(device, non_blocking=non_blocking)
-                                 for t in (mixing.sources, mixing.weights, mixing.source_ids)))
+        """Move every tensor to ``device``, those of the mixing record and of the PatchUp plan included."""
+        mixing = None if self.mixing is None else self.mixing.to(device, non_blocking=non_blocking)
         return dataclasses.replace(
             self,
             inputs=self.inputs.to(device, non_blocking=non_blocking),
@@ -184,5 +208,6 @@ class Batch:
             source_ids=self.source_ids.to(device, non_blocking=non_blocking),
             affine=self.affine.to(device, non_blocking=non_blocking),
             mixing=mixing,
+            patchup=None if self.patchup is None else self.patchup.to(device, non_blocking=non_blocking),
             photometric=None if self.photometric is None else self.photometric.to(device, non_blocking=non_blocking),
         )

@@ -1,4 +1,4 @@
-"""``regpipe show replicate|saliency``: in-batch replication and saliency maps warped back (SPEC 3.1, 4)."""
+"""``regpipe show replicate|saliency``: in-batch replication and saliency maps warped back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from regpipe.batch import Batch
-from regpipe.data import load_fashion_mnist
+from regpipe.core.batch import Batch
+from regpipe.engine.data import load_fashion_mnist
 from regpipe.functional.augment import inverse_warp, valid_mask
 from regpipe.functional.saliency import normalize_maps, saliency
 from regpipe.ops.augment import Replicate
@@ -43,7 +43,7 @@ def _save(plt: Any, fig: Any, out: Path) -> Path:
 
 def draw_replicate(plt: Any, out: Path, data_dir: str | None, seed: int, m: int = 6) -> Path:
     """Four seeds, each with its ``m`` copies (the first is the original), as the replication recipes draw them."""
-    from regpipe.recipes import replication_augment
+    from regpipe.engine.algorithms import replication_augment
 
     batch = Replicate(m, replication_augment(seed))(_seeds(data_dir, seed, 4))
     fig, axes = plt.subplots(4, m, figsize=(1.5 * m, 6.4))
@@ -65,8 +65,8 @@ def draw_saliency(plt: Any, out: Path, data_dir: str | None, seed: int, steps: i
 
     A small model is first trained for ``steps`` SGD steps on the training split so the maps show
     more than initialisation noise."""
-    from regpipe.models import preact_resnet_small
-    from regpipe.recipes import replication_augment
+    from regpipe.engine.models import preact_resnet_small
+    from regpipe.engine.algorithms import replication_augment
 
     torch.manual_seed(seed)
     train = load_fashion_mnist("train", data_dir=data_dir, shape="cifar")

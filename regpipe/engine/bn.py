@@ -1,4 +1,4 @@
-"""Evaluate with BatchNorm statistics re-estimated on clean batches (SPEC 1.2, "ours, measured").
+"""Evaluate with BatchNorm statistics re-estimated on clean batches (our addition to Sum Augmentation).
 
 A model trained on mixed inputs learns running statistics of mixed inputs; they do not fit clean test
 images (measured: clean test error 0.632 -> 0.337 after re-estimation on 16 clean batches).

@@ -1,4 +1,4 @@
-"""Offline SIGN (SPEC 5): transform a dataset with a trained model and write it out (``regpipe sign``).
+"""Offline SIGN (Asgari Taghanaki et al., Signed Input Regularization): transform a dataset with a trained model and write it out (``regpipe sign``).
 
 Layout of ``OUT``:
 
@@ -12,7 +12,7 @@ Layout of ``OUT``:
   ``label``, ``index``), written once every shard exists (float32: FFCV's ``NDArrayDecoder`` is
   compiled with numba, which has no float16).
 
-Storage **(ours)**: SIGN iterates are floats that leave the pixel range (SPEC 5: the paper's point is
+Storage **(ours)**: SIGN iterates are floats that leave the pixel range (the paper's point is
 that variables turn negative), so they are stored unclamped as float16 (``--dtype float32`` for full
 precision) in the pixel scale ``x / 255`` (de-normalised: independent of the model's mean/std, and
 what ``TorchLoader`` normalises like a float image). ``--clamp`` projects every iterate onto the valid
@@ -44,10 +44,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from regpipe.checkpoint import Checkpoint, load_checkpoint
-from regpipe.data import ImageArrays, load_dataset, stratified_indices
-from regpipe.functional.sign import check_snapshots, feature_fn, sign
-from regpipe.loaders.torch import normalize
+from regpipe.engine.checkpoint import Checkpoint, load_checkpoint
+from regpipe.engine.config import SignConfig
+from regpipe.engine.distributed import resolve_device
+from regpipe.engine.data import ImageArrays, load_dataset, stratified_indices
+from regpipe.functional.sign import check_snapshots, sign
+from regpipe.functional.normalize import normalize
+from regpipe.hooks.features import tapped_features
 
 __all__ = [
     "MANIFEST",
@@ -88,7 +91,8 @@ def transform_images(model: nn.Module, images: torch.Tensor, mean: Sequence[floa
         mean, std: the model's normalisation (0..1 scale), as in its checkpoint.
         iters: the ``K`` values to return, e.g. ``(50, 100)``.
         clamp: project every iterate onto the valid pixel range ``[0, 1]``.
-        layer: the feature layer (default: the model's ``features()``; see :func:`feature_fn`).
+        layer: the feature layer (default: the model's ``features()``; see
+            :func:`regpipe.hooks.features.tapped_features`).
         on_batch: called with the number of images after each batch (a progress bar's ``update``).
 
     Returns:
@@ -98,19 +102,19 @@ def transform_images(model: nn.Module, images: torch.Tensor, mean: Sequence[floa
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    features = feature_fn(model, layer)
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     m, s = mean_t.to(device).view(1, -1, 1, 1), std_t.to(device).view(1, -1, 1, 1)
     bounds = pixel_bounds(mean, std, device) if clamp else None
     out: dict[int, list[torch.Tensor]] = {k: [] for k in steps}
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device)
-        x = normalize(chunk, mean_t, std_t)
-        result = sign(features, x, steps[-1], eta=eta, at=at, snapshots=steps, clamp=bounds)
-        for k, xk in result.items():
-            out[k].append((xk * s + m).cpu())
-        if on_batch is not None:
-            on_batch(chunk.shape[0])
+    with tapped_features(model, layer) as features:  # hook removed and buffers written back on exit
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size].to(device)
+            x = normalize(chunk, mean_t, std_t)
+            result = sign(features, x, steps[-1], eta=eta, at=at, snapshots=steps, clamp=bounds)
+            for k, xk in result.items():
+                out[k].append((xk * s + m).cpu())
+            if on_batch is not None:
+                on_batch(chunk.shape[0])
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -138,9 +142,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def rank_device(name: str = "auto") -> torch.device:
     """The device a rank works on: ``"auto"`` or ``"cuda"`` under torchrun -> ``cuda:LOCAL_RANK``; else as
-    :func:`regpipe.train.resolve_device`."""
-    from regpipe.train import resolve_device
-
+    :func:`regpipe.engine.distributed.resolve_device`."""
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -357,46 +359,33 @@ class _Rows:
         return self.images[i], int(self.labels[i]), int(self.indices[i])
 
 
-def sign_training_set(cfg: Any, data: Any, device: torch.device) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+def sign_training_set(config: SignConfig, data: Any, teacher: Path, model_name: str, dataset_name: str,
+                      device: torch.device) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
     """The ``sign`` recipe's training set, the paper's protocol: the training samples plus their SIGN
-    transforms for every ``K`` in ``cfg.sign_iters`` (default 50 and 100), labels kept.
+    transforms for every ``K`` in ``config.iters`` (default 50 and 100), labels kept.
 
-    The teacher is ``cfg.sign_teacher`` (a checkpoint) or, by default, the ``baseline`` recipe trained
-    first with the same settings and seed (the same model ``regpipe compare`` reports as baseline); its
-    checkpoint is kept as ``OUT/teacher.pt`` when the run has an output folder.
+    Args:
+        config: the SIGN settings (iterations, step size, feature layer).
+        data: the run's split arrays (``engine.train.RunData``).
+        teacher: checkpoint of the trained model whose features SIGN differentiates (the engine trains
+            the baseline first when the run names none).
+        model_name, dataset_name: what the teacher must fit.
+        device: where the transform runs.
 
     Returns:
         A dataset yielding ``(image float 0..1, label, index)`` (``index`` = the sample's row in
         ``data.train`` for every version) and the values ``metrics.json`` records under ``"sign"``.
     """
-    import tempfile
     import time
 
-    import torch.distributed as dist
-
-    from regpipe.train import train
-
-    if not cfg.sign_teacher and dist.is_available() and dist.is_initialized():
-        # The teacher run would set up and tear down the process group inside this one.
-        raise ValueError("under torchrun the sign recipe needs a trained teacher: train the baseline with "
-                         "`regpipe train --checkpoint-out PATH` and pass --sign-teacher PATH")
-    info: dict[str, Any] = {"iters": list(cfg.sign_iters), "eta": cfg.sign_eta, "layer": cfg.sign_layer or "features()"}
+    info: dict[str, Any] = {"iters": list(config.iters), "eta": config.eta, "layer": config.layer or "features()"}
     in_channels = int(data.train.images.shape[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.sign_teacher:
-            path = Path(cfg.sign_teacher)
-            info["teacher"] = str(path)
-        else:
-            path = Path(cfg.out) / "teacher.pt" if cfg.out is not None else Path(tmp) / "teacher.pt"
-            teacher_metrics = train(replace(cfg, recipe="baseline", out=None, checkpoint_out=str(path)))
-            info.update(teacher="baseline", teacher_test_accuracy=teacher_metrics["test_accuracy"],
-                        teacher_train_seconds=teacher_metrics["train_seconds"])
-        ckpt = load_checkpoint(path, model_name=cfg.model, num_classes=data.train.num_classes,
-                               in_channels=in_channels, device=device)
-    _check_fits(ckpt, data.train, f"the training set of dataset {cfg.dataset!r}")
+    ckpt = load_checkpoint(teacher, model_name=model_name, num_classes=data.train.num_classes,
+                           in_channels=in_channels, device=device)
+    _check_fits(ckpt, data.train, f"the training set of dataset {dataset_name!r}")
     started = time.perf_counter()
-    versions = transform_images(ckpt.model, data.train.images, ckpt.mean, ckpt.std, cfg.sign_iters, eta=cfg.sign_eta,
-                                layer=cfg.sign_layer, batch_size=256, device=device)
+    versions = transform_images(ckpt.model, data.train.images, ckpt.mean, ckpt.std, config.iters, eta=config.eta,
+                                layer=config.layer, batch_size=256, device=device)
     info["sign_seconds"] = time.perf_counter() - started
     originals = data.train.images.float().div_(255.0)
     images = torch.cat([originals, *versions.values()])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 import torch
 
-from regpipe.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from regpipe.engine.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from regpipe.functional.sum_mix import gcc_weights, sum_mix
 
 __all__ = ["show", "mixed_grid", "draw_patchup"]
@@ -44,10 +46,10 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0, check
     if what == "patchup":
         return draw_patchup(plt, out, data_dir, seed)
     if what == "sign":  # `checkpoint`: the model to transform with (default: one fitted on the spot)
-        from regpipe.show_sign import draw_sign
+        from regpipe.cli.show_sign import draw_sign
         return draw_sign(plt, out, data_dir, seed, checkpoint)
     if what in ("replicate", "saliency"):
-        from regpipe.show_consistency import draw_replicate, draw_saliency
+        from regpipe.cli.show_consistency import draw_replicate, draw_saliency
         return (draw_replicate if what == "replicate" else draw_saliency)(plt, out, data_dir, seed)
     data = load_fashion_mnist("test", data_dir=data_dir, shape="native")
     columns = min(_COLUMNS, len(data.labels) // 8)
@@ -100,10 +102,12 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0, check
 def draw_patchup(plt, out: Path, data_dir: str | None, seed: int) -> Path:
     """PatchUp on real images: per layer (0 = input CutMix, 1 = after the stem conv, 2 = after the first
     stage of the default model) the mask of one channel, a row's feature map, its partner's, and the
-    hard and soft mixes (SPEC 2.2-2.3). The model is freshly initialised: the picture shows where
+    hard and soft mixes (Faramarzi et al., 2022, section 3). The model is freshly initialised: the picture shows where
     features are exchanged, not what a trained network computes."""
     from regpipe.functional.patchup import patchup_mix
-    from regpipe.models import preact_resnet_small
+    from regpipe.engine.models import preact_resnet_small
+    from regpipe.core.batch import Batch
+    from regpipe.hooks.patchup import plan_mask
     from regpipe.ops.patchup import PatchUp
 
     data = load_fashion_mnist("test", data_dir=data_dir, shape="cifar")
@@ -118,8 +122,8 @@ def draw_patchup(plt, out: Path, data_dir: str | None, seed: int) -> Path:
     fig, axes = plt.subplots(3, len(columns), figsize=(2.2 * len(columns), 7.2))
     for layer, h in features.items():
         op = PatchUp(mode="soft", candidate_layers=(layer,), patchup_prob=1.0, seed=seed + layer)
-        plan = op.draw(h.shape[0], x.shape[2], x.shape[3], "cpu")
-        holes = plan.mask(h.shape, "cpu")
+        plan = op.draw(Batch.from_labels(x, data.labels[pick], num_classes=10))
+        holes = plan_mask(plan, h.shape, "cpu")
         lam = plan.lam
         hard = patchup_mix(h, holes, plan.perm, lam, "hard")
         soft = patchup_mix(h, holes, plan.perm, lam, "soft" if layer else "hard")
@@ -140,3 +144,28 @@ def draw_patchup(plt, out: Path, data_dir: str | None, seed: int) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """``regpipe show``: draw what an op does into a PNG."""
+    p = sub.add_parser("show", help="draw what an op does into a PNG",
+                            description="sum: images mixed with k = 1, 2, 4, 8. gradual: mixes along t and the GCC "
+                                        "coefficients against t. patchup: masks and mixed feature maps at the input, "
+                                        "after the stem conv and after the first stage. replicate: seeds and their "
+                                        "augmented copies. saliency: saliency maps of originals and copies, "
+                                        "before and after the inverse warp. sign: inputs before and after SIGN "
+                                        "(K = 50, 100) and the perturbation delta.")
+    p.add_argument("what", choices=SHOWABLE, help="which op to draw")
+    p.add_argument("--out", default=None, help="PNG path (default: regpipe-show-WHAT.png)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (see `regpipe train --help`)")
+    p.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    p.add_argument("--checkpoint", default=None,
+                        help="sign: the trained model to transform with (default: a small model fitted on the spot)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out is not None else Path(f"regpipe-show-{args.what}.png")
+    path = show(args.what, out, data_dir=args.data_dir, seed=args.seed, checkpoint=args.checkpoint)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,249 @@
+"""The settings of one training run: the run's own, then one small dataclass per algorithm.
+
+The CLI's option groups map one to one onto these dataclasses (``regpipe train --help``); each checks
+its own values when it is built, so a bad value is named before any data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "CascadeConfig",
+    "GradualConfig",
+    "InvarianceConfig",
+    "LossDeltaConfig",
+    "LossOrderConfig",
+    "PatchUpConfig",
+    "ReplicationConfig",
+    "SaliencyConfig",
+    "SignConfig",
+    "SumConfig",
+    "TrainConfig",
+]
+
+MixMode = Literal["group", "permute"]
+
+
+def _positive_int(owner: str, name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _finite(owner: str, name: str, value: object, low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{owner}.{name} must be in [{low}, {high}], got {value!r}")
+
+
+def _mode(owner: str, value: str) -> None:
+    if value not in ("group", "permute"):
+        raise ValueError(f"{owner}.mode must be 'group' or 'permute', got {value!r}")
+
+
+def _names(owner: str, name: str, value: tuple[str, ...]) -> None:
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{owner}.{name} must name at least one module, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SumConfig:
+    """``sum``: Sum Augmentation with a fixed number of groups ``k``."""
+
+    k: int = 4
+    mode: MixMode = "group"
+
+    def __post_init__(self) -> None:
+        _positive_int("sum", "k", self.k)
+        _mode("sum", self.mode)
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """``cascade``: stages of decreasing ``k``, each until the validation accuracy stops improving."""
+
+    stages: tuple[int, ...] = (4, 2, 1)
+    patience: int = 3
+    stop_at: int = 1
+    mode: MixMode = "group"
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.stages) \
+                or any(a <= b for a, b in zip(self.stages, self.stages[1:])):
+            raise ValueError(f"cascade.stages must be strictly decreasing integers >= 1, got {self.stages!r}")
+        _positive_int("cascade", "patience", self.patience)
+        _positive_int("cascade", "stop_at", self.stop_at)
+        if not any(k >= self.stop_at for k in self.stages):
+            raise ValueError(f"cascade.stop_at={self.stop_at} leaves none of the stages {self.stages}")
+        _mode("cascade", self.mode)
+
+
+@dataclass(frozen=True)
+class GradualConfig:
+    """``gradual``: Gradually Cascading Sum Augmentation from ``k0`` groups to clean batches."""
+
+    k0: int = 4
+    fine_tune_frac: float = 0.2
+    mode: MixMode = "group"
+
+    def __post_init__(self) -> None:
+        _positive_int("gradual", "k0", self.k0, low=2)
+        _finite("gradual", "fine_tune_frac", self.fine_tune_frac, 0.0, 1.0)
+        if self.fine_tune_frac >= 1.0:
+            raise ValueError(f"gradual.fine_tune_frac must be < 1, got {self.fine_tune_frac}")
+        _mode("gradual", self.mode)
+
+
+@dataclass(frozen=True)
+class PatchUpConfig:
+    """``patchup-soft`` / ``patchup-hard``: hidden-layer block mixing."""
+
+    layers: tuple[str, ...] = ("conv1", "layer1")
+    loss: Literal["bce", "ce"] = "bce"
+
+    def __post_init__(self) -> None:
+        _names("patchup", "layers", self.layers)
+        if self.loss not in ("bce", "ce"):
+            raise ValueError(f"patchup.loss must be 'bce' or 'ce', got {self.loss!r}")
+
+
+@dataclass(frozen=True)
+class LossDeltaConfig:
+    """``loss-delta`` / ``loss-delta-external``: batches scored by the loss drop of a trial step."""
+
+    k: int = 4
+    relative: bool = False
+    external_rows: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_int("loss_delta", "k", self.k)
+        _positive_int("loss_delta", "external_rows", self.external_rows)
+
+
+@dataclass(frozen=True)
+class LossOrderConfig:
+    """``loss-order``: per-sample loss ordering of a pool of batches."""
+
+    order: Literal["ascending", "descending"] = "descending"
+
+    def __post_init__(self) -> None:
+        if self.order not in ("ascending", "descending"):
+            raise ValueError(f"loss_order.order must be 'ascending' or 'descending', got {self.order!r}")
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """``replicate`` (and what ``invariance``/``saliency`` build on): ``m`` augmented copies per seed."""
+
+    replicas: int = 4
+
+    def __post_init__(self) -> None:
+        _positive_int("replication", "replicas", self.replicas, low=2)
+
+
+@dataclass(frozen=True)
+class InvarianceConfig:
+    """``invariance``: ``(1 - alpha) * task + sum_l alpha_l * L_inv^l`` over ``layers``."""
+
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    alpha: float = 0.1
+    ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        _names("invariance", "layers", self.layers)
+        _finite("invariance", "alpha", self.alpha, 0.0, 1.0)
+        _finite("invariance", "ratio", self.ratio, 0.0)
+        if self.ratio <= 0:
+            raise ValueError(f"invariance.ratio must be > 0, got {self.ratio}")
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """``saliency``: ``+ weight * L_sal``, the saliency-map consistency term."""
+
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite("saliency", "weight", self.weight, 0.0)
+
+
+@dataclass(frozen=True)
+class SignConfig:
+    """``sign``: the training set plus its SIGN transforms for every ``K`` in ``iters``."""
+
+    iters: tuple[int, ...] = (50, 100)
+    eta: float = 1.0
+    layer: str | None = None
+    teacher: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.iters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.iters):
+            raise ValueError(f"sign.iters must be integers >= 1, got {self.iters!r}")
+        _finite("sign", "eta", self.eta)
+        if self.eta <= 0:
+            raise ValueError(f"sign.eta must be > 0, got {self.eta}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run.
+
+    The run's own settings come first; each algorithm reads only its own dataclass (``cfg.gradual`` for
+    ``gradual``...), whichever recipe is chosen, so a combined recipe such as ``gradual+invariance``
+    needs no settings of its own.
+    """
+
+    recipe: str = "gradual"
+    epochs: int = 15
+    seed: int = 0
+    samples_per_class: int | None = 100
+    model: str = "preact-small"
+    device: str = "auto"
+    out: str | None = None
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    shape: Literal["cifar", "native"] = "cifar"
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    loss: Literal["ce", "bce"] = "ce"
+    val_per_class: int = 50
+    checkpoint_out: str | None = None
+    bn_recalibration: bool = True
+    bn_batches: int = 16
+    tta_draws: int = 0
+    channels_last: bool = False
+    progress: bool = True
+    loader: str = "torch"
+    sum: SumConfig = field(default_factory=SumConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    gradual: GradualConfig = field(default_factory=GradualConfig)
+    patchup: PatchUpConfig = field(default_factory=PatchUpConfig)
+    loss_delta: LossDeltaConfig = field(default_factory=LossDeltaConfig)
+    loss_order: LossOrderConfig = field(default_factory=LossOrderConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    sign: SignConfig = field(default_factory=SignConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "val_per_class", "bn_batches"):
+            _positive_int("train", name, getattr(self, name))
+        _positive_int("train", "tta_draws", self.tta_draws, low=0)
+        if self.samples_per_class is not None:
+            _positive_int("train", "samples_per_class", self.samples_per_class)
+        for name in ("lr", "momentum", "weight_decay"):
+            _finite("train", name, getattr(self, name), 0.0)
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.loss not in ("ce", "bce"):
+            raise ValueError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.loader not in ("torch", "dali", "ffcv"):
+            raise ValueError(f"train.loader must be 'torch', 'dali' or 'ffcv', got {self.loader!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}")

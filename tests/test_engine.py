@@ -1,0 +1,205 @@
+"""The training engine: what each algorithm did inside the loop, composition, conflicts, cleanup.
+
+Every run is 2 short epochs on the fake Fashion-MNIST (100 train images, 10 per class); the assertions
+read the per-epoch log (rows per step, k or t, the loss terms) against the schedule each method defines.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from regpipe.engine.algorithms import ComposeError, build_algorithms, parse_recipe
+from regpipe.engine.config import (
+    CascadeConfig,
+    GradualConfig,
+    InvarianceConfig,
+    ReplicationConfig,
+    SignConfig,
+    SumConfig,
+    TrainConfig,
+)
+from regpipe.engine.train import train
+
+BATCH = 8
+TRAIN_ROWS = 40  # 4 samples per class
+
+
+def _run(fake_dir: Path, recipe: str, **changes: object) -> dict:
+    cfg = TrainConfig(recipe=recipe, epochs=2, seed=3, samples_per_class=4, val_per_class=2, batch_size=BATCH,
+                      data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64,
+                      invariance=InvarianceConfig(layers=("layer1", "layer2")), sign=SignConfig(iters=(2, 3)))
+    return train(replace(cfg, **changes))
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def test_baseline_trains_whole_batches_with_no_algorithm(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "baseline")
+    assert metrics["algorithms"] == []
+    for row in metrics["epochs"]:
+        assert row["rows_per_step"] == BATCH and row["steps"] == TRAIN_ROWS // BATCH
+        assert not any(key.startswith("mean_") for key in row)
+
+
+@pytest.mark.parametrize("mode, rows", [("group", BATCH // 2), ("permute", BATCH)])
+def test_sum_mixes_k_rows_into_one(fake_dir: Path, mode: str, rows: int) -> None:
+    metrics = _run(fake_dir, "sum", sum=SumConfig(k=2, mode=mode))
+    assert [row["k"] for row in metrics["epochs"]] == [2, 2]
+    assert all(row["rows_per_step"] == rows for row in metrics["epochs"])
+
+
+def test_cascade_steps_down_its_stages(fake_dir: Path) -> None:
+    # 2 epochs over stages (2, 1): one epoch each (the budget is shared), group mode halves the rows at k=2.
+    metrics = _run(fake_dir, "cascade", cascade=CascadeConfig(stages=(2, 1), patience=5))
+    assert [row["k"] for row in metrics["epochs"]] == [2, 1]
+    assert [row["rows_per_step"] for row in metrics["epochs"]] == [BATCH // 2, BATCH]
+    assert all("val_accuracy" in row for row in metrics["epochs"])
+
+
+def test_gradual_advances_t_once_per_optimizer_step(fake_dir: Path) -> None:
+    # fine_tune_frac=0.5 of 2 epochs: the gradual phase is 1 epoch of 5 steps, so t is 0 at the start of
+    # epoch 1 and 5/5 = 1 at the start of epoch 2 (clean, whole batches).
+    metrics = _run(fake_dir, "gradual", gradual=GradualConfig(k0=4, fine_tune_frac=0.5))
+    assert [row["t"] for row in metrics["epochs"]] == [0.0, 1.0]
+    assert [row["rows_per_step"] for row in metrics["epochs"]] == [BATCH // 4, BATCH]
+
+
+@pytest.mark.parametrize("recipe", ["patchup-soft", "patchup-hard"])
+def test_patchup_owns_the_forward_and_keeps_rows(fake_dir: Path, recipe: str) -> None:
+    metrics = _run(fake_dir, recipe)
+    assert metrics["algorithms"] == [recipe]
+    for row in metrics["epochs"]:
+        assert row["rows_per_step"] == BATCH and 0.0 < row["prob"] <= 1.0 and _finite(row["train_loss"])
+
+
+def test_replication_keeps_equal_compute(fake_dir: Path) -> None:
+    # BATCH / m seeds per step, m views each: as many rows per step and steps per epoch as the baseline.
+    metrics = _run(fake_dir, "replicate", replication=ReplicationConfig(replicas=4))
+    for row in metrics["epochs"]:
+        assert row["m"] == 4 and row["rows_per_step"] == BATCH and row["steps"] == TRAIN_ROWS // BATCH
+
+
+def test_invariance_and_saliency_add_their_terms(fake_dir: Path) -> None:
+    inv = _run(fake_dir, "invariance")
+    sal = _run(fake_dir, "saliency")
+    both = _run(fake_dir, "invariance+saliency")
+    assert inv["algorithms"] == ["replicate", "invariance"]
+    assert both["algorithms"] == ["replicate", "invariance", "saliency"]  # replication once
+    for row in inv["epochs"]:
+        assert _finite(row["mean_invariance"]) and row["mean_invariance"] > 0 and _finite(row["mean_task"])
+        assert "mean_saliency" not in row
+    for row in sal["epochs"]:
+        assert _finite(row["mean_saliency"]) and row["mean_saliency"] > 0 and "mean_invariance" not in row
+    for row in both["epochs"]:
+        assert _finite(row["mean_invariance"]) and _finite(row["mean_saliency"])
+        # the logged loss is the objective: (1 - alpha) * task + invariance + saliency, per step averaged
+        assert row["train_loss"] == pytest.approx(0.9 * row["mean_task"] + row["mean_invariance"]
+                                                  + row["mean_saliency"], rel=1e-5)
+
+
+def test_gradual_plus_invariance_logs_both_algorithms(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "gradual+invariance", gradual=GradualConfig(k0=2, fine_tune_frac=0.5))
+    assert metrics["algorithms"] == ["gradual", "replicate", "invariance"]
+    first, second = metrics["epochs"]
+    # replicate (BATCH/4 seeds x 4 views), then the gradual mix halves the rows while t < 1
+    assert (first["t"], first["m"], first["rows_per_step"]) == (0.0, 4, BATCH // 2)
+    assert (second["t"], second["rows_per_step"]) == (1.0, BATCH)
+    assert _finite(first["mean_invariance"]) and _finite(second["mean_invariance"])
+
+
+def test_sum_plus_saliency_compares_maps_of_mixed_rows(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "sum+saliency", sum=SumConfig(k=2))
+    assert metrics["algorithms"] == ["sum", "replicate", "saliency"]
+    for row in metrics["epochs"]:
+        assert row["k"] == 2 and row["m"] == 4 and row["rows_per_step"] == BATCH // 2
+        assert _finite(row["mean_saliency"]) and row["mean_saliency"] > 0
+
+
+def test_word_order_does_not_change_the_run(fake_dir: Path) -> None:
+    a = _run(fake_dir, "gradual+invariance")
+    b = _run(fake_dir, "invariance+gradual")
+    assert [r["train_loss"] for r in a["epochs"]] == [r["train_loss"] for r in b["epochs"]]
+
+
+@pytest.mark.parametrize("recipe", ["loss-delta", "loss-delta-external"])
+def test_loss_delta_scores_every_step(fake_dir: Path, recipe: str) -> None:
+    metrics = _run(fake_dir, recipe)
+    for row in metrics["epochs"]:
+        assert row["K"] == 4 and row["rows_per_step"] == BATCH and _finite(row["mean_score"])
+
+
+def test_loss_order_hands_out_whole_batches(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "loss-order")
+    assert all(row["order"] == "descending" and row["rows_per_step"] == BATCH for row in metrics["epochs"])
+
+
+def test_sign_trains_on_the_samples_and_their_versions(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "sign")
+    assert metrics["sign"]["train_rows"] == TRAIN_ROWS * 3  # originals + K=2 + K=3
+    assert metrics["sign"]["teacher"] == "baseline" and 0.0 <= metrics["sign"]["teacher_test_accuracy"] <= 1.0
+    assert all(row["steps"] == TRAIN_ROWS * 3 // BATCH for row in metrics["epochs"])
+
+
+@pytest.mark.parametrize("recipe, names", [
+    ("patchup-soft+saliency", ("patchup-soft", "saliency")),
+    ("loss-delta+loss-order", ("loss-delta", "loss-order")),
+    ("sum+gradual", ("sum", "gradual")),
+    ("replicate+loss-order", ("replicate", "loss-order")),
+    ("invariance+loss-delta", ("invariance", "loss-delta")),
+])
+def test_conflicting_algorithms_are_refused_naming_both(recipe: str, names: tuple[str, str]) -> None:
+    with pytest.raises(ComposeError) as err:
+        build_algorithms(TrainConfig(recipe=recipe))
+    assert all(repr(name) in str(err.value) for name in names)
+
+
+@pytest.mark.parametrize("recipe, fragment", [("bogus", "bogus"), ("sum+", "'+'-joined"), ("sum+sum", "more than once"),
+                                              ("baseline+sum", "baseline")])
+def test_bad_recipes_are_named(recipe: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_recipe(recipe)
+
+
+def test_group_mixing_refuses_a_batch_size_it_would_not_read_whole(fake_dir: Path) -> None:
+    with pytest.raises(ValueError, match="sum.k=3 does not divide batch_size=8"):
+        _run(fake_dir, "sum", sum=SumConfig(k=3))
+
+
+_CREATED: list[torch.nn.Module] = []
+
+
+def exploding_model(num_classes: int, in_channels: int) -> torch.nn.Module:
+    """A model whose second forward pass returns NaN (to make a run fail inside the loop)."""
+    from regpipe.engine.models import preact_resnet_small
+
+    model = preact_resnet_small(num_classes, in_channels)
+    calls = {"n": 0}
+
+    def poison(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= 2 and module.training else output
+
+    model.linear.register_forward_hook(poison) if hasattr(model, "linear") else model.register_forward_hook(poison)
+    _CREATED.append(model)
+    return model
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("recipe", ["invariance", "patchup-soft"])
+def test_a_failed_run_names_the_step_and_removes_its_hooks(fake_dir: Path, recipe: str) -> None:
+    _CREATED.clear()
+    with pytest.raises(ValueError, match=r"training loss became nan at epoch 1 step 2"):
+        _run(fake_dir, recipe, model=f"{__name__}:exploding_model")
+    (model,) = _CREATED
+    assert _hook_count(model) == 1  # only the test's own poison hook is left
