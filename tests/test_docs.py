@@ -15,7 +15,7 @@ MODULES = ["regpipe.core.batch", "regpipe.engine.cascade", "regpipe.ops.sum_mix"
            "regpipe.functional.patchup", "regpipe.ops.patchup", "regpipe.hooks.patchup",
            "regpipe.hooks.tap", "regpipe.ops.augment", "regpipe.functional.invariance", "regpipe.functional.saliency",
            "regpipe.hooks.invariance", "regpipe.hooks.saliency",
-           "regpipe.functional.sign", "regpipe.ops.sign", "regpipe.engine.checkpoint"]
+           "regpipe.functional.sign", "regpipe.ops.sign", "regpipe.hooks.features", "regpipe.engine.checkpoint"]
 
 
 def test_readme_has_python_blocks() -> None:

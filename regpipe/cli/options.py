@@ -129,16 +129,6 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _config(args: argparse.Namespace, **overrides: object) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["samples_per_class"] = args.samples_per_class or None
-    values["bn_recalibration"] = not args.no_bn_recalibration
-    values["progress"] = not args.no_progress
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 def build_config(args: argparse.Namespace, **overrides: object) -> TrainConfig:
     """The :class:`TrainConfig` of parsed options (``overrides`` replace run-level fields)."""
     names = {f.name for f in fields(TrainConfig)}

@@ -62,7 +62,7 @@ class Replication(Algorithm):
 
 
 class Invariance(Algorithm):
-    """``invariance`` (Sun et al.): ``(1 - alpha) * task + sum_l alpha_l * L_inv^l`` on the tapped ``layers``,
+    """``invariance`` (Hernández-García, König & Kietzmann, 2019): ``(1 - alpha) * task + sum_l alpha_l * L_inv^l`` on the tapped ``layers``,
     ``alpha_l`` growing exponentially with depth (``alpha_last / alpha_first = ratio``, ``sum_l alpha_l =
     alpha``). The activations come from the loop's own forward pass."""
 

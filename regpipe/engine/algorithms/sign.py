@@ -33,4 +33,4 @@ class Sign(Algorithm):
         return sign_training_set(self.config, ctx.data, ctx.teacher, ctx.model_name, ctx.dataset_name, ctx.device)
 
     def describe(self) -> dict[str, Any]:
-        return {"K": ",".join(map(str, self.config.iters))}
+        return {"sign_iters": ",".join(map(str, self.config.iters))}
