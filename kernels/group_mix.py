@@ -34,6 +34,7 @@ Targets are not mixed here: ``(N, K)`` soft targets are tiny; mix them with
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,11 @@ except ImportError:  # triton is the optional `triton` extra
     triton = None
     tl = None
 
-__all__ = ["fused_group_mix", "group_mix_reference", "default_numba_threads", "OUT_DTYPES"]
+__all__ = ["fused_mix", "mix_reference", "fused_group_mix", "group_mix_reference", "default_numba_threads",
+           "OUT_DTYPES", "CALLS"]
+
+#: calls of :func:`fused_mix` (and :func:`fused_group_mix`) per backend that ran, e.g. ``CALLS["numba"]``
+CALLS: Counter = Counter()
 
 OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 _IN_DTYPES = (torch.uint8, torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -69,18 +74,19 @@ _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a backend needs: ``n`` output rows, the first input row of each active group, and the
-    ``(k_active, C)`` coefficients / ``(C,)`` bias (float64 on the host; the kernels use float32)."""
+    """What a backend needs: ``n`` output rows, the ``(n, k_active)`` input rows each output row reads (the
+    columns of the active, non-zero-weight components), and the ``(k_active, C)`` coefficients / ``(C,)``
+    bias (float64 on the host; the kernels use float32)."""
 
     n: int
-    starts: tuple[int, ...]
+    rows: np.ndarray
     coef: np.ndarray
     bias: np.ndarray
 
 
 def _check(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch.Tensor | Sequence[float],
            std: torch.Tensor | Sequence[float], out_dtype: torch.dtype, memory_format: torch.memory_format,
-           drop_remainder: bool) -> tuple[list[float], torch.Tensor, torch.Tensor, int]:
+           drop_remainder: bool, grouped: bool = True) -> tuple[list[float], torch.Tensor, torch.Tensor, int]:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -88,12 +94,14 @@ def _check(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch
                          f"got shape {tuple(x.shape)}")
     if x.dtype not in _IN_DTYPES:
         raise TypeError(f"x must be uint8 (0..255) or floating point (0..1), got {x.dtype}")
+    # Float input is not range-checked here: a check reads the whole batch (min, max, isfinite), three times
+    # the kernel's own single pass. The loaders refuse 0..255 floats where a batch enters (BatchBuilder).
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
     if memory_format not in _MEMORY_FORMATS:
         raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format!r}")
     w = check_weights(weights)
-    n = group_rows(x.shape[0], len(w), drop_remainder)
+    n = group_rows(x.shape[0], len(w), drop_remainder) if grouped else x.shape[0]
     c = x.shape[1]
     mean_t = torch.as_tensor(mean, dtype=torch.float64).detach().cpu().flatten()
     std_t = torch.as_tensor(std, dtype=torch.float64).detach().cpu().flatten()
@@ -113,7 +121,8 @@ def _plan(x: torch.Tensor, w: list[float], mean: torch.Tensor, std: torch.Tensor
     inv_std = 1.0 / std.numpy()
     coef = wa[:, None] * (scale * inv_std)[None, :]
     bias = wa.sum() * mean.numpy() * inv_std
-    return _Plan(n=n, starts=tuple(g * n for g in active), coef=coef, bias=bias)
+    rows = np.arange(len(w) * n, dtype=np.int64).reshape(len(w), n).T[:, active]  # group mode: row g*n + i
+    return _Plan(n=n, rows=np.ascontiguousarray(rows), coef=coef, bias=bias)
 
 
 def _pixel_stride(x: torch.Tensor) -> int | None:
@@ -157,13 +166,13 @@ def group_mix_reference(x: torch.Tensor, weights: torch.Tensor | Sequence[float]
 if triton is not None:
 
     @triton.jit
-    def _group_mix_kernel(x_ptr, starts_ptr, coef_ptr, out_ptr, C, P,
+    def _group_mix_kernel(x_ptr, rows_ptr, coef_ptr, out_ptr, C, P,
                           sx_n, sx_c, sx_p, so_n, so_c, so_p,
                           K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program: output row ``program_id(1)``, all channels, ``BLOCK_P`` pixels of the merged H*W axis.
 
         ``coef_ptr`` holds the ``(K, C)`` coefficients followed by the ``(C,)`` bias (float32);
-        ``starts_ptr`` the first input row of each of the ``K`` active groups (int64). Strides are in
+        ``rows_ptr`` the ``(n, K)`` input rows of each output row's ``K`` active components (int64). Strides are in
         elements; NCHW has ``sx_p == 1``, channels_last ``sx_c == 1`` (Triton specialises strides equal
         to 1, so both layouts get contiguous vector loads)."""
         i = tl.program_id(1)
@@ -174,7 +183,7 @@ if triton is not None:
         in_offs = offs_c[:, None] * sx_c + offs_p[None, :] * sx_p
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         for j in tl.static_range(K):
-            row = tl.load(starts_ptr + j) + i  # int64: row * sx_n does not overflow at ImageNet batch sizes
+            row = tl.load(rows_ptr + i * K + j)  # int64: row * sx_n does not overflow at ImageNet batch sizes
             a = tl.load(coef_ptr + j * C + offs_c, mask=c_ok, other=0.0)
             v = tl.load(x_ptr + row * sx_n + in_offs, mask=mask, other=0).to(tl.float32)
             acc += v * a[:, None]
@@ -194,8 +203,8 @@ def _launch_triton(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
         x = x.contiguous()
         sx_p = 1
     assert so_p is not None  # out is allocated contiguous or channels_last
-    k = len(plan.starts)
-    starts = torch.tensor(plan.starts, dtype=torch.int64).to(x.device, non_blocking=True)
+    k = plan.rows.shape[1]
+    starts = torch.from_numpy(plan.rows).to(x.device, non_blocking=True)
     table = torch.from_numpy(np.concatenate([plan.coef.ravel(), plan.bias]).astype(np.float32)).to(
         x.device, non_blocking=True)
     block_c = triton.next_power_of_2(c)
@@ -261,13 +270,13 @@ if numba is not None:
     # k = 2 mix of 64x3x224x224 (2 threads): the wrap-around check blocks vectorisation.
 
     @numba.njit(cache=True)
-    def _mix_run(dst: np.ndarray, x: np.ndarray, starts: np.ndarray, i: int, x0: int, m: int, coef: np.ndarray,
+    def _mix_run(dst: np.ndarray, x: np.ndarray, rows: np.ndarray, i: int, x0: int, m: int, coef: np.ndarray,
                  c: int, b: float, coef_rep: np.ndarray, b_rep: np.ndarray, rep: bool) -> None:
-        """``dst[:m] = sum_j a_j * x[starts[j] + i, x0:x0 + m] - b`` with ``a_j = coef[j, c]`` or, when ``rep``,
+        """``dst[:m] = sum_j a_j * x[rows[i, j], x0:x0 + m] - b`` with ``a_j = coef[j, c]`` or, when ``rep``,
         elementwise ``coef_rep[j, :m]`` and ``b_rep[:m]`` (the first group assigns, the others add)."""
         out = dst[:m]
-        for j in range(starts.shape[0]):
-            src = x[starts[j] + i, x0:x0 + m]
+        for j in range(rows.shape[1]):
+            src = x[rows[i, j], x0:x0 + m]
             if rep:
                 a_rep = coef_rep[j, :m]
                 if j == 0:
@@ -287,7 +296,7 @@ if numba is not None:
                         out[t] += a * np.float32(src[t])
 
     @numba.njit(parallel=True, cache=True)
-    def _group_mix_numba(x: np.ndarray, starts: np.ndarray, coef: np.ndarray, bias: np.ndarray,
+    def _group_mix_numba(x: np.ndarray, rows: np.ndarray, coef: np.ndarray, bias: np.ndarray,
                          coef_rep: np.ndarray, bias_rep: np.ndarray, out: np.ndarray, channels: int,
                          in_planar: bool, out_planar: bool, out_mode: int) -> None:
         """``out (n, C*P)`` <- mixed rows of ``x (N, C*P)``; each row planar (C, P) or interleaved (P, C).
@@ -312,20 +321,20 @@ if numba is not None:
             if direct:
                 if in_planar:
                     for c in range(c_count):
-                        _mix_run(out[i, c * p_count + p0:], x, starts, i, c * p_count + p0, m, coef, c, bias[c],
+                        _mix_run(out[i, c * p_count + p0:], x, rows, i, c * p_count + p0, m, coef, c, bias[c],
                                  coef_rep, bias_rep, False)
                 else:
-                    _mix_run(out[i, p0 * c_count:], x, starts, i, p0 * c_count, m * c_count, coef, 0, bias[0],
+                    _mix_run(out[i, p0 * c_count:], x, rows, i, p0 * c_count, m * c_count, coef, 0, bias[0],
                              coef_rep, bias_rep, True)
                 continue
             s = np.empty(c_count * chunk, dtype=np.float32)
             u = np.empty(c_count * chunk, dtype=np.uint32)  # the half bits (a uint32 array: one loop type)
             if in_planar:  # scratch (C, chunk)
                 for c in range(c_count):
-                    _mix_run(s[c * chunk:], x, starts, i, c * p_count + p0, m, coef, c, bias[c],
+                    _mix_run(s[c * chunk:], x, rows, i, c * p_count + p0, m, coef, c, bias[c],
                              coef_rep, bias_rep, False)
             else:  # scratch (chunk, C)
-                _mix_run(s, x, starts, i, p0 * c_count, m * c_count, coef, 0, bias[0], coef_rep, bias_rep, True)
+                _mix_run(s, x, rows, i, p0 * c_count, m * c_count, coef, 0, bias[0], coef_rep, bias_rep, True)
             bits = s.view(np.uint32)
             if out_mode == 1:
                 for t in range(bits.shape[0]):
@@ -405,7 +414,7 @@ def _launch_numba(x: torch.Tensor, plan: _Plan, out: torch.Tensor, num_threads: 
         coef_rep, bias_rep = np.zeros((coef.shape[0], c * _CHUNK), np.float32), np.zeros(c * _CHUNK, np.float32)
     else:
         coef_rep, bias_rep = np.ascontiguousarray(np.tile(coef, (1, _CHUNK))), np.ascontiguousarray(np.tile(bias, _CHUNK))
-    args = (_as_numpy(_flat_rows(x.detach(), in_planar)), np.asarray(plan.starts, dtype=np.int64), coef, bias,
+    args = (_as_numpy(_flat_rows(x.detach(), in_planar)), plan.rows, coef, bias,
             coef_rep, bias_rep, _as_numpy(_flat_rows(out, out_planar)), c, in_planar, out_planar, _OUT_MODE[out.dtype])
     if num_threads is None:
         num_threads = default_numba_threads(out.numel())
@@ -469,11 +478,17 @@ def fused_group_mix(x: torch.Tensor, weights: torch.Tensor | Sequence[float], me
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= limit:
             raise ValueError(f"num_threads must be an integer in [1, {limit}] (NUMBA_NUM_THREADS), got {num_threads!r}")
     chosen = resolve_backend(x.device, backend)
+    CALLS[chosen] += 1
     if chosen == "torch":
         return group_mix_reference(x, w, mean_t, std_t, out_dtype=out_dtype, memory_format=memory_format,
                                    drop_remainder=drop_remainder)
-    plan = _plan(x, w, mean_t, std_t, n)
-    out = torch.empty((n, *x.shape[1:]), dtype=out_dtype, device=x.device, memory_format=memory_format)
+    return _launch(x, _plan(x, w, mean_t, std_t, n), chosen, out_dtype, memory_format, num_threads)
+
+
+def _launch(x: torch.Tensor, plan: _Plan, chosen: str, out_dtype: torch.dtype, memory_format: torch.memory_format,
+            num_threads: int | None) -> torch.Tensor:
+    """The ``(plan.n, C, H, W)`` output of ``plan`` on ``x``, computed by the ``chosen`` compiled backend."""
+    out = torch.empty((plan.n, *x.shape[1:]), dtype=out_dtype, device=x.device, memory_format=memory_format)
     if out.numel() == 0:
         return out
     if chosen == "triton":
@@ -481,3 +496,96 @@ def fused_group_mix(x: torch.Tensor, weights: torch.Tensor | Sequence[float], me
     else:
         _launch_numba(x, plan, out, num_threads)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Any row table: group, permutation and across-seed modes
+# --------------------------------------------------------------------------------------------------
+
+def _check_sources(sources: torch.Tensor, n_rows: int, k: int) -> np.ndarray:
+    if not isinstance(sources, torch.Tensor) or sources.dtype != torch.int64 or sources.dim() != 2:
+        raise TypeError(f"sources must be a (N_out, k) int64 tensor, got "
+                        f"{getattr(sources, 'dtype', type(sources).__name__)} {tuple(getattr(sources, 'shape', ()))}")
+    if sources.shape[1] != k:
+        raise ValueError(f"sources has {sources.shape[1]} columns for {k} weights")
+    table = sources.detach().cpu().numpy()
+    if table.size and (table.min() < 0 or table.max() >= n_rows):
+        bad = int(table.min()) if table.min() < 0 else int(table.max())
+        raise ValueError(f"sources holds row {bad}, outside the batch's {n_rows} rows")
+    return table
+
+
+def mix_reference(x: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor | Sequence[float],
+                  mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float], *,
+                  out_dtype: torch.dtype = torch.float32,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The eager composite :func:`fused_mix` is tested against: ``normalize`` (float32), then
+    ``out[i] = sum_{g: w_g != 0} w_g * xn[sources[i, g]]`` in float32, then one cast.
+
+    Args, Returns: as :func:`fused_mix`.
+    """
+    w, mean_t, std_t, _ = _check(x, weights, mean, std, out_dtype, memory_format, False, grouped=False)
+    table = torch.from_numpy(_check_sources(sources, x.shape[0], len(w))).to(x.device)
+    xn = normalize(x, mean_t.float(), std_t.float(), dtype=torch.float32)
+    out = None
+    for g, wg in enumerate(w):
+        if wg == 0.0:
+            continue
+        part = xn.index_select(0, table[:, g]) * wg
+        out = part if out is None else out.add_(part)
+    return out.to(dtype=out_dtype, memory_format=memory_format)
+
+
+def fused_mix(x: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor | Sequence[float],
+              mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float], *,
+              out_dtype: torch.dtype = torch.float32, memory_format: torch.memory_format = torch.contiguous_format,
+              backend: str | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """uint8 (or 0..1 float) batch -> per-channel normalisation -> weighted sum of any rows, in one pass.
+
+    The loader's device stage for (Gradually Cascading) Sum Augmentation (Simionescu 2020, sections 3.3
+    and 3.5) in every mode::
+
+        out[i, c] = sum_{g: w_g != 0} w_g * (x[sources[i, g], c] * s - mean[c]) / std[c]
+
+    with ``s = 1/255`` for uint8 and 1 for float input: group mode is ``sources[i, g] = g * n + i``
+    (:func:`fused_group_mix`), permutation mode ``sources[i, 0] = i``, ``sources[i, g] = pi_g(i)``, and
+    mixing after replication any table whose partners come from other seeds. Rows of zero weight are
+    never read (the GCC weights of the gradual schedule reach zero one group at a time).
+
+    Args:
+        x: ``(N, C, H, W)`` uint8 or 0..1 float, contiguous or channels_last.
+        sources: ``(N_out, k)`` int64 rows of ``x`` (any device; read on the host).
+        weights: ``(k,)`` non-negative, summing to 1.
+        mean, std: ``(C,)`` in the 0..1 scale (``mean = 0, std = 1/255`` keeps 0..255 values).
+        out_dtype: float32, float16 or bfloat16 (float32 accumulation).
+        memory_format: of the output.
+        backend: ``"triton"``, ``"numba"``, ``"torch"`` or ``None`` (``$REGPIPE_KERNEL_BACKEND``, then by device).
+        num_threads: numba threads (default :func:`default_numba_threads`).
+
+    Returns:
+        ``(N_out, C, H, W)`` of ``out_dtype`` in ``memory_format`` on ``x``'s device.
+
+    Raises:
+        TypeError, ValueError: as :func:`fused_group_mix`; ``sources`` of the wrong type, width or range (named).
+
+    Example:
+        >>> import torch
+        >>> from regpipe.kernels import fused_mix
+        >>> x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
+        >>> rows = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1]])
+        >>> fused_mix(x, rows, [0.5, 0.5], mean=[0.5] * 3, std=[0.25] * 3).shape
+        torch.Size([4, 3, 5, 7])
+    """
+    w, mean_t, std_t, _ = _check(x, weights, mean, std, out_dtype, memory_format, False, grouped=False)
+    table = _check_sources(sources, x.shape[0], len(w))
+    chosen = resolve_backend(x.device, backend)
+    CALLS[chosen] += 1
+    if chosen == "torch":
+        return mix_reference(x, sources, w, mean_t, std_t, out_dtype=out_dtype, memory_format=memory_format)
+    active = [g for g, wg in enumerate(w) if wg != 0.0]
+    scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
+    wa = np.array([w[g] for g in active], dtype=np.float64)
+    inv_std = 1.0 / std_t.numpy()
+    plan = _Plan(n=table.shape[0], rows=np.ascontiguousarray(table[:, active]),
+                 coef=wa[:, None] * (scale * inv_std)[None, :], bias=wa.sum() * mean_t.numpy() * inv_std)
+    return _launch(x, plan, chosen, out_dtype, memory_format, num_threads)

@@ -18,7 +18,8 @@ import torch as th  # `torch` is the name of the sibling module regpipe.loaders.
 from regpipe.loaders.common import BatchBuilder, Op
 from regpipe.loaders.torch import TorchLoader, normalize
 
-__all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS", "make_train_loader"]
+__all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS", "SizedLoader", "make_train_loader",
+           "sampler_order"]
 
 LOADERS = ("torch", "dali", "ffcv")
 
@@ -29,6 +30,7 @@ class EpochBatches:
 
     Attributes:
         first: the first epoch's index lists.
+        sizes: the batch sizes of the first epoch, sorted.
         max_size: the largest batch of the first epoch.
     """
 
@@ -37,11 +39,23 @@ class EpochBatches:
         self.first: list[list[int]] | None = [[int(i) for i in b] for b in batch_sampler]
         if not self.first:
             raise ValueError("the batch sampler yields no batches")
-        self.max_size = max(len(b) for b in self.first)
+        self.sizes = sorted({len(b) for b in self.first})
+        self.max_size = self.sizes[-1]
         self.length = len(self.first)
 
     def __len__(self) -> int:
         return self.length
+
+    def one_size(self) -> int:
+        """The size every batch of the first epoch has (FFCV's ``Loader`` takes one batch size).
+
+        Raises:
+            ValueError: batches of different sizes (the sizes are named).
+        """
+        if len(self.sizes) != 1:
+            raise ValueError(f"--loader ffcv needs batches of one size, the sampler gives sizes {self.sizes}; "
+                             "use --loader torch for this recipe")
+        return self.sizes[0]
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.first is not None:
@@ -97,7 +111,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
                                            layout=["HWC", "", ""])
             return x, y, ids
 
-        return _Sized(DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], **common), len(epochs))
+        return SizedLoader(DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], **common), len(epochs))
     from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.loader import Loader
     from ffcv.transforms import ToTensor
@@ -105,13 +119,10 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
     from regpipe.loaders.ffcv import FfcvLoader, write_rows
 
     epochs = EpochBatches(batch_sampler)
-    sizes = {len(b) for b in epochs.first}
-    if len(sizes) != 1:
-        raise ValueError(f"--loader ffcv needs batches of one size, the sampler gives sizes {sorted(sizes)}; "
-                         "use --loader torch for this recipe")
+    batch_size = epochs.one_size()
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="regpipe-ffcv-"))
     path = write_rows(folder / "train.beton", dataset)
-    loader = Loader(str(path), batch_size=sizes.pop(), num_workers=threads, order=_sampler_order(epochs),
+    loader = Loader(str(path), batch_size=batch_size, num_workers=threads, order=sampler_order(epochs),
                     seed=seed, drop_last=True,
                     pipelines={"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
                                "index": [IntDecoder(), ToTensor()]})
@@ -119,8 +130,9 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
     return FfcvLoader(loader, num_classes, **common)
 
 
-class _Sized:
-    """An iterable with a fixed ``len`` (DALI's iterator over an external source does not know its length)."""
+class SizedLoader:
+    """An iterable with a fixed ``len`` (DALI's iterator over an external source does not know its length);
+    other attributes are the wrapped loader's."""
 
     def __init__(self, inner: Any, length: int) -> None:
         self.inner, self.length = inner, length
@@ -135,8 +147,9 @@ class _Sized:
         return getattr(self.inner, name)
 
 
-def _sampler_order(epochs: EpochBatches) -> Any:
-    """An FFCV traversal order that flattens the index lists, one sampler pass per epoch."""
+def sampler_order(epochs: EpochBatches) -> Any:
+    """An FFCV traversal order (``Loader(order=...)``) that flattens the index lists, one sampler pass per epoch
+    (FFCV needs a fixed batch size: check that the lists have one size first)."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class SamplerOrder(TraversalOrder):

@@ -40,17 +40,19 @@ from regpipe.functional.augment import (
     SIZE_X,
     SIZE_Y,
     UNIFORM,
+    WINDOW,
     WINDOW_TRIES,
 )
 from regpipe.ops.augment import Augment
 
-__all__ = ["MEAN_PIVOT", "encode_augment", "colour_pivot", "chain_values", "augment_params", "counter_uniforms",
+__all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "chain_values", "chain_params",
+           "augment_params", "counter_uniforms",
            "replicate_sample", "mix_rows", "warp_u8", "colour_u8"]
 
 _IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
 _COLOUR_SLOTS = (BRIGHTNESS, CONTRAST, PIVOT)
 #: every constant of regpipe.functional.augment the kernels are compiled with (see _refresh_stale_cache)
-_LAYOUT = np.asarray([CONSTANT, BERNOULLI, UNIFORM, WINDOW_TRIES, NUM_SLOTS, FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X,
+_LAYOUT = np.asarray([CONSTANT, BERNOULLI, UNIFORM, WINDOW, WINDOW_TRIES, NUM_SLOTS, FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X,
                       CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y, BRIGHTNESS, CONTRAST, PIVOT,
                       MEAN_PIVOT, *IDENTITY_VALUES], dtype=np.float64)
 
@@ -87,6 +89,12 @@ def encode_augment(augment: Augment) -> tuple[np.ndarray, int]:
     return spec, int(count)
 
 
+def output_size(augment: Augment) -> tuple[int, int] | None:
+    """``(height, width)`` of the chain's sized ``RandomResizedCrop`` (copies at that size, windows in pixel
+    aspect of each source), or ``None``: copies keep the source's size."""
+    return augment.output_size
+
+
 def colour_pivot(spec: np.ndarray) -> float | None:
     """The contrast pivot of an encoded chain's colour transform (``MEAN_PIVOT``: each copy's mean), or ``None``
     without a colour transform."""
@@ -98,10 +106,13 @@ def colour_pivot(spec: np.ndarray) -> float | None:
 
 
 @numba.njit(cache=True)
-def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray) -> int:
+def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray, shift: float) -> int:
     """One draw-table row ``[kind, slot, a, b, c, d]`` reading ``u[k:]`` into ``values``; returns the uniforms used.
 
-    The formulas of :func:`regpipe.functional.augment.values_from_uniforms`, one copy at a time.
+    The formulas of :func:`regpipe.functional.augment.values_from_uniforms`, one copy at a time. ``shift`` is
+    added to a window's log aspect: ``log(H / W)`` of the source turns torchvision's pixel aspect
+    ``w_px / h_px`` into the frame-fraction aspect the table's formulas use (``w / h = r H / W``); 0 keeps
+    the table's own frame-fraction aspect.
     """
     kind, slot, a, b, c, d = int(row[0]), int(row[1]), row[2], row[3], row[4], row[5]
     if kind == CONSTANT:
@@ -116,7 +127,7 @@ def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray) -> int:
     w, h = 1.0, 1.0  # WINDOW: the first of the tries that fits, else the whole image
     for t in range(WINDOW_TRIES):
         area = a + u[k + t] * (b - a)
-        aspect = math.exp(c + u[k + WINDOW_TRIES + t] * (d - c))
+        aspect = math.exp(c + u[k + WINDOW_TRIES + t] * (d - c) + shift)
         tw, th = math.sqrt(area * aspect), math.sqrt(area / aspect)
         if tw <= 1.0 and th <= 1.0:
             w, h = tw, th
@@ -129,12 +140,13 @@ def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray) -> int:
 
 
 @numba.njit(cache=True)
-def _transform_values(spec: np.ndarray, r: int, u: np.ndarray, k: int, values: np.ndarray) -> tuple[int, int]:
+def _transform_values(spec: np.ndarray, r: int, u: np.ndarray, k: int, values: np.ndarray,
+                      shift: float) -> tuple[int, int]:
     """Slot values of the transform whose rows start at ``spec[r]``; returns (next row, next uniform)."""
     values[:] = _IDENTITY
     index = spec[r, 0]
     while r < spec.shape[0] and spec[r, 0] == index:
-        k += _draw(spec[r, 1:], u, k, values)
+        k += _draw(spec[r, 1:], u, k, values, shift)
         r += 1
     return r, k
 
@@ -149,7 +161,7 @@ def chain_values(u: np.ndarray, spec: np.ndarray, num_transforms: int) -> np.nda
         r, k = 0, 0
         while r < spec.shape[0]:
             t = int(spec[r, 0])
-            r, k = _transform_values(spec, r, u[j], k, values)
+            r, k = _transform_values(spec, r, u[j], k, values, 0.0)
             out[j, t] = values
     return out
 
@@ -209,9 +221,72 @@ def _values_matrix(v: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 @numba.njit(cache=True)
+def chain_params(u: np.ndarray, spec: np.ndarray, src_height: int, src_width: int, out_height: int, out_width: int,
+                 pixel_aspect: bool, include_original: bool, theta: np.ndarray, photo: np.ndarray,
+                 pixels: np.ndarray) -> None:
+    """Parameters of ``M`` copies of one ``src_height x src_width`` image warped to ``out_height x out_width``.
+
+    The chain's matrices multiply in chain order (``compose_affine``: the first transform is applied to
+    the source first). A transform with a crop window (``WINDOW`` draw) picks a region of the frame it
+    receives and resizes it to the output frame, so transforms up to it have the source's size (for the
+    pixel-true angles of ``affine_matrix``) and those after it the output's. With ``pixel_aspect`` the
+    windows' aspect ratios are in pixels of the source, as torchvision's ``RandomResizedCrop``: the log
+    aspect is shifted by ``log(src_height / src_width)`` (see :func:`_draw`).
+
+    Args:
+        u: ``(M, P)`` uniforms in ``[0, 1)``, ``P`` = the count :func:`encode_augment` returned.
+        spec: ``(D, 7)`` the encoded chain.
+        src_height, src_width: the source image's size.
+        out_height, out_width: the copies' size.
+        pixel_aspect: windows draw pixel aspect ratios of the source (else frame fractions).
+        include_original: copy 0 is the whole source (identity: the source resized to the output size), factors 1.
+        theta: out ``(M, 2, 3)`` output -> source matrices, normalised (``affine_grid``, align_corners=False).
+        photo: out ``(M, 3)`` brightness, contrast, contrast pivot (``MEAN_PIVOT``: the copy's mean).
+        pixels: out ``(M, 2, 3)`` the same matrices in pixel coordinates, output pixel -> source pixel (DALI's
+            ``warp_affine`` with ``inverse_map``): ``D_src theta D_out^-1`` with ``D = [[W/2, 0, W/2], [0, H/2, H/2]]``.
+    """
+    m = u.shape[0]
+    values = np.empty(NUM_SLOTS)
+    shift = math.log(src_height / src_width) if pixel_aspect else 0.0
+    for j in range(m):
+        mat = np.zeros((2, 3))
+        mat[0, 0] = 1.0
+        mat[1, 1] = 1.0
+        b, c, center = 1.0, 1.0, MEAN_PIVOT
+        height, width = src_height, src_width
+        if not (include_original and j == 0):
+            r, k = 0, 0
+            while r < spec.shape[0]:
+                first = r
+                r, k = _transform_values(spec, r, u[j], k, values, shift)
+                mat = _compose(mat, _values_matrix(values, height, width))
+                for q in range(first, r):
+                    if spec[q, 1] == WINDOW:
+                        height, width = out_height, out_width
+                b *= values[BRIGHTNESS]
+                c *= values[CONTRAST]
+                if values[PIVOT] > MEAN_PIVOT:
+                    center = values[PIVOT]
+        for r in range(2):
+            for q in range(3):
+                theta[j, r, q] = mat[r, q]
+        hs, ws = src_height / 2.0, src_width / 2.0
+        pixels[j, 0, 0] = mat[0, 0] * src_width / out_width
+        pixels[j, 0, 1] = mat[0, 1] * src_width / out_height
+        pixels[j, 1, 0] = mat[1, 0] * src_height / out_width
+        pixels[j, 1, 1] = mat[1, 1] * src_height / out_height
+        pixels[j, 0, 2] = ws * (mat[0, 2] + 1.0 - mat[0, 0] - mat[0, 1])
+        pixels[j, 1, 2] = hs * (mat[1, 2] + 1.0 - mat[1, 0] - mat[1, 1])
+        photo[j, 0] = b
+        photo[j, 1] = c
+        photo[j, 2] = center
+
+
+@numba.njit(cache=True)
 def augment_params(u: np.ndarray, spec: np.ndarray, height: int, width: int, include_original: bool,
                    theta: np.ndarray, photo: np.ndarray, pixels: np.ndarray) -> None:
-    """Parameters of ``M`` copies from their uniforms.
+    """Parameters of ``M`` copies at the image's own size: :func:`chain_params` with the output frame equal to the
+    source's and windows in frame fractions (``RandomResizedCrop`` without ``size``).
 
     Args:
         u: ``(M, P)`` uniforms in ``[0, 1)``, ``P`` = the count :func:`encode_augment` returned.
@@ -222,36 +297,7 @@ def augment_params(u: np.ndarray, spec: np.ndarray, height: int, width: int, inc
         photo: out ``(M, 3)`` brightness, contrast, contrast pivot (``MEAN_PIVOT``: the copy's mean).
         pixels: out ``(M, 2, 3)`` the same matrices in pixel coordinates (``affine_to_pixels``: DALI's).
     """
-    m = u.shape[0]
-    values = np.empty(NUM_SLOTS)
-    for j in range(m):
-        mat = np.zeros((2, 3))
-        mat[0, 0] = 1.0
-        mat[1, 1] = 1.0
-        b, c, center = 1.0, 1.0, MEAN_PIVOT
-        if not (include_original and j == 0):
-            r, k = 0, 0
-            while r < spec.shape[0]:
-                r, k = _transform_values(spec, r, u[j], k, values)
-                mat = _compose(mat, _values_matrix(values, height, width))
-                b *= values[BRIGHTNESS]
-                c *= values[CONTRAST]
-                if values[PIVOT] > MEAN_PIVOT:
-                    center = values[PIVOT]
-        for r in range(2):
-            for q in range(3):
-                theta[j, r, q] = mat[r, q]
-        # pixels = D theta D^-1 with D = [[W/2, 0, W/2], [0, H/2, H/2]]
-        hw, hh = width / 2.0, height / 2.0
-        pixels[j, 0, 0] = mat[0, 0]
-        pixels[j, 0, 1] = mat[0, 1] * hw / hh
-        pixels[j, 1, 0] = mat[1, 0] * hh / hw
-        pixels[j, 1, 1] = mat[1, 1]
-        pixels[j, 0, 2] = hw * (mat[0, 2] + 1.0 - mat[0, 0] - mat[0, 1])
-        pixels[j, 1, 2] = hh * (mat[1, 2] + 1.0 - mat[1, 0] - mat[1, 1])
-        photo[j, 0] = b
-        photo[j, 1] = c
-        photo[j, 2] = center
+    chain_params(u, spec, height, width, height, width, False, include_original, theta, photo, pixels)
 
 
 @numba.njit(cache=True)
@@ -277,13 +323,16 @@ def counter_uniforms(seed: int, epoch: int, index: int, out: np.ndarray) -> None
 
 @numba.njit(cache=True)
 def warp_u8(src: np.ndarray, theta: np.ndarray, dst: np.ndarray) -> None:
-    """``warp`` of one ``(H, W, C)`` uint8 image (bilinear, zeros outside, ``align_corners=False``), rounded."""
+    """``warp`` of one ``(H, W, C)`` uint8 image into ``dst`` ``(H_out, W_out, C)`` (bilinear, zeros outside,
+    ``align_corners=False``: output pixel centre ``((2j + 1) / W_out - 1, (2i + 1) / H_out - 1)`` maps through
+    ``theta`` to a normalised source point, read at pixel ``((x + 1) W - 1) / 2``), rounded."""
     height, width, channels = src.shape
+    out_height, out_width = dst.shape[0], dst.shape[1]
     acc = np.zeros(channels)
-    for i in range(height):
-        yn = (2.0 * i + 1.0) / height - 1.0
-        for j in range(width):
-            xn = (2.0 * j + 1.0) / width - 1.0
+    for i in range(out_height):
+        yn = (2.0 * i + 1.0) / out_height - 1.0
+        for j in range(out_width):
+            xn = (2.0 * j + 1.0) / out_width - 1.0
             gx = theta[0, 0] * xn + theta[0, 1] * yn + theta[0, 2]
             gy = theta[1, 0] * xn + theta[1, 1] * yn + theta[1, 2]
             ix = ((gx + 1.0) * width - 1.0) / 2.0
@@ -326,11 +375,12 @@ def colour_u8(img: np.ndarray, brightness: float, contrast: float, center: float
 
 @numba.njit(cache=True)
 def replicate_sample(src: np.ndarray, theta: np.ndarray, photo: np.ndarray, dst: np.ndarray) -> None:
-    """``M`` augmented copies of one ``(H, W, C)`` uint8 image into ``dst`` ``(M, H, W, C)``: one warp per copy
-    (skipped for an identity matrix), then the colour change (skipped for factors 1)."""
+    """``M`` augmented copies of one ``(H, W, C)`` uint8 image into ``dst`` ``(M, H_out, W_out, C)``: one warp per
+    copy (skipped for an identity matrix at the same size), then the colour change (skipped for factors 1)."""
+    same = dst.shape[1] == src.shape[0] and dst.shape[2] == src.shape[1]
     for j in range(dst.shape[0]):
         t = theta[j]
-        if t[0, 0] == 1.0 and t[0, 1] == 0.0 and t[0, 2] == 0.0 and t[1, 0] == 0.0 and t[1, 1] == 1.0 \
+        if same and t[0, 0] == 1.0 and t[0, 1] == 0.0 and t[0, 2] == 0.0 and t[1, 0] == 0.0 and t[1, 1] == 1.0 \
                 and t[1, 2] == 0.0:
             dst[j] = src
         else:

@@ -10,17 +10,44 @@ loader did.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import math
 
 import torch
 
 from regpipe.core.batch import Batch, MixRecord, labels_to_targets
 from regpipe.functional.normalize import normalize
+from regpipe.kernels import fused_mix, resolve_backend
+from regpipe.ops import sum_mix as _sum_mix
+from regpipe.ops.sum_mix import SumMixOp, mix_batch, params_sources
 
-__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "check_outputs"]
+__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "check_outputs", "LOG_ENV"]
 
 Op = Callable[[Batch], Batch]
+
+#: set to 1 to print, once per op, which implementation ran the device stage
+LOG_ENV = "REGPIPE_LOG_KERNELS"
+
+# SumMix / GradualSumMix on uint8 inputs mix with the fused kernel wherever the loaders are imported.
+_sum_mix.set_uint8_mixer(fused_mix)
+
+
+def _refuse_0_255_floats(images: torch.Tensor) -> None:
+    """Float images must be in the 0..1 pixel scale; refuse the unmistakable slip of 0..255 floats.
+
+    The bound is loose on purpose: SIGN's training rows legitimately leave ``[0, 1]`` (its iterates are
+    unclamped), by a fraction of the range, while an image still in ``0..255`` has values in the tens or
+    hundreds. Host tensors only (no device synchronisation).
+    """
+    if images.dtype.is_floating_point and images.device.type == "cpu" and images.numel():
+        hi = float(images.max())
+        if not math.isfinite(hi) or hi > 10.0:
+            raise ValueError(f"images are floating point with a largest value of {hi:g}; floating images must be "
+                             "in the 0..1 pixel scale (divide 0..255 images by 255, or pass uint8)")
 
 
 def check_outputs(available: Sequence[str], required: Sequence[str], where: str) -> None:
@@ -42,7 +69,17 @@ class BatchBuilder:
             is still converted to float in 0..1 unless ``keep_uint8``).
         channels_last: make the images ``torch.channels_last``.
         non_blocking: asynchronous host -> CUDA copies.
-        keep_uint8: hand the raw uint8 images to the ops.
+        keep_uint8: hand the raw uint8 images to the ops (uint8 augmentations are cheaper); the first
+            sum-mixing op still converts, normalises and mixes them in one fused pass, and a batch still
+            uint8 after the ops is normalised when ``mean``/``std`` are given (never ignored).
+
+    The device stage (:meth:`apply`): a uint8 batch whose next op is :class:`~regpipe.ops.SumMix` or
+    :class:`~regpipe.ops.GradualSumMix` goes through :func:`regpipe.kernels.fused_mix` (Triton on CUDA,
+    numba on CPU, the torch reference otherwise): conversion, ``(x / 255 - mean) / std`` and the mix
+    (group, permutation, or partners across seeds after replication; zero weights not read) in one pass,
+    written in the float32 batch's memory format (channels_last when asked). Any other uint8 batch is
+    normalised (``regpipe.functional.normalize``) before its first op. ``REGPIPE_LOG_KERNELS=1`` prints, once
+    per op, which implementation ran, e.g. ``GradualSumMix: fused_mix[numba] uint8 -> float32``.
     """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", ops: Sequence[Op] = (),
@@ -60,23 +97,30 @@ class BatchBuilder:
         self.channels_last = channels_last
         self.non_blocking = non_blocking and self.device.type == "cuda"
         self.keep_uint8 = keep_uint8
+        self._logged: set[int] = set()
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=self.non_blocking)
 
-    def images(self, images: Any) -> torch.Tensor:
-        """Check ``(N, C, H, W)`` images, move them, optionally channels_last, convert/normalise."""
+    def images(self, images: Any, raw: bool = False) -> torch.Tensor:
+        """Check ``(N, C, H, W)`` images, move them, optionally channels_last, convert/normalise (not with ``raw``:
+        uint8 then stays uint8 for :meth:`apply`'s fused stage)."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a (N, C, H, W) tensor, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
         x = self._to(images)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not self.keep_uint8:
-            if self.mean is not None:
-                x = normalize(x, self.mean, self.std)
-            elif x.dtype == torch.uint8:
-                x = x.float().div_(255.0)
+        if not self.keep_uint8 and not (raw and x.dtype == torch.uint8):
+            x = self.convert(x)
+        return x
+
+    def convert(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> ``(x / 255 - mean) / std`` (or ``x / 255`` without mean/std); float: normalised when mean/std."""
+        if self.mean is not None:
+            return normalize(x, self.mean, self.std)
+        if x.dtype == torch.uint8:
+            return x.float().div_(255.0)
         return x
 
     def targets(self, labels: Any, n: int) -> torch.Tensor:
@@ -106,8 +150,8 @@ class BatchBuilder:
 
     def build(self, images: torch.Tensor, labels: Any = None, indices: Any = None, position: int = 0, *,
               targets: Any = None, affine: torch.Tensor | None = None, photometric: torch.Tensor | None = None,
-              mixing: MixRecord | None = None) -> Batch:
-        """Build the :class:`Batch` (no ops applied).
+              mixing: MixRecord | None = None, raw: bool = False) -> Batch:
+        """Build the :class:`Batch` (no ops applied; with ``raw``, uint8 images stay uint8 for :meth:`apply`).
 
         Args:
             images: ``(N, C, H, W)`` uint8 or float (host or device).
@@ -121,9 +165,11 @@ class BatchBuilder:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             self.images(images)  # raises the shared message
         n = images.shape[0]
+        if self.mean is not None:  # normalising 0..255 floats as 0..1 pixels gives values in the hundreds
+            _refuse_0_255_floats(images)
         y = self.soft_targets(targets, n) if targets is not None else self.targets(labels, n)
         ids = self.ids(indices, n) if indices is not None else torch.arange(position, position + n)
-        x = self.images(images)
+        x = self.images(images, raw=raw)
         if mixing is not None:
             mixing = MixRecord(*(self._to(t) for t in (mixing.sources, mixing.weights, mixing.source_ids)))
         return Batch(inputs=x, targets=self._to(y), source_ids=self._to(ids),
@@ -131,10 +177,55 @@ class BatchBuilder:
                      photometric=None if photometric is None else self._to(photometric.float()), mixing=mixing)
 
     def apply(self, batch: Batch) -> Batch:
-        """Run the ops on a batch."""
+        """Run the ops on a batch; a uint8 batch goes through the device stage first (see the class docstring).
+
+        Raises:
+            ValueError: with ``keep_uint8`` and ``mean``/``std``, an op turned the uint8 batch into floats before
+                it was normalised (named: its output would be un-normalised 0..255 values).
+        """
+        pending = batch.inputs.dtype == torch.uint8
         for op in self.ops:
-            batch = op(batch)
+            if pending and isinstance(op, SumMixOp) and not op.keep_parent:
+                batch, pending = self._fused(op, batch), False
+                continue
+            if pending and not self.keep_uint8:
+                batch, pending = self._normalised(batch), False
+            out = op(batch)
+            if pending and out.inputs.dtype != torch.uint8:
+                if self.mean is not None:
+                    raise ValueError(f"{type(op).__name__} turned the uint8 batch into {out.inputs.dtype} before the "
+                                     "loader's mean/std were applied: put it after a SumMix/GradualSumMix op, or drop "
+                                     "keep_uint8")
+                pending = False
+            batch = out
+        if pending and (not self.keep_uint8 or self.mean is not None):
+            batch = self._normalised(batch)
         return batch
+
+    def _log(self, op: Any, text: str) -> None:
+        if os.environ.get(LOG_ENV, "0") not in ("", "0") and id(op) not in self._logged:
+            self._logged.add(id(op))
+            print(f"{type(op).__name__}: {text}", file=sys.stderr)
+
+    def _normalised(self, batch: Batch) -> Batch:
+        self._log(self, f"normalize[torch] {batch.inputs.dtype} -> float32")
+        return batch.replace(inputs=self.convert(batch.inputs))
+
+    def _fused(self, op: Any, batch: Batch) -> Batch:
+        """Convert, normalise and mix a uint8 batch in one pass with ``op``'s parameters (drawn from ``op``)."""
+        params = op.draw(batch)
+        if params.k == 1:
+            return self._normalised(batch)
+        c = batch.inputs.shape[1]
+        mean = self.mean if self.mean is not None else torch.zeros(c)
+        std = self.std if self.std is not None else torch.ones(c)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        sources = params_sources(params, batch.size, op.drop_remainder)
+        backend = resolve_backend(batch.device)
+        inputs = fused_mix(batch.inputs, sources, params.weights, mean, std, memory_format=fmt, backend=backend)
+        self._log(op, f"fused_mix[{backend}] uint8 -> {str(inputs.dtype).replace('torch.', '')}")
+        return mix_batch(batch, params.weights, perms=params.perms, drop_remainder=op.drop_remainder,
+                         sources=params.sources, inputs=inputs)
 
 
 class BuilderAdapter:

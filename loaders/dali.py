@@ -36,7 +36,8 @@ from regpipe.functional.augment import affine_from_pixels
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
-from regpipe.ops.augment import Augment
+from regpipe.loaders.file_index import FileIndex, lookup_id
+from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
 try:  # DALI is an optional dependency (the `dali` extra)
     import nvidia.dali.fn as fn
@@ -48,12 +49,12 @@ except ImportError as _err:  # pragma: no cover - exercised only without DALI
     raise ImportError("regpipe.loaders.dali needs NVIDIA DALI: pip install 'regpipe[dali]' "
                       "(nvidia-dali-cuda120)") from _err
 
-__all__ = ["DaliLoader", "Replicas", "replicate", "sum_mix", "ArraySource", "REQUIRED", "OPTIONAL"]
+__all__ = ["DaliLoader", "Replicas", "replicate", "sample_ids", "sum_mix", "ArraySource", "REQUIRED", "OPTIONAL"]
 
 #: outputs every pipeline must name in the iterator's ``output_map``
 REQUIRED = ("images", "labels")
 #: outputs the loader reads when present
-OPTIONAL = ("ids", "affine", "photometric", "targets", "mix_sources", "mix_weights")
+OPTIONAL = ("ids", "theta", "affine", "photometric", "targets", "mix_sources", "mix_weights")
 
 
 @dataclass(frozen=True)
@@ -61,44 +62,79 @@ class Replicas:
     """Pipeline outputs of :func:`replicate`, per sample.
 
     Attributes:
-        images: ``(M, H, W, C)`` uint8 copies (layout ``FHWC``).
+        images: ``(M, H, W, C)`` uint8 copies (layout ``FHWC``; ``H, W`` the chain's output size when it has a
+            sized crop, else the sample's).
         affine: ``(M, 2, 3)`` float32 output -> input matrices in *pixel* coordinates (what ``warp_affine``
-            ran with); the loader converts them with ``affine_from_pixels``.
+            ran with); the loader converts them with ``affine_from_pixels`` (same-size copies only).
         photometric: ``(M, 2)`` float32 brightness and contrast factors.
         uniforms: ``(M, P)`` float32 uniforms the parameters came from: ``augment.from_uniforms`` gives the
             same parameter records (``Augment.apply`` replays the copies).
+        theta: ``(M, 2, 3)`` float32 output -> source matrices in regpipe's normalised convention (frame-size
+            free, so right for copies of any size): name it ``theta`` in the output map.
     """
 
     images: DataNode
     affine: DataNode
     photometric: DataNode
     uniforms: DataNode
+    theta: DataNode
 
 
-def _params_fn(spec: np.ndarray, include_original: bool):
-    """numba run function: (uniforms (M, P), shape (3,)) -> pixel matrices (M, 2, 3), factors (M, 2)."""
-    params = K.augment_params
+def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int] | None):
+    """numba run function: (uniforms (M, P), shape (3,)) -> pixel matrices (M, 2, 3), factors (M, 2), normalised
+    matrices (M, 2, 3), by :func:`regpipe.loaders._kernels.chain_params`."""
+    params = K.chain_params
+    sized = out_size is not None
+    out_h, out_w = out_size if sized else (0, 0)
 
-    def run(pixels_out, photo_out, u, shape):
+    def run(pixels_out, photo_out, theta_out, u, shape):
         m = u.shape[0]
         theta = np.empty((m, 2, 3))
         photo = np.empty((m, 3))
         pixels = np.empty((m, 2, 3))
-        params(u.astype(np.float64), spec, shape[0], shape[1], include_original, theta, photo, pixels)
+        height, width = shape[0], shape[1]
+        oh, ow = (out_h, out_w) if sized else (height, width)
+        params(u.astype(np.float64), spec, height, width, oh, ow, sized, include_original, theta, photo, pixels)
         for j in range(m):
             for r in range(2):
                 for q in range(3):
                     pixels_out[j, r, q] = pixels[j, r, q]
+                    theta_out[j, r, q] = theta[j, r, q]
             photo_out[j, 0] = photo[j, 0]
             photo_out[j, 1] = photo[j, 1]
     return run
 
 
-def _params_setup(outs, ins):
+def _roi_fn():
+    def run(roi_out, theta):
+        # theta (M, 2, 3) axis-aligned: x_in = t00 x + t02 (normalised) -> relative ROI [(1 + t02 - t00) / 2,
+        # (1 + t02 + t00) / 2] (start > end for a flip: DALI's resize then mirrors), y alike; order (y, x)
+        for j in range(theta.shape[0]):
+            roi_out[j, 0] = (1.0 + theta[j, 1, 2] - theta[j, 1, 1]) / 2.0
+            roi_out[j, 1] = (1.0 + theta[j, 0, 2] - theta[j, 0, 0]) / 2.0
+            roi_out[j, 2] = (1.0 + theta[j, 1, 2] + theta[j, 1, 1]) / 2.0
+            roi_out[j, 3] = (1.0 + theta[j, 0, 2] + theta[j, 0, 0]) / 2.0
+    return run
+
+
+def _roi_setup(outs, ins):
     for i in range(len(outs[0])):
         outs[0][i][0] = ins[0][i][0]
-        outs[0][i][1] = 2
-        outs[0][i][2] = 3
+        outs[0][i][1] = 4
+
+
+def _axis_aligned(augment: Augment) -> bool:
+    """Every geometric transform of the chain is a flip or a crop window: copies are ROI resizes."""
+    return all(isinstance(t, (RandomFlip, RandomResizedCrop)) or not getattr(t, "geometric", False)
+               for t in augment.transforms)
+
+
+def _params_setup(outs, ins):
+    for i in range(len(outs[0])):
+        for o in (0, 2):
+            outs[o][i][0] = ins[0][i][0]
+            outs[o][i][1] = 2
+            outs[o][i][2] = 3
         outs[1][i][0] = ins[0][i][0]
         outs[1][i][1] = 2
 
@@ -112,12 +148,21 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros outside), then one
     ``brightness_contrast`` with per-frame factors.
 
+    With a sized crop in the chain (``RandomResizedCrop(size=(h, w))``: the ImageNet recipe, repeated
+    augmentation of Hoffer et al. 2020) the samples may have any size (straight from
+    ``fn.decoders.image``): every copy is its own random-resized crop of the decoded image at full
+    resolution (windows in the source's pixel aspect, as torchvision), resized to ``(h, w)``, and
+    ``theta`` records each copy's whole transform, crop included. A chain of crops and flips (the ImageNet
+    recipe) runs as DALI's own ``resize`` of each copy's region of interest (linear, antialiased, as
+    ``fn.random_resized_crop``; a flip is a reversed ROI); a chain with rotations or shears as one
+    ``warp_affine`` per copy with the composed matrix (bilinear, no antialiasing: the torch op's ``grid_sample``).
+
     Args:
-        images: ``HWC`` uint8 samples (CPU or GPU).
+        images: ``HWC`` uint8 samples (CPU or GPU), of one size or (with a sized crop) of any sizes.
         m: copies per sample, ``>= 1``.
         augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). Its colour
             transform needs a fixed ``center`` (128 for uint8: DALI pivots at a fixed value).
-        include_original: copy 0 is the sample itself.
+        include_original: copy 0 is the sample itself (with a sized crop: the whole image resized).
 
     Raises:
         ValueError: ``m < 1`` or a colour transform without ``center``.
@@ -130,18 +175,67 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     if pivot is not None and pivot <= K.MEAN_PIVOT:
         raise ValueError("DALI's brightness_contrast pivots at a fixed value: give RandomBrightnessContrast "
                          "a center (128 for uint8 images)")
+    size = K.output_size(augment)
     u = fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
     shape = images.shape(dtype=types.INT64)
-    pixels, photo = numba_function(u, shape, run_fn=_params_fn(spec, include_original), setup_fn=_params_setup,
-                                   out_types=[types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
-                                   outs_ndim=[3, 2], ins_ndim=[2, 1], device="cpu")
-    frames = fn.stack(*([images] * m), axis_name="F")
-    out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
-                         interp_type=types.INTERP_LINEAR)
+    pixels, photo, theta = numba_function(
+        u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
+        out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
+        outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
+    if size is not None and _axis_aligned(augment):
+        # crops and flips only: each copy is DALI's own ROI resize of the decoded image (linear, antialiased, as
+        # fn.random_resized_crop), the ROI read from the copy's matrix
+        roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],
+                             in_types=[types.FLOAT], outs_ndim=[2], ins_ndim=[3], device="cpu")
+        copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
+                            interp_type=types.INTERP_LINEAR) for j in range(m)]
+        out = fn.stack(*copies, axis_name="F")
+    else:
+        frames = fn.stack(*([images] * m), axis_name="F")
+        warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
+        out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
+                             interp_type=types.INTERP_LINEAR, **warp_args)
     if pivot is not None:
         out = fn.brightness_contrast(out, brightness=fn.per_frame(photo[:, 0]), contrast=fn.per_frame(photo[:, 1]),
                                      contrast_center=pivot)
-    return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u)
+    return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u, theta=theta)
+
+
+def _ids_fn(index: FileIndex):
+    hashes, ids, lookup = index.hashes, index.hash_ids, lookup_id
+
+    def run(out, info):
+        out[0] = lookup(info, hashes, ids)
+    return run
+
+
+def _ids_setup(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][0] = 1
+
+
+def sample_ids(encoded: DataNode, index: FileIndex) -> DataNode:
+    """Inside a ``pipeline_def``: each sample's dataset id, from the reader itself (never from its position).
+
+    ``fn.readers.file`` outputs no index, but every sample it reads carries its *source info*, the path
+    relative to ``file_root`` (``fn.get_property(encoded, key="source_info")``); a numba function looks
+    its :func:`~regpipe.loaders.file_index.path_hash` up in ``index`` (built from the same ``file_root``)
+    and returns the id: the path's position in the listing (classes in order, files sorted), the id
+    :func:`~regpipe.loaders.ffcv.write_image_folder` gives the same file in a ``.beton``. A path
+    missing from ``index`` gives -1, which :class:`DaliLoader` reports as an error.
+
+    Args:
+        encoded: the reader's encoded samples (before decoding; CPU).
+        index: :class:`~regpipe.loaders.file_index.FileIndex` of the reader's ``file_root``.
+
+    Returns:
+        ``(1,)`` int64 per sample: name it ``ids`` in the output map.
+    """
+    if not isinstance(index, FileIndex):
+        raise TypeError(f"index must be a regpipe FileIndex of the reader's file_root, got {type(index).__name__}")
+    info = fn.get_property(encoded, key="source_info")
+    return numba_function(info, run_fn=_ids_fn(index), setup_fn=_ids_setup, out_types=[types.INT64],
+                          in_types=[types.UINT8], outs_ndim=[1], ins_ndim=[1], device="cpu")
 
 
 def _mix_fn(weights: np.ndarray, num_classes: int):
@@ -268,7 +362,9 @@ class DaliLoader(BuilderAdapter):
         pipeline: a built DALI ``Pipeline``, a list of them, or a ``DALIGenericIterator``.
         num_classes: ``K``.
         output_map: names of the pipeline's outputs in order (required with a pipeline). ``images`` and
-            ``labels`` (or ``targets``) are required; ``ids``, ``affine`` (pixel ``(M, 2, 3)`` or ``(2, 3)``),
+            ``labels`` (or ``targets``) are required; ``ids`` (:func:`sample_ids`; required with copies or
+            ``mix_sources``: rows are never numbered by position then), ``theta`` (normalised ``(M, 2, 3)``,
+            :attr:`Replicas.theta`), ``affine`` (pixel ``(M, 2, 3)`` or ``(2, 3)``, same-size copies),
             ``photometric``, ``targets`` and ``mix_sources`` are read when present.
         mix_weights: the weights given to :func:`sum_mix` (recorded in ``Batch.mixing``).
         device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
@@ -314,8 +410,9 @@ class DaliLoader(BuilderAdapter):
     def __len__(self) -> int:
         return len(self.iterator)
 
-    def to_batch(self, outputs: dict[str, torch.Tensor], position: int = 0) -> Batch:
-        """One DALI output dict (name -> tensor) -> :class:`Batch` (no ops applied)."""
+    def to_batch(self, outputs: dict[str, torch.Tensor], position: int = 0, raw: bool = False) -> Batch:
+        """One DALI output dict (name -> tensor) -> :class:`Batch` (no ops applied; ``raw``: uint8 images stay
+        uint8 for the fused stage of :meth:`apply`)."""
         check_outputs(list(outputs), ["images"] + (["labels"] if "targets" not in outputs else []),
                       "the DALI iterator's output")
         images = outputs["images"]
@@ -338,8 +435,20 @@ class DaliLoader(BuilderAdapter):
 
         labels = per_seed("labels")
         ids = per_seed("ids")
+        if ids is None and (m > 1 or "mix_sources" in outputs):
+            raise ValueError("the DALI pipeline has no 'ids' output: the copies (or mix partners) of a sample cannot "
+                             "be told apart from other samples by position. Add ids=sample_ids(jpegs, "
+                             "FileIndex(file_root)) (regpipe.loaders.dali) and name it 'ids' in the output map")
+        if ids is not None and bool((ids < 0).any()):
+            bad = int((ids < 0).sum()) // m
+            raise ValueError(f"DALI output 'ids' is -1 for {bad} sample(s): their source_info is not in the FileIndex "
+                             "given to sample_ids (build it from the reader's file_root)")
         affine = photometric = None
-        if "affine" in outputs:
+        if "theta" in outputs:
+            affine = outputs["theta"].float().reshape(-1, 2, 3).cpu()
+            if affine.shape[0] != s * m:
+                raise ValueError(f"DALI output 'theta' has {affine.shape[0]} matrices for {s * m} rows")
+        elif "affine" in outputs:
             a = outputs["affine"].float().reshape(-1, 2, 3)
             if a.shape[0] != s * m:
                 raise ValueError(f"DALI output 'affine' has {a.shape[0]} matrices for {s * m} rows")
@@ -352,11 +461,11 @@ class DaliLoader(BuilderAdapter):
         mixing = None
         if "mix_sources" in outputs:
             sources = outputs["mix_sources"].reshape(s, -1).long().cpu()
-            seed_ids = ids[::m] if ids is not None else torch.arange(position, position + s)
+            seed_ids = ids[::m]
             mixing = MixRecord(sources=sources, weights=self.mix_weights.expand(s, -1).clone(),
                                source_ids=seed_ids[sources])
         return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                  photometric=photometric, mixing=mixing)
+                                  photometric=photometric, mixing=mixing, raw=raw)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
@@ -365,6 +474,6 @@ class DaliLoader(BuilderAdapter):
     def __iter__(self) -> Iterator[Batch]:
         position = 0
         for outputs in self.iterator:
-            batch = self.to_batch(outputs[0], position)
+            batch = self.to_batch(outputs[0], position, raw=True)
             position += batch.size
             yield self.apply(batch)

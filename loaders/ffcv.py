@@ -23,6 +23,7 @@ pass its arrays to :func:`write_beton`.
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -38,10 +39,13 @@ from regpipe.core.batch import Batch, MixRecord
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
+from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment
 
 try:  # FFCV is an optional dependency (the `ffcv` extra)
     from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode
     from ffcv.loader import Loader
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -52,7 +56,8 @@ except ImportError as _err:  # pragma: no cover - exercised only without FFCV
     raise ImportError("regpipe.loaders.ffcv needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
                       "then pip install 'regpipe[ffcv]'") from _err
 
-__all__ = ["Replicate", "SumMixImages", "SumMixLabels", "FfcvLoader", "write_beton", "write_rows"]
+__all__ = ["Replicate", "ReplicatedCropDecoder", "WithIndices", "SumMixImages", "SumMixLabels", "FfcvLoader",
+           "write_beton", "write_rows", "write_image_folder"]
 
 # One objmode read per batch (the epoch) is all that leaves compiled code; numba warns that objmode blocks
 # parallel execution of that block, which is intended.
@@ -96,12 +101,20 @@ def _check_state(op: str, state: State, ndim: int, dtypes: tuple[Any, ...]) -> N
                         f"got shape {tuple(int(d) for d in state.shape)} dtype {np.dtype(state.dtype).name}")
 
 
+def _check_int_labels(op: str, state: State) -> None:
+    if not state.jit_mode or not np.issubdtype(np.dtype(state.dtype), np.integer):
+        raise TypeError(f"{op} needs integer labels (IntDecoder, before ToTensor), got "
+                        f"dtype {np.dtype(state.dtype).name if state.jit_mode else 'torch'}")
+
+
 # Not cached, like _mix_sources: numba's cache is keyed by this file only, and these embed the compiled kernels of
 # regpipe.loaders._kernels (and the draw-table layout they were built with), which may change without this file.
 @numba.njit
-def _replica_params(seed: int, epoch: int, indices: np.ndarray, spec: np.ndarray, count: int, m: int, height: int,
-                    width: int, include_original: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(S, M, 2, 3)`` normalised matrices and ``(S, M, 3)`` colour factors of a batch's copies."""
+def _copy_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                 spec: np.ndarray, count: int, m: int, out_h: int, out_w: int, pixel_aspect: bool,
+                 include_original: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, M, 2, 3)`` normalised output -> source matrices and ``(S, M, 3)`` colour factors of the copies of
+    samples ``indices`` whose sizes are ``heights``, ``widths`` (``K.chain_params`` per sample)."""
     s = indices.shape[0]
     theta = np.empty((s, m, 2, 3))
     photo = np.empty((s, m, 3))
@@ -109,7 +122,8 @@ def _replica_params(seed: int, epoch: int, indices: np.ndarray, spec: np.ndarray
     u = np.empty((m, max(count, 1)))
     for i in range(s):
         K.counter_uniforms(seed, epoch, indices[i], u)
-        K.augment_params(u, spec, height, width, include_original, theta[i], photo[i], pixels)
+        K.chain_params(u, spec, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original, theta[i],
+                       photo[i], pixels)
     return theta, photo
 
 
@@ -140,9 +154,11 @@ class Replicate(_EpochOp):
     def params(self, indices: np.ndarray, height: int, width: int, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(S*M, 2, 3)`` normalised output -> input matrices and ``(S*M, 2)`` brightness/contrast of the copies
         of samples ``indices`` (``(S,)``) in ``epoch`` (default: the current one), seed-contiguous."""
-        theta, photo = _replica_params(self.seed, self.epoch if epoch is None else epoch,
-                                       np.asarray(indices, dtype=np.int64), self.spec, self.count, self.m, height,
-                                       width, self.include_original)
+        indices = np.asarray(indices, dtype=np.int64)
+        # K.augment_params per sample: the output frame is the image's, windows in frame fractions
+        theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices,
+                                    np.full(len(indices), height, np.int64), np.full(len(indices), width, np.int64),
+                                    self.spec, self.count, self.m, height, width, False, self.include_original)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
@@ -174,6 +190,133 @@ class Replicate(_EpochOp):
         _check_state("Replicate", previous_state, 3, (np.uint8,))
         shape = (self.m, *previous_state.shape)
         return replace(previous_state, shape=shape), AllocationQuery(shape, np.dtype(np.uint8))
+
+
+class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
+    """FFCV decoder of an ``RGBImageField``: decodes each image once at its own resolution and emits ``M``
+    independently augmented copies ``(M, h, w, 3)``: repeated augmentation (Hoffer et al. 2020,
+    "Augment your batch"; timm's ``RepeatAugSampler`` reads the image ``M`` times instead) at the cost of a
+    crop per copy, not a decode.
+
+    Every copy is its own random-resized crop (the chain's ``RandomResizedCrop(size=(h, w))``: windows
+    drawn as torchvision's, aspect in the source's pixels) with the rest of the chain (flip, affine,
+    brightness/contrast) composed into one bilinear warp from the decoded image (zeros outside,
+    ``align_corners=False``, rounded: :func:`regpipe.loaders._kernels.warp_u8`, the torch op's
+    ``grid_sample``). Its parameters come from counter-based uniforms of ``(seed, epoch, sample index)``
+    read through the transforms' draw tables, so :class:`FfcvLoader` rebuilds each copy's whole
+    transform (crop included) from the indices FFCV hands the decoder, and records it in ``Batch.affine``.
+
+    Use it in place of ``RandomResizedCropRGBImageDecoder`` (it replaces that decoder and
+    ``RandomHorizontalFlip``), before ``ToTensor``, and pass the same instance to :class:`FfcvLoader`
+    (``replicate=``).
+
+    Args:
+        m: copies per image, ``>= 1``.
+        augment: the chain; it must hold a sized ``RandomResizedCrop`` (the copies' size).
+        include_original: copy 0 is the whole image resized (identity matrix).
+        seed: seed of the counter-based draws.
+
+    Raises:
+        ValueError: ``m < 1`` or a chain without a sized crop.
+        TypeError: a transform the kernels cannot run (named).
+    """
+
+    def __init__(self, m: int, augment: Augment, include_original: bool = False, seed: int = 0) -> None:
+        _EpochOp.__init__(self, seed)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (copies per image) must be an integer >= 1, got {m!r}")
+        self.spec, self.count = K.encode_augment(augment)
+        size = K.output_size(augment)
+        if size is None:
+            raise ValueError("ReplicatedCropDecoder needs the copies' size: put RandomResizedCrop(size=(h, w)) in "
+                             "the chain")
+        self.m, self.augment, self.include_original, self.size = m, augment, bool(include_original), size
+
+    def source_sizes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(S,)`` heights and widths of the stored images ``indices`` (the ``.beton``'s metadata)."""
+        if self.metadata is None:
+            raise ValueError("the decoder has not been given to an FFCV Loader yet (it reads the image sizes there)")
+        rows = self.metadata[np.asarray(indices, dtype=np.int64)]
+        return rows["height"].astype(np.int64), rows["width"].astype(np.int64)
+
+    def params(self, indices: np.ndarray, height: int | None = None, width: int | None = None,
+               epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S*M, 2, 3)`` normalised output -> source matrices and ``(S*M, 2)`` brightness/contrast of the copies of
+        images ``indices`` in ``epoch`` (default: the current one), seed-contiguous (``height, width``: unused,
+        the sources' sizes are read from the ``.beton``)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        heights, widths = self.source_sizes(indices)
+        theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices, heights, widths,
+                                    self.spec, self.count, self.m, self.size[0], self.size[1], True,
+                                    self.include_original)
+        return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
+                torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, AllocationQuery]]:
+        max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
+        shape = (self.m, self.size[0], self.size[1], 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("<u1")),
+                (AllocationQuery(shape, np.dtype("<u1")), AllocationQuery((max_pixels * np.uint64(3),), np.dtype("<u1"))))
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        seed, key, spec, count, m, include_original = self.seed, self.key, self.spec, self.count, self.m, \
+            self.include_original
+        out_h, out_w = self.size
+        params, counter, replicate_sample = K.chain_params, K.counter_uniforms, K.replicate_sample
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            with objmode(epoch="int64"):
+                epoch = _epoch_of(key)
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                u = np.empty((m, max(count, 1)))
+                counter(seed, epoch, source_ix, u)
+                theta = np.empty((m, 2, 3))
+                photo = np.empty((m, 3))
+                pixels = np.empty((m, 2, 3))
+                params(u, spec, int(height), int(width), out_h, out_w, True, include_original, theta, photo, pixels)
+                replicate_sample(image, theta, photo, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class WithIndices(Operation):
+    """FFCV operation for the label pipeline: integer labels ``(N,)``/``(N, 1)`` -> ``(N, 2)`` int64 rows
+    ``[label, sample index]``, from the indices FFCV hands every operation, so an image + label ``.beton``
+    (no ``index`` field) gives :class:`FfcvLoader` each row's dataset id: ``[IntDecoder(), WithIndices(), ToTensor()]``.
+    """
+
+    def generate_code(self) -> Callable:
+        def with_indices(labels, dst, indices):
+            n = labels.shape[0]
+            for i in range(n):
+                dst[i, 0] = labels[i].reshape(-1)[0]
+                dst[i, 1] = indices[i]
+            return dst[:n]
+
+        with_indices.with_indices = True
+        return with_indices
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        _check_int_labels("WithIndices", previous_state)
+        return (replace(previous_state, shape=(2,), dtype=np.dtype(np.int64)),
+                AllocationQuery((2,), np.dtype(np.int64)))
 
 
 @numba.njit
@@ -289,9 +432,7 @@ class SumMixLabels(_SumMixOp):
         return mix
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
-        if not previous_state.jit_mode or not np.issubdtype(np.dtype(previous_state.dtype), np.integer):
-            raise TypeError(f"SumMixLabels needs integer labels (IntDecoder, before ToTensor), got "
-                            f"dtype {np.dtype(previous_state.dtype).name if previous_state.jit_mode else 'torch'}")
+        _check_int_labels("SumMixLabels", previous_state)
         shape = (self.num_classes,)
         return replace(previous_state, shape=shape, dtype=np.dtype(np.float32)), AllocationQuery(shape, np.dtype(np.float32))
 
@@ -306,25 +447,32 @@ class FfcvLoader(BuilderAdapter):
     """Wrap an FFCV ``Loader`` so it yields regpipe :class:`Batch` es with regpipe's device ops applied.
 
     The loader's outputs are named by its fields (the ``.beton``'s order). Per batch: images ``(N, H, W, C)``
-    (``(N, M, H, W, C)`` from :class:`Replicate`; ``(N, C, H, W)`` after ``ToTorchImage``) become
-    ``(N*M, C, H, W)`` rows, labels/ids are repeated per copy, the recorded affines and colour factors of
-    :class:`Replicate` and the mix of :class:`SumMixImages` are rebuilt from the ``index`` field, then the
-    shared builder moves, normalises and checks as the torch and DALI adapters do, and ``ops`` run.
+    (``(N, M, H, W, C)`` from :class:`Replicate` or :class:`ReplicatedCropDecoder`; ``(N, C, H, W)`` after
+    ``ToTorchImage``) become ``(N*M, C, H, W)`` rows, labels/ids are repeated per copy, the recorded affines
+    and colour factors of the replication and the mix of :class:`SumMixImages` are rebuilt from the samples'
+    indices, then the shared builder moves, normalises (or, with a sum-mixing first op, converts,
+    normalises and mixes in one fused pass) and checks as the torch and DALI adapters do, and ``ops`` run.
+
+    Each row's dataset id is the sample's index in the ``.beton``: from the label pipeline's
+    :class:`WithIndices` (an image + label ``.beton`` works as it is) or an ``index`` field; never from the
+    row's position when there are copies or a mix.
 
     Args:
         loader: an ``ffcv.loader.Loader``.
         num_classes: ``K``.
-        replicate: the :class:`Replicate` in the image pipeline, if any.
-        mix: the :class:`SumMixImages` in the image pipeline, if any (with :class:`SumMixLabels` on the labels).
-        image_field, label_field, index_field: field names (``index`` is needed with ``replicate``/``mix``).
+        replicate: the :class:`Replicate` or :class:`ReplicatedCropDecoder` in the image pipeline, if any.
+        mix: the :class:`SumMixImages` in the image pipeline, if any (with :class:`SumMixLabels` on the labels;
+            needs the ``index`` field).
+        image_field, label_field, index_field: field names.
         device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
 
     Raises:
-        ValueError: a needed field is missing from the loader (named).
+        ValueError: a needed field is missing from the loader, or the samples' indices are needed and
+            neither an ``index`` field nor :class:`WithIndices` gives them (named).
         TypeError: a field of the wrong type in the ``.beton`` (named).
     """
 
-    def __init__(self, loader: Loader, num_classes: int, *, replicate: Replicate | None = None,
+    def __init__(self, loader: Loader, num_classes: int, *, replicate: Replicate | ReplicatedCropDecoder | None = None,
                  mix: SumMixImages | None = None, image_field: str = "image", label_field: str = "label",
                  index_field: str = "index", device: torch.device | str = "cpu", ops: Sequence[Op] = (),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, channels_last: bool = False,
@@ -333,8 +481,15 @@ class FfcvLoader(BuilderAdapter):
             raise TypeError(f"loader must be an ffcv.loader.Loader, got {type(loader).__name__}")
         self.loader = loader
         self.names = list(loader.pipeline_specs)
-        required = [image_field, label_field] + ([index_field] if replicate is not None or mix is not None else [])
-        check_outputs(self.names, required, "the FFCV loader")
+        check_outputs(self.names, [image_field, label_field] + ([index_field] if mix is not None else []),
+                      "the FFCV loader")
+        label_spec = loader.pipeline_specs[label_field]
+        self.label_indices = any(isinstance(op, WithIndices) for op in [label_spec.decoder, *label_spec.transforms])
+        if replicate is not None and index_field not in self.names and not self.label_indices:
+            raise ValueError(f"the FFCV loader gives no sample indices (no {index_field!r} field, no WithIndices in "
+                             f"the {label_field!r} pipeline): the copies' ids and transforms need them. Use "
+                             f"[IntDecoder(), WithIndices(), ToTensor()] for {label_field!r} "
+                             "(regpipe.loaders.ffcv.WithIndices)")
         handlers = loader.reader.handlers
         kinds = {image_field: (NDArrayField, RGBImageField), label_field: (IntField,), index_field: (IntField,)}
         for name, allowed in kinds.items():
@@ -350,8 +505,10 @@ class FfcvLoader(BuilderAdapter):
     def __len__(self) -> int:
         return len(self.loader)
 
-    def to_batch(self, outputs: Sequence[Any], position: int = 0, epoch: int | None = None) -> Batch:
-        """One FFCV output tuple (in field order) -> :class:`Batch` (no ops applied)."""
+    def to_batch(self, outputs: Sequence[Any], position: int = 0, epoch: int | None = None,
+                 raw: bool = False) -> Batch:
+        """One FFCV output tuple (in field order) -> :class:`Batch` (no ops applied; ``raw``: uint8 images stay
+        uint8 for the fused stage of :meth:`apply`)."""
         if len(outputs) != len(self.names):
             raise ValueError(f"the FFCV loader yielded {len(outputs)} arrays for fields {self.names}")
         named = dict(zip(self.names, outputs))
@@ -367,6 +524,12 @@ class FfcvLoader(BuilderAdapter):
         x = images.reshape(s * m, height, width, images.shape[-1]).permute(0, 3, 1, 2)
         labels = _tensor(named[self.label_field])
         indices = _tensor(named[self.index_field]).reshape(-1).long() if self.index_field in named else None
+        if self.label_indices and self.mix is None:
+            if labels.dim() != 2 or labels.shape[1] != 2:
+                raise ValueError(f"WithIndices gives (N, 2) [label, index] rows, got labels of shape "
+                                 f"{tuple(labels.shape)}")
+            indices = labels[:, 1].long()
+            labels = labels[:, :1]
         targets = mixing = affine = photometric = None
         if self.mix is not None:
             sources = self.mix.sources(indices.numpy(), epoch)
@@ -384,13 +547,16 @@ class FfcvLoader(BuilderAdapter):
             if labels.shape[1] != 1:
                 raise ValueError(f"labels must be (N,) = ({s},), got {tuple(named[self.label_field].shape)}")
             labels = labels[:, 0].repeat_interleave(m)
+            if indices is None and m > 1:
+                raise ValueError("the FFCV batch has copies but no sample indices: add WithIndices() to the label "
+                                 "pipeline or an index field")
             ids = indices.repeat_interleave(m) if indices is not None else None
         if self.replicate is not None:
             if m != self.replicate.m:
                 raise ValueError(f"the image field holds {m} copies per sample, Replicate makes {self.replicate.m}")
             affine, photometric = self.replicate.params(indices.numpy(), height, width, epoch)
         return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                  photometric=photometric, mixing=mixing)
+                                  photometric=photometric, mixing=mixing, raw=raw)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
@@ -401,13 +567,16 @@ class FfcvLoader(BuilderAdapter):
         for op in (self.replicate, self.mix):
             if op is not None:
                 op.set_epoch(epoch)
+        if isinstance(self.replicate, ReplicatedCropDecoder) and self.replicate.metadata is None:
+            raise ValueError("the ReplicatedCropDecoder given to FfcvLoader is not the one in the loader's image "
+                             "pipeline")
         self.epoch += 1
         position = 0
         threads = torch.get_num_threads()
         iterator = iter(self.loader)
         torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count at every pass
         for outputs in iterator:
-            batch = self.to_batch(outputs, position, epoch)
+            batch = self.to_batch(outputs, position, epoch, raw=True)
             position += batch.size
             yield self.apply(batch)
 
@@ -468,3 +637,75 @@ def write_rows(path: str | Path, dataset: Any, num_workers: int = 1) -> Path:
     samples = fetch(rows) if fetch is not None else [dataset[i] for i in rows]
     images, labels, ids = default_collate(samples)[:3]
     return write_beton(path, images, labels, ids=ids, num_workers=num_workers)
+
+
+class _FolderImages:
+    """Map-style ``(RGB image (H, W, 3) uint8, label[, id])`` rows of a :class:`FileIndex`, in id order (picklable
+    for FFCV's writer)."""
+
+    def __init__(self, index: FileIndex, with_ids: bool) -> None:
+        self.index, self.with_ids = index, with_ids
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        from PIL import Image
+
+        with Image.open(self.index.path(i)) as image:
+            row = np.array(image.convert("RGB")), int(self.index.labels[i])
+        return (*row, int(i)) if self.with_ids else row
+
+
+def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_resolution: int | None = None,
+                       jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
+                       num_workers: int = 1, index_field: bool = False) -> tuple[Path, FileIndex]:
+    """Write an ImageNet-layout folder (``ROOT/CLASS/IMAGE``) to a ``.beton`` with the fields ``image``
+    (``RGBImageField``) and ``label`` (``IntField``): the layout of ffcv-imagenet's ``write_imagenet.py``.
+
+    Sample ``i`` is ``FileIndex(root).paths[i]``, so its index in the ``.beton`` is the id DALI's
+    :func:`regpipe.loaders.dali.sample_ids` and the streamed training (``--data imagefolder:``) give the same
+    file; labels are the sorted class folders. The file is written under a temporary name and then renamed, so
+    an interrupted write leaves no partial ``.beton`` at ``path``.
+
+    Args:
+        root: the image folder, or its :class:`FileIndex` (possibly a subset: its rows in order).
+        path: the ``.beton`` to write (its folder is created).
+        max_resolution: longest side kept (larger images are shrunk, ``INTER_AREA``); ``None``: full size.
+        jpeg_quality: JPEG quality of re-encoded images, 1..100.
+        write_mode: ``"raw"``, ``"jpg"``, ``"smart"`` or ``"proportion"`` (FFCV's ``RGBImageField`` modes).
+        compress_probability: share of images stored as JPEG in ``"proportion"`` mode.
+        num_workers: FFCV writer processes.
+        index_field: also write an ``IntField`` ``index``, each row's id (its position).
+
+    Returns:
+        The ``.beton`` path and the :class:`FileIndex` (paths, labels, classes).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: an empty folder, a bad mode, quality or resolution (the value is named).
+    """
+    if write_mode not in ("raw", "jpg", "smart", "proportion"):
+        raise ValueError(f"write_mode must be 'raw', 'jpg', 'smart' or 'proportion', got {write_mode!r}")
+    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be an integer in 1..100, got {jpeg_quality!r}")
+    if max_resolution is not None and (isinstance(max_resolution, bool) or not isinstance(max_resolution, int)
+                                       or max_resolution < 1):
+        raise ValueError(f"max_resolution must be a positive integer or None, got {max_resolution!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    index = root if isinstance(root, FileIndex) else FileIndex(root)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                                     compress_probability=compress_probability), "label": IntField()}
+    if index_field:
+        fields["index"] = IntField()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_FolderImages(index, index_field))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path, index

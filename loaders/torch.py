@@ -53,12 +53,13 @@ class TorchLoader(BuilderAdapter):
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
 
-    def to_batch(self, item: Sequence[torch.Tensor], position: int = 0) -> Batch:
-        """Turn one yielded item into a :class:`Batch` on the device (no ops applied)."""
+    def to_batch(self, item: Sequence[torch.Tensor], position: int = 0, raw: bool = False) -> Batch:
+        """Turn one yielded item into a :class:`Batch` on the device (no ops applied; ``raw``: uint8 images stay
+        uint8 for the fused stage of :meth:`apply`)."""
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             raise ValueError(f"the iterable must yield (images, labels) or (images, labels, indices), "
                              f"got {type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}")
-        return self.builder.build(item[0], item[1], item[2] if len(item) == 3 else None, position)
+        return self.builder.build(item[0], item[1], item[2] if len(item) == 3 else None, position, raw=raw)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
@@ -67,6 +68,6 @@ class TorchLoader(BuilderAdapter):
     def __iter__(self) -> Iterator[Batch]:
         position = 0
         for item in self.iterable:
-            batch = self.to_batch(item, position)
+            batch = self.to_batch(item, position, raw=True)
             position += batch.size
             yield self.apply(batch)

@@ -5,7 +5,8 @@ function), the :mod:`regpipe.functional` pure functions, the :class:`Cascade` co
 loader adapters in :mod:`regpipe.loaders`.
 """
 
-from regpipe.core.batch import Batch, MixRecord, identity_affine, labels_to_targets
+from regpipe.core.batch import Batch, BoxRecord, MixRecord, identity_affine, labels_to_targets
+from regpipe.core.op import BatchOp
 from regpipe.engine.cascade import Cascade, CascadeEvent
 from regpipe.hooks import ConsistencyObjective, FeatureTap, InvarianceLoss, PatchUpHook, SaliencyLoss
 from regpipe.ops import (
@@ -19,6 +20,7 @@ from regpipe.ops import (
     TestTimeSumAugmentation,
     mix_batch,
 )
+from regpipe.ops.cutmix import CutMix, CutOut, MixUp
 from regpipe.sampler import LossDeltaOrderer, LossOrderer, LossSampler
 
 __version__ = "0.1.0"
@@ -26,9 +28,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Augment",
     "Batch",
+    "BatchOp",
+    "BoxRecord",
     "Cascade",
     "CascadeEvent",
     "ConsistencyObjective",
+    "CutMix",
+    "CutOut",
     "FeatureTap",
     "GradualSumMix",
     "InvarianceLoss",
@@ -36,6 +42,7 @@ __all__ = [
     "LossOrderer",
     "LossSampler",
     "MixRecord",
+    "MixUp",
     "PatchUp",
     "PatchUpHook",
     "PatchUpPlan",

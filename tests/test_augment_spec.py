@@ -215,3 +215,46 @@ def test_the_kernels_reject_what_they_cannot_run() -> None:
         K.encode_augment([RandomFlip()])
     assert K.colour_pivot(K.encode_augment(Augment([RandomFlip()]))[0]) is None
     assert K.colour_pivot(K.encode_augment(Augment([RandomBrightnessContrast()]))[0]) == K.MEAN_PIVOT
+
+
+def test_sized_crop_torch_reader_and_kernels_agree_across_frames() -> None:
+    """A sized crop: the source's pixel aspect shifts the window's log aspect in both readers, transforms after the
+    crop work in the output frame, and the pixel matrix is D_src theta D_out^-1."""
+    aug = Augment([RandomFlip(), RandomResizedCrop(scale=(0.2, 1.0), ratio=(0.5, 2.0), size=(16, 24)),
+                   RandomAffine(degrees=25, shear=(8, 4)), RandomBrightnessContrast(center=128)], seed=0)
+    spec, count = K.encode_augment(aug)
+    u = torch.rand(64, count, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hs, ws = 30, 70
+    theta, photo, pixels = np.empty((64, 2, 3)), np.empty((64, 3)), np.empty((64, 2, 3))
+    K.chain_params(u.numpy(), spec, hs, ws, 16, 24, True, False, theta, photo, pixels)
+    params = aug.from_uniforms(u, aspect=hs / ws)
+    torch.testing.assert_close(torch.from_numpy(theta), aug.matrix(params, hs, ws).double(), atol=1e-6, rtol=0)
+    crop = params[1]
+    pixel_aspect = crop.size[:, 0] * ws / (crop.size[:, 1] * hs)  # window width / height in source pixels
+    fitted = (crop.size < 1).all(1)
+    assert bool(fitted.any()) and bool(((pixel_aspect[fitted] >= 0.5 - 1e-9) & (pixel_aspect[fitted] <= 2.0 + 1e-9)).all())
+
+    def frame(h: int, w: int) -> torch.Tensor:
+        return torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
+
+    full = torch.cat([torch.from_numpy(theta), torch.tensor([0.0, 0.0, 1.0]).expand(64, 1, 3).double()], 1)
+    want = (frame(hs, ws) @ full @ torch.linalg.inv(frame(16, 24)))[:, :2]
+    torch.testing.assert_close(torch.from_numpy(pixels), want)
+
+
+def test_sized_replicate_op_outputs_the_crop_size_and_records_the_crop() -> None:
+    from regpipe import Batch
+    from regpipe.ops.augment import Replicate
+
+    x = torch.rand(2, 3, 30, 50)
+    seeds = Batch.from_labels(x, torch.arange(2), 2)
+    aug = Augment([RandomResizedCrop(scale=(0.3, 1.0), size=(12, 16))], seed=1)
+    out = Replicate(3, aug)(seeds)
+    assert out.inputs.shape == (6, 3, 12, 16) and out.source_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    grid = torch.nn.functional.affine_grid(out.affine, [6, 3, 12, 16], align_corners=False)
+    ref = torch.nn.functional.grid_sample(x[out.source_ids], grid, align_corners=False)
+    torch.testing.assert_close(out.inputs, ref)  # the recorded affine is the whole transform, crop included
+    with pytest.raises(ValueError, match="resizes once"):
+        Augment([RandomResizedCrop(size=8), RandomResizedCrop(size=8)])
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        RandomResizedCrop(size=(0, 4))

@@ -1,4 +1,4 @@
-"""Tests for regpipe.engine.bn.clean_bn_statistics (SPEC 1.2, BN re-estimation on clean batches)."""
+"""Tests for regpipe.engine.bn.clean_bn_statistics (BN re-estimation on clean batches while training on mixed inputs)."""
 
 from __future__ import annotations
 

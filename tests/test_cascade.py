@@ -1,4 +1,4 @@
-"""Tests for regpipe.engine.cascade.Cascade (SPEC 1.2: Cascading Sum Augmentation controller)."""
+"""Tests for regpipe.engine.cascade.Cascade (Cascading Sum Augmentation controller, Simionescu 2020, section 3.4)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def decisions(events: list[CascadeEvent]) -> list[tuple[bool, bool, bool, int]]:
 
 # ------------------------------------------------------------------ an independent reference of the rule
 def reference_cascade(metrics, stages, patience, budgets, mode="max", min_delta=0.0):
-    """Naive re-statement of SPEC 1.2: returns (improved, advanced, finished, k) per report."""
+    """Naive re-statement of the cascading schedule: returns (improved, advanced, finished, k) per report."""
     out, stage, best = [], 0, (-math.inf if mode == "max" else math.inf)
     since, in_stage, finished = 0, 0, False
     for m in metrics:
@@ -162,9 +162,9 @@ def test_nan_metric_raises_and_changes_nothing() -> None:
     cascade = Cascade(stages=(2, 1), patience=1)
     cascade.report(0.5)
     before = cascade.state_dict()
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="must be finite, got nan"):
         cascade.report(float("nan"))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="must be finite, got nan"):
         cascade.report(torch.tensor(float("nan")))
     assert cascade.state_dict() == before
 
@@ -406,5 +406,5 @@ def test_state_dict_is_a_snapshot_and_stage_mismatch_errors() -> None:
     state = cascade.state_dict()
     cascade.report(0.0)
     assert len(state["history"]) == 1 and state["evals_since_best"] == 0
-    with pytest.raises(ValueError, match=re.escape("(4, 2)")):
+    with pytest.raises(ValueError, match=re.escape("stages: [4, 2, 1] in the state vs [4, 2] here")):
         Cascade(stages=(4, 2, 1), stop_at=2).load_state_dict(state)

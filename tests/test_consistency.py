@@ -78,7 +78,9 @@ def test_invariance_bad_inputs() -> None:
     with pytest.raises(TypeError, match="integer"):
         invariance_loss(torch.randn(4, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="NaN"):
-        invariance_loss(torch.tensor([[float("nan")], [1.0]]), torch.arange(2))
+        invariance_loss(torch.tensor([[float("nan")], [1.0]]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="all 3 source_ids are distinct"):  # nothing replicated: no loss to measure
+        invariance_loss(torch.randn(3, 2), torch.arange(3))
 
 
 def test_depth_weights() -> None:

@@ -99,3 +99,32 @@ def test_recipes_run_under_torchrun(recipe: str, fake_dir: Path, tmp_path: Path)
     metrics = json.loads((tmp_path / recipe / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
     assert not (tmp_path / recipe / "rank1").exists()
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali", "ffcv"])
+def test_ranks_read_disjoint_shards_of_an_image_folder(loader: str, tmp_path: Path) -> None:
+    """Under torchrun each rank trains on its slice of every global batch: the two ranks' samples never
+    overlap and together are the epoch (40 images, batch 8: every image once per epoch)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    if loader == "ffcv":
+        pytest.importorskip("ffcv")
+    from imagefolder import write_image_folder
+
+    root = write_image_folder(tmp_path / "data", train_per_class=10, val_per_class=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "shard_probe.py"), str(tmp_path / "ids"), "train", "--data", f"imagefolder:{root}",
+           "--loader", loader, "--recipe", "baseline", "--epochs", "2", "--batch-size", "8", "--image-size", "24",
+           "--val-resize", "28", "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+           "--out", str(tmp_path / "out")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ids" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in ("0", "1"):
+        a, b = (set(ids[epoch]) for ids in ranks)
+        assert len(ranks[0][epoch]) == len(ranks[1][epoch]) == 20  # 5 steps x 4 rows per rank
+        assert not a & b and a | b == set(range(40))
+    assert ranks[0]["0"] != ranks[0]["1"]  # a fresh order every epoch
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and [row["steps"] for row in metrics["epochs"]] == [5, 5]

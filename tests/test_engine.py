@@ -123,9 +123,20 @@ def test_sum_plus_saliency_compares_maps_of_mixed_rows(fake_dir: Path) -> None:
         assert _finite(row["mean_saliency"]) and row["mean_saliency"] > 0
 
 
-def test_word_order_does_not_change_the_run(fake_dir: Path) -> None:
-    a = _run(fake_dir, "gradual+invariance")
-    b = _run(fake_dir, "invariance+gradual")
+@pytest.fixture
+def one_thread() -> object:
+    """One intra-op thread: gradual+invariance sums rows in a thread-dependent order on several threads
+    (runs of the same recipe then differ at ~1e-5), which is not what this test is about."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_word_order_does_not_change_the_run(fake_dir: Path, one_thread: object) -> None:
+    # k0=2: a batch holds BATCH/4 = 2 seeds, and mixing after replication pairs rows of different seeds
+    a = _run(fake_dir, "gradual+invariance", gradual=GradualConfig(k0=2))
+    b = _run(fake_dir, "invariance+gradual", gradual=GradualConfig(k0=2))
     assert [r["train_loss"] for r in a["epochs"]] == [r["train_loss"] for r in b["epochs"]]
 
 
@@ -203,3 +214,41 @@ def test_a_failed_run_names_the_step_and_removes_its_hooks(fake_dir: Path, recip
         _run(fake_dir, recipe, model=f"{__name__}:exploding_model")
     (model,) = _CREATED
     assert _hook_count(model) == 1  # only the test's own poison hook is left
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_float32(fake_dir: Path, amp: str) -> None:
+    full = _run(fake_dir, "baseline", epochs=1)
+    low = _run(fake_dir, "baseline", epochs=1, amp=amp)
+    assert low["config"]["amp"] == amp
+    # autocast changes the rounding, not the run: the first epoch's loss agrees to a few percent
+    assert low["epochs"][0]["train_loss"] == pytest.approx(full["epochs"][0]["train_loss"], rel=0.05)
+    assert low["epochs"][0]["train_loss"] != full["epochs"][0]["train_loss"]
+
+
+def test_fp16_is_refused_where_an_algorithm_takes_the_steps(fake_dir: Path) -> None:
+    with pytest.raises(ValueError, match="--amp fp16 needs the loop's own optimizer step"):
+        _run(fake_dir, "loss-delta", amp="fp16")
+
+
+def test_precision_scales_fp16_losses_only() -> None:
+    from regpipe.engine.precision import Precision
+
+    assert not Precision("bf16", torch.device("cpu")).scaler.is_enabled()
+    assert Precision("fp16", torch.device("cpu")).scaler.is_enabled()
+    with torch.no_grad(), Precision("bf16", torch.device("cpu")).autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="amp must be one of"):
+        Precision("fp8", torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_run_settings_are_checked_when_built() -> None:
+    with pytest.raises(ValueError, match="train.eval_batch_size must be an integer >= 1, got 0"):
+        TrainConfig(eval_batch_size=0)
+    with pytest.raises(ValueError, match="train.checkpoint_every must be an integer >= 1, got -2"):
+        TrainConfig(checkpoint_every=-2)
+    with pytest.raises(ValueError, match="train.amp must be 'off', 'bf16' or 'fp16', got 'fp32'"):
+        TrainConfig(amp="fp32")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="train.resume needs train.out"):
+        TrainConfig(resume=True)
+    assert TrainConfig().eval_batch_size is None  # per process: the training batch's share

@@ -191,8 +191,10 @@ def test_missing_fields_and_bad_labels_give_the_shared_errors(beton: Path) -> No
     loader = Loader(str(beton), batch_size=S, num_workers=1, pipelines={"image": [NDArrayDecoder(), ToTensor()],
                                                                        "label": [IntDecoder(), ToTensor()],
                                                                        "index": None})
-    with pytest.raises(ValueError, match=r"lacks the output\(s\) \['index'\]"):
+    with pytest.raises(ValueError, match=r"no sample indices \(no 'index' field, no WithIndices"):
         FfcvLoader(loader, Kc, replicate=Replicate(2, AUG))
+    with pytest.raises(ValueError, match=r"lacks the output\(s\) \['index'\]"):
+        FfcvLoader(loader, Kc, mix=SumMixImages([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"lacks the output\(s\) \['photo'\]"):
         FfcvLoader(loader, Kc, image_field="photo")
     with pytest.raises(ValueError, match="label 3 is out of range for num_classes=3"):

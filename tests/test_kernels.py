@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from regpipe.kernels import BACKEND_ENV, fused_group_mix, group_mix_reference, resolve_backend
+from regpipe.kernels import BACKEND_ENV, CALLS, fused_group_mix, fused_mix, group_mix_reference, mix_reference, resolve_backend
 from regpipe.kernels import group_mix as gm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -309,3 +309,85 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(gm, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# fused_mix: any row table (group, permutation, partners across seeds)
+# --------------------------------------------------------------------------------------------------
+
+def _tables(n: int, k: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    group = torch.arange(n).view(k, n // k).t().contiguous()
+    perm = torch.stack([torch.arange(n)] + [torch.randperm(n, generator=g) for _ in range(k - 1)], 1)
+    free = torch.randint(0, n, (n // 2, k), generator=g)  # any rows, repeats allowed
+    return {"group": group, "permute": perm, "free": free}
+
+
+def _naive_mix(x: torch.Tensor, rows: torch.Tensor, weights: list[float], mean: list[float],
+               std: list[float]) -> torch.Tensor:
+    """Per output row and channel, in float64: sum_g w_g (x[rows[i, g], c] * s - mean[c]) / std[c]."""
+    s = 1 / 255 if x.dtype == torch.uint8 else 1.0
+    out = torch.zeros(rows.shape[0], *x.shape[1:], dtype=torch.float64)
+    for i in range(rows.shape[0]):
+        for g, w in enumerate(weights):
+            if w == 0:
+                continue
+            for c in range(x.shape[1]):
+                out[i, c] += w * (x[int(rows[i, g]), c].double() * s - mean[c]) / std[c]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("mode", ["group", "permute", "free"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_fused_mix_matches_a_naive_loop(backend: str, mode: str, out_dtype: torch.dtype, fmt) -> None:
+    x = _input((8, 3, 5, 7), torch.uint8, fmt, seed=11)
+    weights = [0.5, 0.3, 0.0, 0.2]  # a zero weight (GCC): that column is never read
+    rows = _tables(8, 4, seed=12)[mode]
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    got = fused_mix(x, rows, weights, mean, std, out_dtype=out_dtype, memory_format=fmt, backend=backend)
+    assert got.dtype == out_dtype and got.is_contiguous(memory_format=fmt) and got.shape == (rows.shape[0], 3, 5, 7)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[out_dtype]
+    torch.testing.assert_close(got.double(), _naive_mix(x, rows, weights, mean, std), atol=tol, rtol=tol)
+    torch.testing.assert_close(got, mix_reference(x, rows, weights, mean, std, out_dtype=out_dtype, memory_format=fmt),
+                               atol=tol, rtol=tol)
+
+
+def test_fused_mix_skips_zero_weight_rows_and_counts_calls() -> None:
+    x = torch.rand(6, 3, 4, 4)
+    x[5] = float("nan")  # only read through the zero-weight column
+    rows = torch.tensor([[0, 5], [1, 5], [2, 5]])
+    before = CALLS["numba"]
+    got = fused_mix(x, rows, [1.0, 0.0], [0.0] * 3, [1.0] * 3, backend="numba")
+    assert CALLS["numba"] == before + 1
+    torch.testing.assert_close(got, x[:3])
+
+
+def test_fused_group_mix_is_fused_mix_of_the_group_table() -> None:
+    x = _input((12, 3, 6, 5), torch.uint8, torch.channels_last, seed=13)
+    w, (mean, std) = [0.5, 0.25, 0.25], _norm((12, 3, 6, 5))
+    rows = torch.arange(12).view(3, 4).t().contiguous()
+    torch.testing.assert_close(fused_mix(x, rows, w, mean, std), fused_group_mix(x, w, mean, std))
+
+
+@pytest.mark.parametrize("rows, error, match", [
+    (torch.tensor([[0, 8]]), ValueError, "row 8, outside"),
+    (torch.tensor([[0, -1]]), ValueError, "row -1, outside"),
+    (torch.tensor([[0, 1, 2]]), ValueError, "3 columns for 2 weights"),
+    (torch.tensor([[0.0, 1.0]]), TypeError, "int64"),
+])
+def test_fused_mix_bad_tables_are_named(rows, error, match) -> None:
+    with pytest.raises(error, match=match):
+        fused_mix(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), rows, [0.5, 0.5], [0.0] * 3, [1.0] * 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["group", "permute", "free"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_triton_fused_mix_matches_reference(mode: str, fmt) -> None:
+    x = _input((8, 3, 5, 7), torch.uint8, fmt, TRITON_DEVICE, seed=14)
+    rows = _tables(8, 4, seed=15)[mode]
+    weights, mean, std = [0.5, 0.3, 0.0, 0.2], [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    got = fused_mix(x, rows, weights, mean, std, memory_format=fmt, backend="triton")
+    torch.testing.assert_close(got.cpu(), mix_reference(x.cpu(), rows, weights, mean, std, memory_format=fmt))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -57,3 +58,92 @@ def test_models() -> None:
         build_model("regpipe.engine.models:nothing_here", 10, 3)
     with pytest.raises(TypeError, match="not a torch.nn.Module"):
         build_model("builtins:dict", 10, 3)
+
+
+class _TinyNet(torch.nn.Module):
+    """What a library's factory returns: a conv stem and a ``num_classes``-way head."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_chans, 4, 3)
+        self.head = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def fake_model_libraries(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Stand-ins for ``torchvision`` (``torchvision.models.resnet50(num_classes=)``, ``list_models()``) and
+    ``timm`` (``create_model(name, pretrained=, num_classes=, in_chans=)``, ``is_model``, ``list_models``)."""
+    import types
+
+    calls: dict = {}
+    tv, tv_models, timm = (types.ModuleType(n) for n in ("torchvision", "torchvision.models", "timm"))
+
+    def resnet50(num_classes: int = 1000, weights: object = None) -> torch.nn.Module:
+        calls["torchvision"] = {"num_classes": num_classes, "weights": weights}
+        return _TinyNet(num_classes)
+
+    tv_models.resnet50 = resnet50
+    tv_models.list_models = lambda: ["resnet50"]
+    tv.models = tv_models
+
+    def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_chans: int = 3) -> torch.nn.Module:
+        calls["timm"] = {"name": name, "pretrained": pretrained, "num_classes": num_classes, "in_chans": in_chans}
+        return _TinyNet(num_classes, in_chans)
+
+    timm.create_model, timm.is_model, timm.list_models = create_model, lambda n: n == "resnet50", lambda: ["resnet50"]
+    for name, module in (("torchvision", tv), ("torchvision.models", tv_models), ("timm", timm)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_models_by_library_name(fake_model_libraries: dict) -> None:
+    from regpipe.engine.models import check_model_name
+
+    model = build_model("torchvision:resnet50", num_classes=7, in_channels=3)
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 7)
+    assert fake_model_libraries["torchvision"] == {"num_classes": 7, "weights": None}  # random init, no download
+    model = build_model("timm:resnet50", num_classes=5, in_channels=1)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 5)
+    assert fake_model_libraries["timm"] == {"name": "resnet50", "pretrained": False, "num_classes": 5, "in_chans": 1}
+    check_model_name("timm:resnet50")
+    with pytest.raises(ValueError, match="timm has no model 'resnet5000'"):
+        build_model("timm:resnet5000", 5, 3)
+    with pytest.raises(ValueError, match="torchvision has no model 'vgg99'"):
+        check_model_name("torchvision:vgg99")
+    with pytest.raises(ValueError, match="takes 3-channel images, the data has 1"):
+        build_model("torchvision:resnet50", 5, 1)
+
+
+def test_missing_model_libraries_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from regpipe.engine.models import check_model_name
+
+    for name in ("torchvision", "torchvision.models", "timm"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"--model timm:resnet50 needs the 'timm' package.*pip install timm"):
+        check_model_name("timm:resnet50")
+    with pytest.raises(ImportError, match="needs the 'torchvision' package"):
+        build_model("torchvision:resnet50", 10, 3)
+    with pytest.raises(ImportError, match="module 'no_such_pkg.models' is not importable"):
+        build_model("no_such_pkg.models:net", 10, 3)
+
+
+def factory_without_in_channels(num_classes: int) -> torch.nn.Module:
+    return _TinyNet(num_classes)
+
+
+def test_module_factory_gets_in_channels_only_when_it_takes_it() -> None:
+    assert build_model(f"{__name__}:factory_without_in_channels", 3, 3)(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+    with pytest.raises(ValueError, match="use 'package.module:factory'"):
+        build_model(":x", 3, 3)
+
+
+def test_train_builds_a_library_model_by_name(fake_model_libraries: dict, fake_dir, tmp_path) -> None:
+    from regpipe.cli import main
+
+    assert main(["train", "--recipe", "baseline", "--model", "timm:resnet50", "--data-dir", str(fake_dir),
+                 "--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    assert fake_model_libraries["timm"]["num_classes"] == 10 and fake_model_libraries["timm"]["in_chans"] == 3

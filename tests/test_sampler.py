@@ -282,27 +282,122 @@ def test_external_batch_redrawn_at_epoch_start() -> None:
     assert calls == [0, 3], "the callable must be called once, before the first step of each epoch"
 
 
-@pytest.mark.parametrize("poisoned", [0, 3])
-def test_non_finite_scores_are_skipped(poisoned: int) -> None:
+class NanWhenScoring(nn.Module):
+    """Wraps a model: its outputs are NaN in no-grad forwards (the score losses) of marked rows
+    (``inputs[:, 0, 0, 0] == 99``; every row when ``all_rows``), finite in the trial steps."""
+
+    def __init__(self, net: nn.Module, all_rows: bool = False) -> None:
+        super().__init__()
+        self.net, self.all_rows = net, all_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if torch.is_grad_enabled():
+            return out
+        marked = torch.ones_like(x[:, 0, 0, 0], dtype=torch.bool) if self.all_rows else x[:, 0, 0, 0] == 99
+        return torch.where(marked[:, None], torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize("poisoned,k", [(0, 4), (3, 4), (2, 2), (1, 1)])
+def test_non_finite_candidate_loss_stops_with_the_step_named(poisoned: int, k: int) -> None:
+    """A NaN batch used to be skipped until it was the last candidate, then taken: every parameter became
+    NaN with warnings only. Now its trial (or plain) step raises, naming epoch, step and batch, and the
+    model keeps the state before that step."""
     model, opt = setup()
     batches = make_batches(4)
     bad = batches[poisoned]
     batches[poisoned] = bad.replace(inputs=torch.full_like(bad.inputs, float("nan")))
-    orderer = LossDeltaOrderer(batches, model, soft_target_cross_entropy, opt, k=4)
+    orderer = LossDeltaOrderer(batches, model, soft_target_cross_entropy, opt, k=k)
+    taken = []
+    with pytest.raises(ValueError, match=r"loss-delta: the training loss.* became nan at epoch 1 step \d+ "
+                                         rf"\(batch with source ids starting \[{8 * poisoned}, ") as err:
+        for batch, _ in orderer:
+            taken.append(int(batch.source_ids[0]))
+            before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    assert 8 * poisoned not in taken
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if taken:  # the state is the one after the last good step
+        for key, value in before[0].items():
+            assert torch.equal(value, model.state_dict()[key]), key
+    assert "left in its state before this step" in str(err.value)
+
+
+def test_non_finite_score_is_not_chosen() -> None:
+    """A candidate whose trial step gives a NaN score (finite loss) is not chosen, with a warning."""
+    model, opt = setup()
+    batches = make_batches(4)
+    marked = batches[1].inputs.clone()
+    marked[:, 0, 0, 0] = 99
+    batches[1] = batches[1].replace(inputs=marked)
+    orderer = LossDeltaOrderer(batches, NanWhenScoring(model), soft_target_cross_entropy, opt, k=4)
     with pytest.warns(RuntimeWarning, match="not chosen"):
         batch, info = next(iter(orderer))
-    assert info.winner != poisoned and math.isnan(info.scores[poisoned])
+    assert info.winner != 1 and math.isnan(info.scores[1])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_all_non_finite_takes_arrival_order() -> None:
+def test_all_non_finite_scores_raise_and_keep_the_state() -> None:
+    """Every trial step diverging used to commit the first candidate (NaN parameters follow); now an error
+    names the step and the model keeps its state."""
     model, opt = setup()
-    orderer = LossDeltaOrderer(make_batches(3), model, lambda lg, t: soft_target_cross_entropy(lg, t) * math.nan,
+    before = copy.deepcopy(model.state_dict())
+    orderer = LossDeltaOrderer(make_batches(3), NanWhenScoring(model, all_rows=True), soft_target_cross_entropy,
                                opt, k=3)
-    with pytest.warns(RuntimeWarning) as record:
-        batch, info = next(iter(orderer))
-    assert any("all 3 loss-delta scores are non-finite" in str(w.message) for w in record)
-    assert info.winner == 0 and int(batch.source_ids[0]) == 0
+    with pytest.raises(ValueError, match=r"scores of all 3 candidate batches are non-finite .* epoch 1 step 1"):
+        next(iter(orderer))
+    for key, value in before.items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("rescore_every,variant", [(1, "same"), (2, "same"), (1, "external")])
+@pytest.mark.parametrize("stop_after", [1, 3, 6])
+def test_mid_epoch_state_resumes_the_epoch(rescore_every: int, variant: str, stop_after: int) -> None:
+    """A state saved mid-epoch used to restart at the next epoch (the rest of the epoch was never trained).
+    Now a fresh orderer loaded with it finishes the epoch: parameters, optimizer state and the batches
+    taken equal those of the uninterrupted run, bit for bit."""
+    pool = make_batches(1, rows=24, seed=5, start=1000)[0]
+    kwargs: dict = dict(k=3, rescore_every=rescore_every, variant=variant, seed=4)
+    if variant == "external":
+        kwargs.update(external=pool, external_size=8)
+
+    def run(interrupt: int | None) -> tuple[nn.Module, torch.optim.Optimizer, list[int]]:
+        model, opt = setup(seed=1)
+        orderer = LossDeltaOrderer(make_batches(7), model, soft_target_cross_entropy, opt, **kwargs)
+        order: list[int] = []
+        for epoch in range(2):
+            for batch, _ in orderer:
+                order.append(int(batch.source_ids[0]))
+                if epoch == 0 and len(order) == interrupt:
+                    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), orderer.state_dict()))
+                    break
+            else:
+                continue
+            # "a new process": fresh objects loaded from the saved states finish the run
+            model, opt = setup(seed=2)
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+            orderer = LossDeltaOrderer(make_batches(7), model, soft_target_cross_entropy, opt, **kwargs)
+            orderer.load_state_dict(saved[2])
+            for batch, _ in orderer:  # the rest of epoch 0
+                order.append(int(batch.source_ids[0]))
+            assert orderer.epoch == 1
+            for batch, _ in orderer:  # epoch 1
+                order.append(int(batch.source_ids[0]))
+            break
+        return model, opt, order
+
+    ref_model, ref_opt, ref_order = run(None)
+    model, opt, order = run(stop_after)
+    assert order == ref_order and sorted(order[:7]) == [8 * i for i in range(7)]
+    assert_state_equal(model, opt, ref_model, ref_opt)
+
+
+def test_state_after_the_last_step_starts_the_next_epoch() -> None:
+    model, opt = setup()
+    orderer = LossDeltaOrderer(make_batches(3), model, soft_target_cross_entropy, opt, k=2)
+    for _ in orderer:
+        state = orderer.state_dict()
+    assert state["in_epoch"] is None and state["epoch"] == 1
 
 
 def test_bad_inputs() -> None:

@@ -151,11 +151,17 @@ def test_channels_last_kept(data, mean, std) -> None:
 
 def test_keep_uint8(data) -> None:
     dl = DataLoader(TensorDataset(data["images"], data["labels"]), batch_size=4)
-    batches = list(TorchLoader(dl, num_classes=K, mean=MEAN, std=STD, keep_uint8=True, channels_last=True))
-    assert all(b.inputs.dtype == torch.uint8 for b in batches)
-    assert all(b.inputs.is_contiguous(memory_format=torch.channels_last) for b in batches)
-    assert torch.equal(torch.cat([b.inputs for b in batches]), data["images"])
-    torch.testing.assert_close(torch.cat([b.targets for b in batches]), one_hot(data["labels"]))
+    raw = list(TorchLoader(dl, num_classes=K, keep_uint8=True, channels_last=True))  # no mean/std: raw pixels
+    assert all(b.inputs.dtype == torch.uint8 for b in raw)
+    assert all(b.inputs.is_contiguous(memory_format=torch.channels_last) for b in raw)
+    assert torch.equal(torch.cat([b.inputs for b in raw]), data["images"])
+    torch.testing.assert_close(torch.cat([b.targets for b in raw]), one_hot(data["labels"]))
+    # with mean/std the uint8 ops run first, and the batch is still normalised at the end (never ignored)
+    seen = []
+    flip = lambda b: (seen.append(b.inputs.dtype), b.replace(inputs=b.inputs.flip(-1)))[1]  # noqa: E731
+    batches = list(TorchLoader(dl, num_classes=K, mean=MEAN, std=STD, keep_uint8=True, ops=[flip]))
+    assert seen == [torch.uint8] * 3
+    torch.testing.assert_close(torch.cat([b.inputs for b in batches]), manual_normalize(data["images"]).flip(-1))
 
 
 def test_plain_iterable_of_lists_and_tuples(data) -> None:

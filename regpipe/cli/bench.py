@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from regpipe.cli import bench_pipeline
 from regpipe.core.batch import Batch
 from regpipe.functional import block_mask, soft_target_cross_entropy, sum_mix
 from regpipe.hooks import PatchUpHook
@@ -357,15 +358,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "timm DropBlock2d, and recipe training steps against the plain step. "
                                          "Peers that are not installed are skipped with a note "
                                          "(`make bench-peers` installs them in their own environment).")
+    p.add_argument("mode", nargs="?", default="ops", choices=["ops", "pipeline"],
+                   help="ops (default): the op/kernel table; pipeline: a loader's images/s alone, with regpipe's "
+                        "device stage, and regpipe's replication against the loader's own (--data, --loader)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default: cpu)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows (and the machine) to FILE")
     p.add_argument("--quick", action="store_true", help="small shapes and 2 rounds: a smoke run, not numbers")
     p.add_argument("--repeats", type=int, default=None,
                          help="interleaved rounds per group (default: 15, --quick: 2)")
+    bench_pipeline.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "ops") == "pipeline":
+        return bench_pipeline.run(args)
     bench(args.device, json_path=args.json, quick=args.quick, repeats=args.repeats,
           progress=lambda line: print(line, file=sys.stderr, flush=True))
     return 0

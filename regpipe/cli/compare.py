@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from regpipe.cli.eval import number
 from regpipe.cli.options import add_train_options, build_config
 from regpipe.cli.report import compare
 from regpipe.engine.algorithms import parse_recipe
+from regpipe.engine.distributed import resolve_device
+from regpipe.engine.robustness import EvalSettings, evaluate_run
+from regpipe.functional.attacks import ATTACKS
+
+#: What ``--eval`` may add as columns: an attack's accuracy, or the mean over the deformed test sets.
+EVAL_COLUMNS = (*ATTACKS, "deformed")
 
 __all__ = ["register", "run"]
 
@@ -23,8 +32,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
     p.add_argument("--rerun", action="store_true",
                    help="train every run again (default: reuse runs in OUT finished with the same settings)")
+    p.add_argument("--eval", default="", metavar="COLUMNS",
+                   help=f"also evaluate every trained model (as `regpipe eval`) and add accuracy columns: "
+                        f"comma-separated from {','.join(EVAL_COLUMNS)} (deformed: the mean over the 8 deformed "
+                        "test sets of PatchUp appendix F); each run then keeps its checkpoint, OUT/RECIPE/seedS/model.pt")
+    p.add_argument("--eval-eps", type=number, default=8 / 255, help="--eval attacks' budget in pixel units (default: 8/255)")
+    p.add_argument("--eval-steps", type=int, default=10, help="--eval iterations of BIM/MIM/PGD (default: 10)")
     add_train_options(p, with_recipe=False)
     p.set_defaults(func=run)
+
+
+def _eval_settings(args: argparse.Namespace) -> EvalSettings | None:
+    """The ``--eval`` columns as :class:`EvalSettings` (``None`` without ``--eval``); unknown columns are named."""
+    columns = [c.strip().lower() for c in args.eval.split(",") if c.strip()]
+    unknown = [c for c in columns if c not in EVAL_COLUMNS]
+    if unknown:
+        raise ValueError(f"--eval: unknown column(s) {unknown}; choose from {', '.join(EVAL_COLUMNS)}")
+    if not columns:
+        return None
+    return EvalSettings(attacks=tuple(c for c in ATTACKS if c in columns), eps=args.eval_eps, steps=args.eval_steps,
+                        deformed="deformed" in columns, seed=0)
+
+
+def _columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
+    def evaluate(cfg: Any) -> dict[str, float]:
+        result = evaluate_run(cfg, settings, resolve_device(device))
+        columns = {name: rec["accuracy"] for name, rec in result["attacks"].items()}
+        if settings.deformed:
+            columns["deformed"] = result["deformed_mean"]
+        return columns
+    return evaluate
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +75,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--recipes names {repeated} more than once")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    settings = _eval_settings(args)
     seeds = [args.first_seed + s for s in range(args.seeds)]
-    configs = {r: [build_config(args, recipe=r, seed=s, out=str(Path(args.out) / r / f"seed{s}")) for s in seeds]
-               for r in recipes}
-    print(compare(configs, Path(args.out), reuse=not args.rerun))
+
+    def run_config(r: str, s: int) -> Any:
+        folder = Path(args.out) / r / f"seed{s}"
+        keep = {"checkpoint_out": str(folder / "model.pt")} if settings is not None else {}
+        return build_config(args, recipe=r, seed=s, out=str(folder), **keep)
+
+    configs = {r: [run_config(r, s) for s in seeds] for r in recipes}
+    evaluate = None if settings is None else _columns(settings, args.device)
+    print(compare(configs, Path(args.out), reuse=not args.rerun, evaluate=evaluate))
     return 0

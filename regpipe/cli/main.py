@@ -6,12 +6,21 @@ Each subcommand lives in its own module with a ``register(subparsers)`` and a ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from regpipe.cli import bench, compare, show, sign, train
+from regpipe.cli import bench, compare, show, sign, train, write_beton
+from regpipe.cli import eval as eval_command
 
 __all__ = ["build_parser", "main"]
+
+#: Errors a bad setting, path or input file raises: printed as one line (exit 2). ``REGPIPE_DEBUG=1``
+#: shows their traceback instead. OSError covers unwritable or missing paths (the path is in the message).
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
+
+#: Subcommands that skip finished work on a rerun (so an interrupted run resumes).
+RESUMABLE = frozenset({"compare", "sign"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch-level regularizers for fast image loaders. Trains on Fashion-MNIST "
                     "(Debian's dataset-fashion-mnist) unless told otherwise.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, compare, show, sign, bench):
+    for command in (train, compare, eval_command, show, sign, bench, write_beton):
         command.register(sub)
     return parser
 
@@ -33,8 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"regpipe {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # compare and sign keep every finished run / shard (written atomically) and skip them on a rerun.
+        hint = "rerun the same command to resume" if args.command in RESUMABLE else "nothing was written"
+        print(f"regpipe {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("REGPIPE_DEBUG"):
+            raise  # the traceback, for developers
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"regpipe {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

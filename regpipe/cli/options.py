@@ -10,12 +10,16 @@ import argparse
 from dataclasses import fields
 
 from regpipe.engine.algorithms import RECIPE_WORDS
+from regpipe.engine.splits import parse_data_spec
 from regpipe.engine.config import (
     CascadeConfig,
+    CutMixConfig,
+    CutOutConfig,
     GradualConfig,
     InvarianceConfig,
     LossDeltaConfig,
     LossOrderConfig,
+    MixUpConfig,
     PatchUpConfig,
     ReplicationConfig,
     SaliencyConfig,
@@ -47,29 +51,58 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
         parser.add_argument("--out", default="runs/train", help="output directory for metrics.json (default: runs/train)")
         parser.add_argument("--checkpoint-out", default=None,
                             help="also save the trained model here (a checkpoint `regpipe sign` reads)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the interrupted run in --out from its OUT/state.pt (same settings; "
+                                 "on CPU it ends with the metrics of an uninterrupted run)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=d.dataset,
-                      help="fashion-mnist (default) | npz:DIR (train.npz, test.npz) | npz:TRAIN.npz,TEST.npz | "
+    data.add_argument("--data", "--dataset", dest="dataset", default=d.dataset,
+                      help="streamed from disk: imagefolder:ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*, the "
+                           "ImageNet layout) | beton:TRAIN.beton,VAL.beton (FFCV, with --loader ffcv); in memory: "
+                           "fashion-mnist (default) | npz:DIR (train.npz, test.npz) | npz:TRAIN.npz,TEST.npz | "
                            "folder:ROOT (ROOT/train, ROOT/test: a sub-folder per class)")
+    data.add_argument("--image-size", type=int, default=d.image_size,
+                      help=f"streamed data: side of the training random-resized crop and of the validation centre "
+                           f"crop (default: {d.image_size})")
+    data.add_argument("--val-resize", type=int, default=d.val_resize,
+                      help=f"streamed data: validation images' shorter side is resized to this before the centre "
+                           f"crop (default: {d.val_resize})")
+    data.add_argument("--workers", type=int, default=d.workers,
+                      help="decoding workers per process (torch DataLoader workers, DALI threads, FFCV workers); "
+                           "default: 0 in memory, else the cores per process up to 8")
+    data.add_argument("--cache-dir", default=d.cache_dir,
+                      help="where --data imagefolder:... converted for --loader ffcv is kept between runs "
+                           "(default: $XDG_CACHE_HOME/regpipe or ~/.cache/regpipe)")
     data.add_argument("--data-dir", default=d.data_dir,
                       help="folder with the Fashion-MNIST idx .gz files (default: $REGPIPE_DATA_DIR or "
                            "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
     data.add_argument("--shape", default=d.shape, choices=["cifar", "native"],
                       help="cifar: 3x32x32 (pad + repeat channel, default); native: as stored (1x28x28)")
-    data.add_argument("--samples-per-class", type=int, default=d.samples_per_class,
-                      help=f"stratified, seeded training subset (default: {d.samples_per_class}; 0 = all)")
+    data.add_argument("--samples-per-class", type=int, default=None,
+                      help=f"in-memory data: stratified, seeded training subset (default: {d.samples_per_class}; "
+                           "0 = all); off for imagefolder:/beton: data")
     data.add_argument("--val-per-class", type=int, default=d.val_per_class,
                       help=f"held-out validation samples per class, for cascade decisions (default: {d.val_per_class})")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs, help=f"epoch budget (default: {d.epochs})")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help=f"loader batch size (default: {d.batch_size})")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size,
+                     help=f"global batch: summed over the torchrun processes, each loads batch-size/N "
+                          f"(default: {d.batch_size})")
+    opt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                     help="evaluation batch per process (default: batch-size/N)")
+    opt.add_argument("--amp", default=d.amp, choices=["off", "bf16", "fp16"],
+                     help="mixed precision: autocast forward and loss in bfloat16, or float16 with loss scaling "
+                          "(default: off)")
+    opt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                     help="also write OUT/state.pt every N optimizer steps (it is always written at epoch ends "
+                          "and removed when the run finishes)")
     opt.add_argument("--lr", type=float, default=d.lr, help=f"SGD-Nesterov learning rate, cosine decay (default: {d.lr})")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
     opt.add_argument("--loss", default=d.loss, choices=["ce", "bce"],
                      help="ce: soft-target cross-entropy (default); bce: the Sum Augmentation paper's multi-hot BCE")
     opt.add_argument("--model", default=d.model,
-                     help="preact-small (default), preact-resnet18, or package.module:factory "
-                          "(called with num_classes=, in_channels=)")
+                     help="preact-small (default), preact-resnet18, torchvision:NAME (e.g. torchvision:resnet50), "
+                          "timm:NAME (e.g. timm:resnet50), or package.module:factory (called with num_classes= "
+                          "and in_channels= when it takes it)")
     opt.add_argument("--device", default=d.device, help="auto (CUDA if present, default), cpu, cuda, cuda:1, ...")
     opt.add_argument("--channels-last", action="store_true", help="channels_last inputs and model")
     opt.add_argument("--loader", default=d.loader, choices=["torch", "dali", "ffcv"],
@@ -126,6 +159,15 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
                          "vector before the classifier)")
     sg.add_argument("--sign-teacher", default=d.sign.teacher,
                     help="checkpoint of the teacher (default: train the baseline first with the same settings)")
+    box = parser.add_argument_group("cutmix, cutout and mixup")
+    box.add_argument("--cutmix-alpha", type=float, default=d.cutmix.alpha,
+                     help=f"cutmix: lam ~ Beta(alpha, alpha) sets the pasted box's area (default: {d.cutmix.alpha})")
+    box.add_argument("--cutmix-prob", type=float, default=d.cutmix.prob,
+                     help=f"cutmix: chance a batch is mixed (default: {d.cutmix.prob}; the authors' CIFAR runs: 0.5)")
+    box.add_argument("--cutout-length", type=int, default=d.cutout.length,
+                     help=f"cutout: side of the square hole in pixels (default: {d.cutout.length}, CIFAR-10's)")
+    box.add_argument("--mixup-alpha", type=float, default=d.mixup.alpha,
+                     help=f"mixup: lam ~ Beta(alpha, alpha) (default: {d.mixup.alpha})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -133,8 +175,11 @@ def build_config(args: argparse.Namespace, **overrides: object) -> TrainConfig:
     """The :class:`TrainConfig` of parsed options (``overrides`` replace run-level fields)."""
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    per_class = args.samples_per_class
+    if per_class is None:  # the small-data default, off for data streamed from disk
+        per_class = None if parse_data_spec(args.dataset) is not None else _DEFAULTS.samples_per_class
     values.update(
-        samples_per_class=args.samples_per_class or None,
+        samples_per_class=per_class or None,
         bn_recalibration=not args.no_bn_recalibration,
         progress=not args.no_progress,
         sum=SumConfig(k=args.k, mode=args.mix_mode),
@@ -147,6 +192,9 @@ def build_config(args: argparse.Namespace, **overrides: object) -> TrainConfig:
         invariance=InvarianceConfig(layers=args.inv_layers, alpha=args.inv_alpha, ratio=args.inv_ratio),
         saliency=SaliencyConfig(weight=args.sal_weight),
         sign=SignConfig(iters=args.sign_iters, eta=args.sign_eta, layer=args.sign_layer, teacher=args.sign_teacher),
+        cutmix=CutMixConfig(alpha=args.cutmix_alpha, prob=args.cutmix_prob),
+        cutout=CutOutConfig(length=args.cutout_length),
+        mixup=MixUpConfig(alpha=args.mixup_alpha),
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from regpipe.engine.train import write_json
+from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
 __all__ = ["epoch_table", "summarize", "markdown_table", "compare", "plot_compare"]
 
@@ -28,8 +33,11 @@ def _cell(value: Any) -> str:
     return f"{value:>10.4g}" if isinstance(value, float) else f"{value!s:>10}"
 
 
-def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """Per recipe: mean and sample std of the final test error over seeds (std 0 for one seed)."""
+def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]],
+              evaluations: Mapping[str, Sequence[Mapping[str, float]]] | None = None) -> list[dict[str, Any]]:
+    """Per recipe: mean and sample std of the final test error over seeds (std 0 for one seed); with
+    ``evaluations`` (recipe -> one ``{column: accuracy}`` per seed, ``compare --eval``), each column's
+    accuracies, mean and std under ``"eval"``."""
     rows = []
     for recipe, metrics in runs.items():
         errors = [1.0 - m["test_accuracy"] for m in metrics]
@@ -37,14 +45,25 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str,
                      "mean_test_error": statistics.fmean(errors),
                      "std_test_error": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                      "mean_test_accuracy": 1.0 - statistics.fmean(errors)})
+        if evaluations is not None:
+            per_seed = evaluations[recipe]
+            rows[-1]["eval"] = {column: {"accuracies": [e[column] for e in per_seed],
+                                         "mean": statistics.fmean(e[column] for e in per_seed),
+                                         "std": statistics.stdev([e[column] for e in per_seed]) if len(per_seed) > 1
+                                         else 0.0}
+                                for column in per_seed[0]}
     return rows
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| recipe | seeds | test error (mean ± std) | test accuracy (mean) |", "|---|---|---|---|"]
+    columns = list(rows[0].get("eval", {})) if rows else []  # compare --eval: accuracy columns
+    lines = ["| recipe | seeds | test error (mean ± std) | test accuracy (mean) |"
+             + "".join(f" {c} accuracy (mean ± std) |" for c in columns), "|---|---|---|---|" + "---|" * len(columns)]
     for r in rows:
         lines.append(f"| {r['recipe']} | {len(r['seeds'])} | {100 * r['mean_test_error']:.2f} ± "
-                     f"{100 * r['std_test_error']:.2f} % | {100 * r['mean_test_accuracy']:.2f} % |")
+                     f"{100 * r['std_test_error']:.2f} % | {100 * r['mean_test_accuracy']:.2f} % |"
+                     + "".join(f" {100 * r['eval'][c]['mean']:.2f} ± {100 * r['eval'][c]['std']:.2f} % |"
+                               for c in columns))
     return "\n".join(lines)
 
 
@@ -76,6 +95,19 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
     return path
 
 
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path`` (never a half file)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def finished_run(cfg: Any) -> dict[str, Any] | None:
     """The metrics of a finished run of exactly ``cfg`` in ``cfg.out``, or ``None``.
 
@@ -88,8 +120,10 @@ def finished_run(cfg: Any) -> dict[str, Any] | None:
     path = Path(cfg.out) / "metrics.json" if cfg.out is not None else None
     if path is None or not path.exists():
         return None
-    metrics = json.loads(path.read_text())
-    stored = metrics.get("config", {})
+    metrics = read_json(path, "metrics of a finished run")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("config"), dict):
+        raise ValueError(f"{path} is not the metrics.json of a regpipe run (no 'config'); delete it or pass --rerun")
+    stored = metrics["config"]
     current = json.loads(json.dumps(asdict(cfg)))
     defaults = json.loads(json.dumps(asdict(type(cfg)())))
     for f in fields(cfg):
@@ -101,22 +135,30 @@ def finished_run(cfg: Any) -> dict[str, Any] | None:
     return metrics
 
 
-def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True) -> str:
+def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
+            evaluate: Callable[[Any], Mapping[str, float]] | None = None) -> str:
     """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table.
 
     With ``reuse``, runs already finished with the same settings (see :func:`finished_run`) are read
-    back instead of trained again.
+    back instead of trained again. With ``evaluate`` (``compare --eval``), each trained run's
+    ``{column: accuracy}`` becomes a column of the table (mean ± std over the seeds).
     """
-    from regpipe.engine.train import train
+    from regpipe.engine.train import train  # looked up at call time (tests replace it)
 
+    check_output_path("--out", out, "dir")
+    for cfgs in configs.values():
+        for cfg in cfgs:
+            check_run_outputs(cfg.out, cfg.checkpoint_out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {recipe: [(reuse and finished_run(cfg)) or train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}
-    rows = summarize(runs)
+    evaluations = None if evaluate is None else \
+        {recipe: [dict(evaluate(cfg)) for cfg in cfgs] for recipe, cfgs in configs.items()}
+    rows = summarize(runs, evaluations)
     table = markdown_table(rows)
     first = next(iter(configs.values()))[0]
     setting = (f"{first.dataset}, samples per class: {first.samples_per_class or 'all'}, epochs: {first.epochs}, "
                f"model: {first.model}, batch size: {first.batch_size}")
-    (out / "compare.json").write_text(json.dumps({"setting": setting, "summary": rows, "runs": runs}, indent=2))
-    (out / "compare.md").write_text(f"# regpipe compare\n\n{setting}\n\n{table}\n")
-    plot_compare(runs, out / "compare.png")
+    write_json(out / "compare.json", {"setting": setting, "summary": rows, "runs": runs})
+    _write_atomic(out / "compare.md", lambda tmp: tmp.write_text(f"# regpipe compare\n\n{setting}\n\n{table}\n"))
+    _write_atomic(out / "compare.png", lambda tmp: plot_compare(runs, tmp))
     return f"{setting}\n\n{table}\n\nwritten: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"

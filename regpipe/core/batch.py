@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# patchup_plan imports nothing from regpipe, so this import inside the core layer cannot cycle.
+# checks and patchup_plan import nothing from regpipe, so these imports inside the core layer cannot cycle.
+from regpipe.core.checks import check_finite, check_same_device, check_soft_targets
 from regpipe.core.patchup_plan import PatchUpPlan
 
-__all__ = ["Batch", "MixRecord", "identity_affine", "labels_to_targets"]
+__all__ = ["Batch", "BoxRecord", "MixRecord", "identity_affine", "labels_to_targets"]
 
 
 def identity_affine(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -98,6 +99,42 @@ class MixRecord:
 
 
 @dataclass(frozen=True)
+class BoxRecord:
+    """The rectangle a box op (CutMix, CutOut) replaced in each row, and what filled it.
+
+    Row ``i`` is its own image (row ``batch.mixing.sources[i, 0]`` of the batch before the op) outside
+    ``boxes[i]``; inside, the pixels of row ``partners[i]`` of that batch (CutMix), or a constant where
+    ``partners[i] == -1`` (CutOut). The batch's ``mixing`` record keeps the rows before the op (and its
+    weights are the kept/pasted area shares, the targets' weights).
+
+    Attributes:
+        boxes: ``(N, 4)`` int64 ``(y0, y1, x0, x1)``, half-open pixel ranges (empty: the row is whole).
+        partners: ``(N,)`` int64 rows of the batch before the op, or ``-1``.
+    """
+
+    boxes: torch.Tensor
+    partners: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.boxes, torch.Tensor) or self.boxes.dtype != torch.int64 or self.boxes.dim() != 2 \
+                or self.boxes.shape[1] != 4:
+            raise ValueError(f"BoxRecord.boxes must be (N, 4) int64, got {getattr(self.boxes, 'dtype', None)} "
+                             f"{tuple(getattr(self.boxes, 'shape', ()))}")
+        if not isinstance(self.partners, torch.Tensor) or self.partners.dtype != torch.int64 \
+                or self.partners.shape != self.boxes.shape[:1]:
+            raise ValueError(f"BoxRecord.partners must be ({self.boxes.shape[0]},) int64, got "
+                             f"{getattr(self.partners, 'dtype', None)} {tuple(getattr(self.partners, 'shape', ()))}")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BoxRecord":
+        return BoxRecord(self.boxes.to(device, non_blocking=non_blocking),
+                         self.partners.to(device, non_blocking=non_blocking))
+
+    def rows(self, index: torch.Tensor) -> "BoxRecord":
+        """The record of output rows ``index`` (partners still index the batch before the op)."""
+        return BoxRecord(self.boxes[index], self.partners[index])
+
+
+@dataclass(frozen=True)
 class Batch:
     """A batch as regpipe ops see it.
 
@@ -113,6 +150,7 @@ class Batch:
             ``N`` rows, in this order), or ``None``.
         photometric: ``(N, 2)`` float, the brightness and contrast factors applied to each row
             (``None``: none applied, i.e. all ones).
+        boxes: the :class:`BoxRecord` of a CutMix/CutOut op (with ``mixing``, the rows before it), or ``None``.
     """
 
     inputs: torch.Tensor
@@ -122,10 +160,13 @@ class Batch:
     mixing: MixRecord | None = None
     patchup: PatchUpPlan | None = None
     photometric: torch.Tensor | None = None
+    boxes: BoxRecord | None = None
 
     def __post_init__(self) -> None:
-        # Shape and dtype checks only: they cost no device synchronisation. Value checks (label range)
-        # happen where values are still on the host (`labels_to_targets`, the loaders).
+        # Shape, dtype and device checks cost no device synchronisation. Target values (finite, >= 0, rows
+        # summing to 1) are checked when they are on the host (a CPU batch; ops keep them valid); on an
+        # accelerator they were checked where they entered (`labels_to_targets`, the loaders), and
+        # `check_values()` checks them there on request.
         for name in ("inputs", "targets", "source_ids"):
             if not isinstance(getattr(self, name), torch.Tensor):
                 raise TypeError(f"Batch.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
@@ -144,6 +185,9 @@ class Batch:
             raise ValueError(f"Batch.source_ids must be (N,) with N={n}, got shape {tuple(ids.shape)}")
         if ids.dtype != torch.int64:
             raise TypeError(f"Batch.source_ids must be int64, got {ids.dtype}")
+        check_same_device("Batch", inputs=x, targets=y, source_ids=ids, affine=self.affine,
+                          photometric=self.photometric)
+        check_soft_targets("Batch.targets", y)
         if self.affine is None:
             object.__setattr__(self, "affine", identity_affine(n, device=x.device))
         elif self.affine.shape != (n, 2, 3):
@@ -156,6 +200,24 @@ class Batch:
             if not isinstance(self.patchup, PatchUpPlan):
                 raise TypeError(f"Batch.patchup must be a PatchUpPlan or None, got {type(self.patchup).__name__}")
             self.patchup.check_rows(n)  # a plan pairs the rows it was drawn for
+        if self.boxes is not None:
+            if not isinstance(self.boxes, BoxRecord):
+                raise TypeError(f"Batch.boxes must be a BoxRecord or None, got {type(self.boxes).__name__}")
+            if self.boxes.boxes.shape[0] != n:
+                raise ValueError(f"Batch.boxes describes {self.boxes.boxes.shape[0]} rows, the batch has {n}")
+            if self.mixing is None:
+                raise ValueError("Batch.boxes needs Batch.mixing: a box op records the rows it read there")
+
+    def check_values(self) -> "Batch":
+        """Check the values wherever they are (synchronises on an accelerator): finite inputs, and soft
+        targets that are finite, non-negative and sum to 1 per row. Returns ``self``.
+
+        Raises:
+            ValueError: the field and the first offending value are named.
+        """
+        check_finite("Batch.inputs", self.inputs, sync=True)
+        check_soft_targets("Batch.targets", self.targets, sync=True)
+        return self
 
     @classmethod
     def from_labels(cls, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -196,7 +258,8 @@ class Batch:
         mixing = None if self.mixing is None else self.mixing.rows(index)
         return Batch(inputs=self.inputs[index], targets=self.targets[index], source_ids=self.source_ids[index],
                      affine=self.affine[index], mixing=mixing,
-                     photometric=None if self.photometric is None else self.photometric[index])
+                     photometric=None if self.photometric is None else self.photometric[index],
+                     boxes=None if self.boxes is None else self.boxes.rows(index))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """Move every tensor to ``device``, those of the mixing record and of the PatchUp plan included."""
@@ -210,4 +273,5 @@ class Batch:
             mixing=mixing,
             patchup=None if self.patchup is None else self.patchup.to(device, non_blocking=non_blocking),
             photometric=None if self.photometric is None else self.photometric.to(device, non_blocking=non_blocking),
+            boxes=None if self.boxes is None else self.boxes.to(device, non_blocking=non_blocking),
         )

@@ -43,6 +43,16 @@ def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
     return move(state)
 
 
+def _normal(value: Any) -> Any:
+    """Sequences as lists and numbers as floats, so a state that went through JSON or ``torch.save``
+    compares equal to the live settings."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 class Cascade:
     """Decides the number of sum groups ``k`` stage by stage.
 
@@ -112,8 +122,11 @@ class Cascade:
                optimizer: torch.optim.Optimizer | None = None) -> CascadeEvent:
         """Take one evaluation's metric; may restore the best checkpoint into ``model``/``optimizer``."""
         metric = float(metric)
-        if math.isnan(metric):
-            raise ValueError("the validation metric is NaN")
+        if not math.isfinite(metric):
+            # inf would stay the best metric forever (nothing improves on it) and NaN never compares:
+            # either way the schedule would be decided by a broken evaluation.
+            raise ValueError(f"the validation metric must be finite, got {metric} (stage k={self.k}, "
+                             f"evaluation {self.evals_in_stage + 1} of the stage)")
         if self.finished:
             raise RuntimeError("the cascade has finished; no more stages to train")
         self.evals_in_stage += 1
@@ -152,15 +165,33 @@ class Cascade:
             optimizer.load_state_dict(_cpu_copy(self._best_checkpoint["optimizer"]))
         return True
 
+    def _settings(self) -> dict[str, Any]:
+        """What decides the schedule; a state is only loaded into a cascade with the same settings."""
+        return {"stages": list(self.stages), "patience": self.patience, "stage_epochs": list(self.stage_epochs),
+                "mode": self.mode, "min_delta": self.min_delta}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"stages": self.stages, "stage": self.stage, "best": self.best,
+        """Position (stage, best metric, counters, history), best checkpoint, and the settings that decide
+        the schedule (checked by :meth:`load_state_dict`)."""
+        return {**self._settings(), "stage": self.stage, "best": self.best,
                 "evals_since_best": self.evals_since_best, "evals_in_stage": self.evals_in_stage,
                 "finished": self.finished, "history": copy.deepcopy(self.history),
                 "best_checkpoint": self._best_checkpoint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if tuple(state["stages"]) != self.stages:
-            raise ValueError(f"checkpoint stages {tuple(state['stages'])} differ from this cascade's {self.stages}")
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: the state was saved by a cascade with other settings (stages, patience, stage
+                budgets, mode, min_delta: each differing one is named). States saved before the settings
+                were recorded carry only ``stages``; the others are then not checked.
+        """
+        mine = self._settings()
+        differ = [f"{key}: {state[key]!r} in the state vs {mine[key]!r} here" for key in mine
+                  if key in state and _normal(state[key]) != _normal(mine[key])]
+        if differ:
+            raise ValueError("the cascade state was saved with other settings (" + "; ".join(differ)
+                             + "): loading it would silently change the schedule")
         self.stage, self.best = int(state["stage"]), float(state["best"])
         self.evals_since_best, self.evals_in_stage = int(state["evals_since_best"]), int(state["evals_in_stage"])
         self.finished = bool(state["finished"])

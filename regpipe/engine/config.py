@@ -12,10 +12,13 @@ from typing import Literal
 
 __all__ = [
     "CascadeConfig",
+    "CutMixConfig",
+    "CutOutConfig",
     "GradualConfig",
     "InvarianceConfig",
     "LossDeltaConfig",
     "LossOrderConfig",
+    "MixUpConfig",
     "PatchUpConfig",
     "ReplicationConfig",
     "SaliencyConfig",
@@ -171,6 +174,44 @@ class SaliencyConfig:
 
 
 @dataclass(frozen=True)
+class CutMixConfig:
+    """``cutmix``: a partner's box pasted into each row, targets mixed by area (Yun et al. 2019)."""
+
+    alpha: float = 1.0
+    prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite("cutmix", "alpha", self.alpha, 0.0)
+        if self.alpha <= 0:
+            raise ValueError(f"cutmix.alpha must be > 0, got {self.alpha}")
+        _finite("cutmix", "prob", self.prob, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CutOutConfig:
+    """``cutout``: a square hole of side ``length`` in each row (DeVries & Taylor 2017)."""
+
+    length: int = 16
+    prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_int("cutout", "length", self.length)
+        _finite("cutout", "prob", self.prob, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MixUpConfig:
+    """``mixup``: pairs blended with ``lam ~ Beta(alpha, alpha)`` (Zhang et al. 2018)."""
+
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite("mixup", "alpha", self.alpha, 0.0)
+        if self.alpha <= 0:
+            raise ValueError(f"mixup.alpha must be > 0, got {self.alpha}")
+
+
+@dataclass(frozen=True)
 class SignConfig:
     """``sign``: the training set plus its SIGN transforms for every ``K`` in ``iters``."""
 
@@ -207,7 +248,7 @@ class TrainConfig:
     data_dir: str | None = None
     shape: Literal["cifar", "native"] = "cifar"
     batch_size: int = 64
-    eval_batch_size: int = 1000
+    eval_batch_size: int | None = None
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -220,6 +261,13 @@ class TrainConfig:
     channels_last: bool = False
     progress: bool = True
     loader: str = "torch"
+    image_size: int = 224
+    val_resize: int = 256
+    workers: int | None = None
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    resume: bool = False
+    checkpoint_every: int | None = None
+    cache_dir: str | None = None
     sum: SumConfig = field(default_factory=SumConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     gradual: GradualConfig = field(default_factory=GradualConfig)
@@ -230,10 +278,28 @@ class TrainConfig:
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     sign: SignConfig = field(default_factory=SignConfig)
+    cutmix: CutMixConfig = field(default_factory=CutMixConfig)
+    cutout: CutOutConfig = field(default_factory=CutOutConfig)
+    mixup: MixUpConfig = field(default_factory=MixUpConfig)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "val_per_class", "bn_batches"):
+        for name in ("epochs", "batch_size", "val_per_class", "bn_batches", "image_size", "val_resize"):
             _positive_int("train", name, getattr(self, name))
+        for name in ("eval_batch_size", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _positive_int("train", name, getattr(self, name))
+        if self.workers is not None:
+            _positive_int("train", "workers", self.workers, low=0)
+        if self.val_resize < self.image_size:
+            raise ValueError(f"train.val_resize={self.val_resize} must be >= train.image_size={self.image_size} "
+                             "(validation resizes the shorter side, then crops image_size)")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.resume and self.out is None:
+            raise ValueError("train.resume needs train.out: the folder whose state.pt the run resumes from")
+        if self.dataset.startswith(("imagefolder:", "beton:")) and self.samples_per_class is not None:
+            raise ValueError(f"train.samples_per_class={self.samples_per_class} is a small-data option, off for "
+                             f"{self.dataset.partition(':')[0]} data: leave it unset (None) to train on every image")
         _positive_int("train", "tta_draws", self.tta_draws, low=0)
         if self.samples_per_class is not None:
             _positive_int("train", "samples_per_class", self.samples_per_class)

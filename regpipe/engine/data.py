@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from regpipe.engine.validate import infer_num_classes, read_npz
+
 __all__ = [
     "ImageArrays", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "read_idx", "load_fashion_mnist",
     "to_cifar_shape", "load_npz", "load_image_folder", "stratified_indices", "split_train_val",
@@ -216,7 +218,7 @@ def load_npz(path: str | Path, shape: Shape = "native", num_classes: int | None 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as archive:
+    with read_npz(path) as archive:
         images, labels = _pick_key(archive, ("images", "x"), path), _pick_key(archive, ("labels", "y"), path)
         names = [str(c) for c in archive["classes"]] if "classes" in archive.files else None
     if images.dtype != np.uint8:
@@ -227,7 +229,7 @@ def load_npz(path: str | Path, shape: Shape = "native", num_classes: int | None 
     if shape == "cifar" and x.shape[1] == 1 and max(x.shape[-2:]) <= _SIDE:
         x = to_cifar_shape(x)
     if num_classes is None:
-        num_classes = len(names) if names is not None else int(labels.max(initial=0)) + 1
+        num_classes = len(names) if names is not None else infer_num_classes(labels, path)
     names = names if names is not None else [str(i) for i in range(num_classes)]
     return ImageArrays(x, torch.from_numpy(labels.astype(np.int64)), num_classes, tuple(names))
 

@@ -15,47 +15,33 @@ identity). Conventions **(ours, Composer's)**:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from regpipe.core.op import Op
 from regpipe.core.rng import rank_seed
+from regpipe.loaders.distributed import Ranks, ranks
 
 __all__ = ["DistInfo", "RankSlice", "all_reduce_sum", "rank_seed", "reseed_ops", "resolve_device", "setup",
            "teardown"]
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` on its machine."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+#: This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` on its machine (``is_main``,
+#: ``distributed``); the loaders' :class:`~regpipe.loaders.distributed.Ranks`.
+DistInfo = Ranks
 
 
 def setup(device: torch.device) -> DistInfo:
     """Join the process group when launched by ``torchrun`` with ``WORLD_SIZE > 1`` (NCCL for CUDA, gloo
     otherwise); one process returns ``DistInfo()`` and initialises nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = ranks()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, checked
+    if env.world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=env.local_rank)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,14 +1,16 @@
-"""Built-in models and the ``--model NAME|module:factory`` resolver."""
+"""Built-in models and the ``--model`` resolver: built-in names, ``torchvision:ARCH``, ``timm:ARCH``, ``module:factory``."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["PreActBlock", "PreActResNet", "preact_resnet_small", "build_model", "MODELS"]
+__all__ = ["PreActBlock", "PreActResNet", "preact_resnet_small", "build_model", "check_model_name", "MODELS"]
 
 
 class PreActBlock(nn.Module):
@@ -82,24 +84,114 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A built-in model by name, or ``"package.module:factory"`` called as ``factory(num_classes=, in_channels=)``.
+def _import(module: str, package: str, what: str) -> Any:
+    """``importlib.import_module(module)``, or an ImportError that says how to install ``package``."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError, OSError) as err:  # missing, or installed for another torch build
+        raise ImportError(f"--model {what} needs the {package!r} package, which is not installed here ({err}); "
+                          f"install it into this environment (pip install {package}) or use a built-in model "
+                          f"({', '.join(sorted(MODELS))})") from err
 
-    A factory that does not take ``in_channels`` is called with ``num_classes`` only.
+
+def _torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``torchvision.models.<arch>(num_classes=...)``, randomly initialised (no weights are downloaded)."""
+    models = _import("torchvision.models", "torchvision", f"torchvision:{arch}")
+    factory = getattr(models, arch, None)
+    if arch.startswith("_") or not callable(factory):
+        known = models.list_models() if hasattr(models, "list_models") else \
+            sorted(n for n in dir(models) if n.islower() and not n.startswith("_"))
+        raise ValueError(f"torchvision has no model {arch!r}; e.g. {', '.join(list(known)[:8])}")
+    if in_channels != 3:
+        raise ValueError(f"torchvision:{arch} takes 3-channel images, the data has {in_channels} "
+                         "(use --shape cifar for Fashion-MNIST, or a module:factory model)")
+    return factory(num_classes=num_classes)
+
+
+def _timm(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, num_classes=..., in_chans=...)``."""
+    timm = _import("timm", "timm", f"timm:{arch}")
+    if not timm.is_model(arch):
+        raise ValueError(f"timm has no model {arch!r}; e.g. {', '.join(timm.list_models()[:8])} "
+                         "(timm.list_models('resnet*') lists a family)")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {name!r}: use 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"cannot load model factory {name!r}: module {module_name!r} is not importable ({err})") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"cannot load model factory {name!r}: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _accepts(factory: Callable[..., Any], keyword: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C extension: try the keyword
+        return True
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def check_model_name(name: str) -> None:
+    """Check that ``name`` can be built (its package, architecture or factory exists) without building it,
+    so that a bad ``--model`` is reported before any data is read.
+
+    Raises:
+        ValueError, ImportError: as :func:`build_model`.
+    """
+    if name in MODELS:
+        return
+    if ":" not in name:
+        raise ValueError(f"unknown model {name!r}: use one of {sorted(MODELS)}, torchvision:ARCH, timm:ARCH or "
+                         "'package.module:factory'")
+    kind, _, arch = name.partition(":")
+    if kind == "torchvision":
+        models = _import("torchvision.models", "torchvision", name)
+        if arch.startswith("_") or not callable(getattr(models, arch, None)):
+            raise ValueError(f"torchvision has no model {arch!r} (torchvision.models.list_models() lists them)")
+    elif kind == "timm":
+        if not _import("timm", "timm", name).is_model(arch):
+            raise ValueError(f"timm has no model {arch!r} (timm.list_models('resnet*') lists a family)")
+    else:
+        _factory(name)
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A model by name, randomly initialised, with a ``num_classes``-way classifier.
+
+    Names: a built-in (:data:`MODELS`); ``torchvision:ARCH`` (``torchvision.models.ARCH(num_classes=)``, 3-channel
+    inputs); ``timm:ARCH`` (``timm.create_model(ARCH, num_classes=, in_chans=)``); ``package.module:factory``
+    called as ``factory(num_classes=, in_channels=)``, or ``factory(num_classes=)`` when it takes no
+    ``in_channels``.
+
+    Raises:
+        ValueError: an unknown built-in, architecture or factory (named), or inputs the model cannot take.
+        ImportError: ``torchvision``/``timm``/the factory's module is not installed (says what to install).
+        TypeError: the factory did not return a ``torch.nn.Module``.
     """
     if name in MODELS:
         return MODELS[name](num_classes=num_classes, in_channels=in_channels)
     if ":" not in name:
-        raise ValueError(f"unknown model {name!r}: use one of {sorted(MODELS)} or 'package.module:factory'")
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot load model factory {name!r}: {err}") from err
-    try:
-        model = factory(num_classes=num_classes, in_channels=in_channels)
-    except TypeError:
-        model = factory(num_classes=num_classes)
+        raise ValueError(f"unknown model {name!r}: use one of {sorted(MODELS)}, torchvision:ARCH, timm:ARCH or "
+                         "'package.module:factory'")
+    kind, _, arch = name.partition(":")
+    if kind in ("torchvision", "timm"):
+        if not arch:
+            raise ValueError(f"model {name!r} names no architecture, e.g. {kind}:resnet50")
+        model = (_torchvision if kind == "torchvision" else _timm)(arch, num_classes, in_channels)
+    else:
+        factory = _factory(name)
+        kwargs: dict[str, int] = {"num_classes": num_classes}
+        if _accepts(factory, "in_channels"):
+            kwargs["in_channels"] = in_channels
+        model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -44,9 +44,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from regpipe.core.checks import check_finite_number, check_int
 from regpipe.engine.checkpoint import Checkpoint, load_checkpoint
 from regpipe.engine.config import SignConfig
 from regpipe.engine.distributed import resolve_device
+from regpipe.engine.validate import check_output_path, read_json
 from regpipe.engine.data import ImageArrays, load_dataset, stratified_indices
 from regpipe.functional.sign import check_snapshots, sign
 from regpipe.functional.normalize import normalize
@@ -157,16 +159,37 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     (``np.savez`` stamps the current time), so the same arrays always give the same bytes.
     """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as raw:
-        with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
-            for name, array in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with archive.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+                for name, array in arrays.items():
+                    info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    with archive.open(info, "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # interrupted (Ctrl-C included): leave no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that wrote ``NAME.tmp-PID`` is gone (or was this one): its file is a leftover.
+    Another live process's file (a rank still writing) is kept."""
+    pid = tmp.name.rsplit(".tmp-", 1)[-1]
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _sha256(path: Path) -> str:
@@ -186,7 +209,7 @@ def _check_manifest(out: Path, manifest: dict[str, Any], rank: int) -> None:
     same: identical content, atomic rename, so concurrent ranks need no coordination)."""
     path = out / MANIFEST
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = read_json(path, "SIGN manifest")
         differ = sorted(k for k in set(stored) | set(manifest) if stored.get(k) != manifest.get(k))
         if differ:
             detail = ", ".join(f"{k}: {stored.get(k)!r} there vs {manifest.get(k)!r} now" for k in differ[:4])
@@ -218,11 +241,22 @@ def generate(checkpoint: str | Path, out: str | Path, iters: Sequence[int] = (50
         ValueError: bad settings, a checkpoint that does not fit the data (channels, image size, classes),
             or an output folder holding a run with other settings.
     """
+    # Every setting is checked before anything is read or written: a bad one must not leave a manifest
+    # behind that refuses the corrected rerun into the same folder.
     steps = _steps(iters)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    eta = check_finite_number("eta", eta, 0.0, low_open=True)
+    check_int("shard_size", shard_size, low=1)
+    check_int("batch_size", batch_size, low=1)
+    check_int("seed", seed, low=0)
+    if samples_per_class is not None:
+        check_int("samples_per_class", samples_per_class, low=0)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if at not in ("current", "input"):
+        raise ValueError(f"at must be 'current' or 'input', got {at!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check_output_path("out", out, "dir")
     rank, world = rank_and_world()
     ckpt = load_checkpoint(checkpoint, model_name=model, device=device)
     dataset = dataset or ckpt.config.get("dataset", "fashion-mnist")
@@ -248,6 +282,9 @@ def generate(checkpoint: str | Path, out: str | Path, iters: Sequence[int] = (50
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, manifest, rank)
+    for stale in out.glob("*.beton.tmp-*"):  # an interrupted .beton write of a process that is gone
+        if _writer_gone(stale):
+            stale.unlink(missing_ok=True)
     mine = list(range(rank, num_shards, world))
     todo = [s for s in mine if not (out / _shard_name(s)).exists()]
     for s in todo:  # leftovers of an interrupted run of this rank's shards
@@ -304,7 +341,7 @@ def load_sign_output(out: str | Path) -> SignOutput:
     out = Path(out)
     if not (out / MANIFEST).exists():
         raise FileNotFoundError(f"{out} has no {MANIFEST}: not a regpipe sign output")
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = read_json(out / MANIFEST, "SIGN manifest")
     missing = [_shard_name(s) for s in range(manifest["num_shards"]) if not (out / _shard_name(s)).exists()]
     if missing:
         raise FileNotFoundError(f"{out} is unfinished: {len(missing)} shard(s) missing, e.g. {missing[0]}; "
@@ -340,8 +377,12 @@ def _write_beton(out: Path) -> list[Path]:
         tmp = out / f"{path.name}.tmp-{os.getpid()}"
         fields = {"image": NDArrayField(dtype=dtype, shape=tuple(images.shape[1:])), "label": IntField(),
                   "index": IntField()}
-        DatasetWriter(str(tmp), fields, num_workers=1).from_indexed_dataset(rows)
-        os.replace(tmp, path)
+        try:
+            DatasetWriter(str(tmp), fields, num_workers=1).from_indexed_dataset(rows)
+            os.replace(tmp, path)
+        except BaseException:  # interrupted (Ctrl-C included): leave no half file behind
+            tmp.unlink(missing_ok=True)
+            raise
         written.append(path)
     return written
 

@@ -44,7 +44,8 @@ def invariance_loss(acts: torch.Tensor, source_ids: torch.Tensor, eps: float = 1
         0-d tensor in ``acts``' compute dtype, differentiable w.r.t. ``acts``.
 
     Raises:
-        ValueError: ``acts`` has no rows or its row count differs from ``source_ids``; NaN/inf activations.
+        ValueError: ``acts`` has no rows or its row count differs from ``source_ids``; no two rows share a
+            seed (nothing replicated: the loss would be 0 whatever the activations); NaN/inf activations.
         TypeError: non-float activations or non-integer ids.
     """
     if not isinstance(acts, torch.Tensor) or not acts.dtype.is_floating_point:
@@ -60,7 +61,11 @@ def invariance_loss(acts: torch.Tensor, source_ids: torch.Tensor, eps: float = 1
         a = a.float()  # sums of squares overflow/lose precision in half precision
     n, d = a.shape
     _, group, counts = torch.unique(source_ids.to(a.device), return_inverse=True, return_counts=True)
-    n_groups = counts.shape[0]
+    n_groups = counts.shape[0]  # torch.unique has synchronised already: reading the size is free
+    if n_groups == n:
+        raise ValueError(f"invariance_loss needs rows that share a seed: all {n} source_ids are distinct, so "
+                         "there is no within-seed variance to measure (the loss would be 0 whatever the "
+                         "model does); replicate the batch first (regpipe.ops.augment.Replicate)")
     sums = torch.zeros(n_groups, d, dtype=a.dtype, device=a.device).index_add_(0, group, a)
     means = sums / counts.unsqueeze(1).to(a.dtype)
     row_dev = (a - means[group]).square().sum(1)                      # ||a_k - mean_S||^2, (N,)

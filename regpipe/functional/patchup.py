@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from regpipe.core.checks import check_permutations, check_unit_interval
+
 __all__ = [
     "patchup_gamma",
     "block_mask",
@@ -42,6 +44,7 @@ __all__ = [
     "patchup_loss",
     "cutmix_box",
     "box_holes",
+    "softmax_bce",
 ]
 
 PatchUpMode = Literal["hard", "soft"]
@@ -153,7 +156,13 @@ def unchanged_fraction(holes: torch.Tensor) -> torch.Tensor:
 
 
 def _row_param(value: float | torch.Tensor, n: int, name: str, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or ``(N,)`` parameter as a tensor that broadcasts against ``(N, ...)`` rows of ``like``."""
+    """A scalar or ``(N,)`` weight in ``[0, 1]`` as a tensor that broadcasts against ``(N, ...)`` rows of ``like``.
+
+    The range is checked on host values (a Python number or a CPU tensor) before any device copy; a
+    tensor already on an accelerator comes from a plan drawn by the op (``Beta`` draws, in range) and
+    is not read back (no synchronisation).
+    """
+    check_unit_interval(name, value)
     t = torch.as_tensor(value, device=like.device)
     if t.dim() == 0:
         return t.to(like.dtype)
@@ -167,6 +176,7 @@ def _check_perm(perm: torch.Tensor, n: int) -> None:
         raise TypeError(f"perm must be an int64 tensor, got {getattr(perm, 'dtype', type(perm).__name__)}")
     if perm.shape != (n,):
         raise ValueError(f"perm must have shape ({n},) for a batch of {n} rows, got {tuple(perm.shape)}")
+    check_permutations("perm", perm, n)  # host values only (ops draw theirs with randperm)
 
 
 def patchup_mix(h: torch.Tensor, holes: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tensor,
@@ -254,8 +264,25 @@ def patchup_targets(y: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tens
 def _row_loss(probs: torch.Tensor, log_probs: torch.Tensor, target: torch.Tensor, kind: LossKind) -> torch.Tensor:
     """Per-row loss ``(N,)``: BCE on probabilities averaged over K, or soft-target cross-entropy."""
     if kind == "bce":
-        return F.binary_cross_entropy(probs, target, reduction="none").mean(dim=1)
+        return softmax_bce(probs, log_probs, target)
     return -(target * log_probs).sum(dim=1)
+
+
+def softmax_bce(probs: torch.Tensor, log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row binary cross-entropy on softmax probabilities, mean over ``K``: ``(N, K) -> (N,)``.
+
+    ``-(t log p + (1 - t) log(1 - p))`` with both logs clamped at -100, as ``F.binary_cross_entropy``
+    does, but written out so a non-finite probability gives a non-finite loss (which the training loop
+    reports with its step) instead of ``F.binary_cross_entropy``'s input-range error (a device-side
+    assert on CUDA).
+
+    Args:
+        probs: ``(N, K)`` softmax probabilities. log_probs: their logs (``log_softmax``, exact).
+        target: ``(N, K)`` targets in ``[0, 1]``.
+    """
+    log_p = log_probs.clamp_min(-100.0)
+    log_not_p = torch.log1p(-probs).clamp_min(-100.0)
+    return -(target * log_p + (1 - target) * log_not_p).mean(dim=1)
 
 
 def patchup_loss(logits: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor, lam: float | torch.Tensor,

@@ -9,10 +9,13 @@ Pure functions: every random choice (the permutations of the permutation mode) i
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
+
+from regpipe.core.checks import check_permutations
 
 __all__ = ["gcc_weights", "sum_mix", "mix_sources", "check_weights", "group_rows"]
 
@@ -37,9 +40,11 @@ def gcc_weights(k0: int, t: float, dtype: torch.dtype = torch.float32) -> torch.
         c_j = 0                            for j > m - 1
 
     and ``c = [1]`` when ``k0 = 1``. Then ``sum(c) = 1``, ``c >= 0``, ``t = 0`` gives ``1/k0``
-    everywhere, ``t = 1`` gives ``[1, 0, ..., 0]``, and ``c`` is continuous and each coefficient
-    monotone in ``t`` (at a stage boundary ``f = 1`` the fading coefficient is 0 and the main ones are
-    ``1 / (m - 1)``, which is where the next stage starts with ``f = 0``).
+    everywhere, ``t = 1`` gives ``[1, 0, ..., 0]``, and ``c`` is continuous in ``t``. The first
+    coefficient only grows and the last only fades; a middle one rises with the others until its own
+    stage, then fades to 0 (``k0 = 4``: ``c_1`` goes 0.25 -> 1/3 -> 1/2 -> 0). At a stage boundary
+    (``f = 1``) the fading coefficient is 0 and the main ones are ``1 / (m - 1)``, which is where the
+    next stage starts with ``f = 0``.
 
     Args:
         k0: number of inputs mixed at the start (>= 1).
@@ -104,7 +109,7 @@ def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_rem
 
 def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[float], *,
             perms: torch.Tensor | None = None, drop_remainder: bool = False,
-            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype | None = None, partners: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum of k inputs and of their soft targets (Sum Augmentation).
 
     Group mode (``perms=None``; Simionescu 2020, section 3.3): the batch is split into
@@ -126,9 +131,12 @@ def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[f
         x: ``(N, ...)`` inputs, float or uint8 (uint8 is mixed in ``out_dtype``, float32 by default).
         y: ``(N, K)`` soft targets, floating point.
         weights: ``(k,)`` non-negative weights summing to 1.
-        perms: ``(k - 1, N)`` int64 permutations of ``range(N)`` for permutation mode.
+        perms: ``(k - 1, N)`` int64 permutations of ``range(N)`` for permutation mode (checked when on the
+            host: a repeated index would weight some rows twice and never read others).
         drop_remainder: group mode only: drop the last ``N % k`` rows instead of raising.
         out_dtype: dtype of the mixed inputs; default: ``x.dtype`` for float input, float32 for uint8.
+        partners: ``perms`` rows are any partner indices in ``[0, N)``, repeats allowed (test-time sum
+            augmentation draws partners with replacement); only their range is checked.
 
     Returns:
         ``(x_mixed, y_mixed)``: ``(N_out, ...)`` and ``(N_out, K)``; memory format (channels_last) is kept.
@@ -153,7 +161,7 @@ def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[f
         parts_x = [x[g * n:(g + 1) * n] for g in range(k)]
         parts_y = [y[g * n:(g + 1) * n] for g in range(k)]
     else:
-        _check_perms(perms, n_rows, k)
+        _check_perms(perms, n_rows, k, distinct=not partners)
         perms = perms.to(x.device)
         parts_x = [x] + [x.index_select(0, perms[g]) for g in range(k - 1)]
         parts_y = [y] + [y.index_select(0, perms[g].to(y.device)) for g in range(k - 1)]
@@ -180,7 +188,8 @@ def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
     Args:
         n_rows: batch size ``N``.
         k: number of sum groups (``k >= 1``).
-        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed).
+        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed; logged once per ``(k, N)``
+            on the ``regpipe`` logger).
 
     Returns:
         ``n = N // k``.
@@ -195,11 +204,31 @@ def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
     if n_rows % k and not drop_remainder:
         raise ValueError(f"k={k} does not divide the batch size {n_rows}; use a batch size that is a multiple "
                          f"of {k} or pass drop_remainder=True to drop the last {n_rows % k} rows")
+    if n_rows % k:
+        _log_dropped(k, n_rows)
     return n_rows // k
 
 
-def _check_perms(perms: torch.Tensor, n_rows: int, k: int) -> None:
+_LOGGED_DROPS: set[tuple[int, int]] = set()
+
+
+def _log_dropped(k: int, n_rows: int) -> None:
+    """The opt-in drop is logged (a warning on the ``regpipe`` logger), once per batch size and ``k``:
+    nothing is left out without a word."""
+    if (k, n_rows) in _LOGGED_DROPS:
+        return
+    _LOGGED_DROPS.add((k, n_rows))
+    logging.getLogger("regpipe").warning(
+        "drop_remainder=True: group mixing with k=%d leaves out the last %d of %d rows of every batch of %d rows",
+        k, n_rows % k, n_rows, n_rows)
+
+
+def _check_perms(perms: torch.Tensor, n_rows: int, k: int, distinct: bool = True) -> None:
     if perms.shape != (k - 1, n_rows):
         raise ValueError(f"perms must have shape (k - 1, N) = ({k - 1}, {n_rows}), got {tuple(perms.shape)}")
     if perms.dtype != torch.int64:
         raise TypeError(f"perms must be int64, got {perms.dtype}")
+    # Each row must be a permutation: an out-of-range index would fail inside index_select (a device-side
+    # assert on CUDA), a repeated one would silently weight some rows twice and never read others.
+    # Checked on host values only; the ops draw theirs with randperm on the batch's device.
+    check_permutations("perms", perms, n_rows, distinct=distinct)

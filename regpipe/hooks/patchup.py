@@ -38,7 +38,7 @@ from regpipe.core.batch import Batch
 from regpipe.functional.losses import soft_target_cross_entropy
 from regpipe.core.patchup_plan import PatchUpPlan
 from regpipe.functional.patchup import (LossKind, block_mask, box_holes, patchup_gamma, patchup_loss, patchup_mix,
-                                        unchanged_fraction)
+                                        softmax_bce, unchanged_fraction)
 from regpipe.hooks.tap import find_module
 
 __all__ = ["PatchUpHook", "plan_mask"]
@@ -224,7 +224,8 @@ class PatchUpHook:
         if plan is None or not plan.apply:
             y = batch.targets.float()
             if kind == "bce":
-                return F.binary_cross_entropy(torch.softmax(logits.float(), dim=1), y)
+                log_probs = F.log_softmax(logits.float(), dim=1)
+                return softmax_bce(log_probs.exp(), log_probs, y).mean()
             return soft_target_cross_entropy(logits, y)
         if self._applied is not plan or self.unchanged is None:
             raise ValueError("this hook did not apply the batch's PatchUp plan in its last forward; "

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from regpipe.core.batch import Batch
+from regpipe.functional.boxes import box_saliency_loss
 from regpipe.functional.saliency import (
     mixed_saliency_loss,
     saliency,
@@ -56,6 +57,10 @@ class SaliencyLoss:
     (:func:`~regpipe.functional.saliency.saliency_consistency_loss`). Mixed batches (``batch.mixing``
     set, e.g. by :class:`~regpipe.ops.sum_mix.SumMix`): the expected map of each row is the same mix
     of the maps of ``parent`` (the batch before mixing), which are computed here as fixed targets.
+    Box-augmented batches (``batch.boxes`` set by :class:`~regpipe.ops.cutmix.CutMix` or
+    :class:`~regpipe.ops.cutmix.CutOut`): the expected map is the row's own parent map with the partner's
+    map pasted into the box (CutMix) or with the hole zeroed (CutOut)
+    (:func:`~regpipe.functional.boxes.box_saliency_loss`).
 
     Args:
         eps: normalisation guard of the max-normalised maps.
@@ -73,6 +78,9 @@ class SaliencyLoss:
             raise ValueError("the batch was mixed: pass the batch before mixing as parent= (and the model), "
                              "its maps are the expected maps' ingredients")
         parent_maps = saliency(model, parent.inputs, parent.targets).detach()
+        if batch.boxes is not None:
+            return box_saliency_loss(maps, parent_maps, batch.mixing.sources[:, 0], batch.boxes.boxes,
+                                     batch.boxes.partners, self.eps)
         return mixed_saliency_loss(maps, parent_maps, batch.mixing.sources, batch.mixing.weights, self.eps)
 
     def __call__(self, model: nn.Module, batch: Batch, parent: Batch | None = None) -> torch.Tensor:

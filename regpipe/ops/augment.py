@@ -31,14 +31,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
-from regpipe.core.batch import Batch
+from regpipe.core.checks import check_finite_number
+from regpipe.core.batch import Batch, identity_affine
 from regpipe.core.op import BatchOp
 from regpipe.core.rng import DeviceGenerator
 from regpipe.functional.augment import (
@@ -87,6 +90,7 @@ __all__ = [
     "RandomResizedCrop",
     "RandomTransform",
     "Replicate",
+    "warp_to",
 ]
 
 _PADDING_MODES = ("zeros", "border", "reflection")
@@ -222,24 +226,56 @@ class RandomFlip(RandomTransform):
 
 
 class RandomResizedCrop(RandomTransform):
-    """torchvision's ``RandomResizedCrop`` at the batch's own size: a window of area ``scale`` (fraction of the
-    image) and aspect ``ratio`` (log-uniform), placed uniformly inside the frame, resized to the frame.
+    """torchvision's ``RandomResizedCrop``: a window of area ``scale`` (fraction of the image) and aspect ``ratio``
+    (log-uniform), placed uniformly inside the frame, resized to the frame (no ``size``) or to ``size``.
 
     Windows are drawn as torchvision does, up to 10 tries per row; a row whose 10 tries all fall outside
     the frame keeps the whole image (torchvision falls back to a centre crop of the clamped ratio).
     The formulas are in :func:`~regpipe.functional.augment.values_from_uniforms` (``WINDOW``).
+
+    Without ``size`` the output keeps the batch's size and ``ratio`` is in fractions of the frame
+    (``w / h`` of the window's relative width and height). With ``size`` (the ImageNet crop, Szegedy et al.
+    2015, section 6) the copies are ``size`` whatever the source's size, and ``ratio`` is in pixels of the
+    source, as torchvision's: a ``H x W`` source draws its window with the log aspect shifted by
+    ``log(H / W)`` (the frame-fraction aspect of a pixel aspect ``r`` is ``r H / W``; see ``from_uniforms``).
+    The loaders (:func:`regpipe.loaders.dali.replicate`, :class:`regpipe.loaders.ffcv.ReplicatedCropDecoder`)
+    then crop every copy from the decoded image at its own resolution.
+
+    Args:
+        scale: ``(low, high)`` window area, fractions of the image area, ``0 < low <= high <= 1``.
+        ratio: ``(low, high)`` window aspect ratio, ``> 0``.
+        size: ``(height, width)`` (or one int for a square) of the output, or ``None``.
     """
 
     geometric = True
 
-    def __init__(self, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(self, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 size: int | tuple[int, int] | None = None) -> None:
         self.scale = _range("scale", scale, lowest=1e-6)
         self.ratio = _range("ratio", ratio, lowest=1e-6)
         if self.scale[1] > 1.0:
             raise ValueError(f"scale is a fraction of the image area, at most 1, got {scale!r}")
+        self.size = _output_size(size)
 
     def draws(self) -> tuple[tuple[float, ...], ...]:
         return (crop_window(self.scale, self.ratio),)
+
+    def from_uniforms(self, u: torch.Tensor, aspect: float = 1.0) -> CropParams:
+        """The windows of ``N`` rows from ``(N, num_uniforms)`` uniforms.
+
+        Args:
+            u: uniforms in ``[0, 1)``.
+            aspect: ``H / W`` of the source, used with ``size`` only: the table's log-aspect bounds
+                ``log r`` become ``log r + log(H / W)``, so that the window's pixel aspect
+                ``(w W) / (h H)`` is drawn log-uniformly from ``ratio`` (torchvision's draw).
+        """
+        table = self.table
+        if self.size is not None and aspect != 1.0:
+            if not aspect > 0.0:
+                raise ValueError(f"aspect (source H / W) must be > 0, got {aspect!r}")
+            table = table.clone()
+            table[:, 4:6] += math.log(aspect)
+        return self.from_values(values_from_uniforms(table, u))
 
     def from_values(self, values: torch.Tensor) -> CropParams:
         return CropParams(size=values[:, [SIZE_X, SIZE_Y]], center=values[:, [CENTER_X, CENTER_Y]])
@@ -257,8 +293,7 @@ class RandomAffine(RandomTransform):
 
     def __init__(self, degrees: float = 0.0, translate: tuple[float, float] = (0.0, 0.0),
                  scale: tuple[float, float] = (1.0, 1.0), shear: tuple[float, float] = (0.0, 0.0)) -> None:
-        if degrees < 0:
-            raise ValueError(f"degrees is the maximum absolute angle, must be >= 0, got {degrees}")
+        check_finite_number("degrees", degrees, 0.0)  # the maximum absolute angle
         if len(translate) != 2 or any(not 0.0 <= t <= 1.0 for t in translate):
             raise ValueError(f"translate must be two fractions in [0, 1], got {translate!r}")
         if len(shear) != 2 or any(not 0.0 <= s < 90.0 for s in shear):
@@ -303,6 +338,38 @@ class RandomBrightnessContrast(RandomTransform):
 
     def apply(self, x: torch.Tensor, params: ColourParams) -> torch.Tensor:
         return brightness_contrast(x, params.brightness, params.contrast, self.center)
+
+
+def _output_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``None``, an int (square) or ``(height, width)`` -> ``(height, width)`` of positive ints."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"size must be a positive int or (height, width) of positive ints, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def warp_to(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int], padding_mode: str = "zeros") -> torch.Tensor:
+    """``warp`` into an output of ``size`` ``(H_out, W_out)``: ``affine_grid`` of the output frame, ``grid_sample`` of
+    ``x`` (bilinear, ``align_corners=False``; uint8 is resampled in float32 and rounded back).
+
+    Args:
+        x: ``(N, C, H, W)`` float or uint8.
+        theta: ``(N, 2, 3)`` output -> input matrices (normalised coordinates, frame-size free).
+        size: the output's ``(H_out, W_out)``.
+
+    Returns:
+        ``(N, C, H_out, W_out)`` in ``x``'s dtype and memory format.
+    """
+    work = x.float() if x.dtype == torch.uint8 else x
+    grid = F.affine_grid(theta.to(work.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    if x.dtype == torch.uint8:
+        out = out.round_().to(torch.uint8)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _record_rows(record: Any) -> set[int]:
@@ -350,17 +417,29 @@ class Augment(BatchOp[AugmentParams]):
                 raise TypeError(f"{type(t).__name__} is not a transform: it lacks {missing}")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {list(_PADDING_MODES)}, got {padding_mode!r}")
+        sized = [t for t in self.transforms if getattr(t, "size", None) is not None]
+        if len(sized) > 1:
+            raise ValueError(f"a chain resizes once: {len(sized)} transforms have an output size")
         super().__init__(seed)
         self.padding_mode = padding_mode
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the chain's sized crop (the rows' size after :meth:`apply`), or ``None``."""
+        for t in self.transforms:
+            if getattr(t, "size", None) is not None:
+                return t.size
+        return None
 
     @property
     def num_uniforms(self) -> int:
         """Uniforms one row consumes: the transforms' counts, summed."""
         return sum(t.num_uniforms for t in self.transforms)
 
-    def from_uniforms(self, u: torch.Tensor) -> AugmentParams:
+    def from_uniforms(self, u: torch.Tensor, aspect: float = 1.0) -> AugmentParams:
         """The parameters of ``N`` rows from ``(N, num_uniforms)`` uniforms (columns in chain order), e.g. those a
-        DALI pipeline returned, so :meth:`apply` replays what the loader did.
+        DALI pipeline returned, so :meth:`apply` replays what the loader did. ``aspect`` is the source's
+        ``H / W``, read by a sized crop (its window's pixel aspect, see :class:`RandomResizedCrop`).
 
         Raises:
             ValueError: ``u`` is not ``(N, num_uniforms)`` (the shape is named).
@@ -371,28 +450,36 @@ class Augment(BatchOp[AugmentParams]):
                              f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
         records, k = [], 0
         for t, count in zip(self.transforms, counts):
-            records.append(t.from_uniforms(u[:, k:k + count]))
+            sized = getattr(t, "size", None) is not None
+            records.append(t.from_uniforms(u[:, k:k + count], aspect) if sized else t.from_uniforms(u[:, k:k + count]))
             k += count
         return AugmentParams(tuple(records))
 
-    def sample(self, n: int, device: torch.device | str) -> AugmentParams:
-        """The parameters of ``n`` rows, drawn from the op's generator on ``device``."""
+    def sample(self, n: int, device: torch.device | str, aspect: float = 1.0) -> AugmentParams:
+        """The parameters of ``n`` rows, drawn from the op's generator on ``device`` (``aspect``: the source's
+        ``H / W``, for a sized crop)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n (rows) must be an integer >= 0, got {n!r}")
         generator = self.rng.get(device)
-        return self.from_uniforms(torch.rand(n, self.num_uniforms, generator=generator, device=generator.device))
+        return self.from_uniforms(torch.rand(n, self.num_uniforms, generator=generator, device=generator.device),
+                                  aspect)
 
     def draw(self, batch: Batch) -> AugmentParams:
         """The parameters of every row of ``batch``, from the op's generator on the batch's device."""
-        return self.sample(batch.size, batch.device)
+        height, width = batch.inputs.shape[-2:]
+        return self.sample(batch.size, batch.device, height / width if self.output_size is not None else 1.0)
 
     def matrix(self, params: Sequence[Any], height: int, width: int) -> torch.Tensor | None:
-        """The composed ``(N, 2, 3)`` float32 matrix of the geometric transforms, or ``None`` when there are none."""
+        """The composed ``(N, 2, 3)`` float32 output -> source matrix of the geometric transforms, or ``None`` when
+        there are none. ``height, width`` are the source's; transforms after a sized crop work in its
+        output frame (their pixel-true angles use the output's size), as in the loaders' kernels."""
         theta = None
         for t, p in zip(self.transforms, params):
             if t.geometric:
                 m = t.matrix(p, height, width).to(torch.float32)
                 theta = m if theta is None else compose_affine(theta, m)
+                if getattr(t, "size", None) is not None:
+                    height, width = t.size
         return theta
 
     def apply(self, batch: Batch, params: AugmentParams | Sequence[Any]) -> Batch:
@@ -415,7 +502,9 @@ class Augment(BatchOp[AugmentParams]):
         affine = batch.affine
         if theta is not None:
             theta = theta.to(x.device)
-            x = warp(x, theta, padding_mode=self.padding_mode)
+            size = self.output_size
+            x = warp(x, theta, padding_mode=self.padding_mode) if size is None else \
+                warp_to(x, theta, size, padding_mode=self.padding_mode)
             affine = compose_affine(batch.affine, theta.to(batch.affine.dtype))
         photometric = batch.photometric
         for t, p in zip(self.transforms, records):
@@ -492,7 +581,9 @@ class Replicate(BatchOp[AugmentParams]):
         """The chain's parameters for the ``S * extra`` augmented copies, seed-major (copy ``j`` of seed ``s`` is
         row ``s * extra + j``)."""
         self._check_seeds(batch)
-        return self.augment.sample(batch.size * self.extra, batch.device)
+        height, width = batch.inputs.shape[-2:]
+        aspect = height / width if self.augment.output_size is not None else 1.0
+        return self.augment.sample(batch.size * self.extra, batch.device, aspect)
 
     def apply(self, batch: Batch, params: AugmentParams) -> Batch:
         """The ``S * m`` rows with the copies' parameters ``params`` (from :meth:`draw`)."""
@@ -503,6 +594,9 @@ class Replicate(BatchOp[AugmentParams]):
         copies = self.augment.apply(batch.rows(torch.arange(s, device=batch.device).repeat_interleave(extra)), params)
         if not self.include_original:
             return copies
+        size = self.augment.output_size
+        if size is not None and tuple(batch.inputs.shape[-2:]) != size:  # the original, whole, at the copies' size
+            batch = batch.replace(inputs=warp_to(batch.inputs, identity_affine(s, batch.device), size))
         photometric = copies.photometric
         if photometric is not None:
             originals = torch.ones(s, 2, device=photometric.device, dtype=photometric.dtype) \

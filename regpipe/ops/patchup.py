@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from regpipe.core.batch import Batch
+from regpipe.core.checks import check_finite_number
 from regpipe.core.op import BatchOp
 from regpipe.core.patchup_plan import PatchUpMode, PatchUpPlan
 from regpipe.core.rng import DeviceGenerator, rank_seed
@@ -126,9 +127,7 @@ class PatchUp(BatchOp[PatchUpPlan]):
         self.patchup_prob = float(OFFICIAL_DEFAULTS[mode]["patchup_prob"] if patchup_prob is None else patchup_prob)
         if not (0.0 <= self.patchup_prob <= 1.0):
             raise ValueError(f"patchup_prob must be in [0, 1], got {patchup_prob}")
-        self.alpha = float(alpha)
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha = check_finite_number("alpha", alpha, 0.0, low_open=True)  # Beta(alpha, alpha)
         self.block_sizes = dict(OFFICIAL_BLOCK_SIZES if block_sizes is None else block_sizes)
         for layer, b in self.block_sizes.items():
             if isinstance(b, bool) or not isinstance(b, int) or b < 1 or not isinstance(layer, int) or layer < 1:

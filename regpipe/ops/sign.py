@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from regpipe.core.batch import Batch
+from regpipe.core.checks import check_finite_number
 from regpipe.core.op import BatchOp
 from regpipe.core.sign_plan import SignPlan
 from regpipe.functional.sign import At, check_snapshots, sign
@@ -87,6 +88,7 @@ class SignAugment(BatchOp[SignPlan]):
         self.iters = _check_iters(iters)
         if at not in ("current", "input"):
             raise ValueError(f"at must be 'current' or 'input', got {at!r}")
+        eta = check_finite_number("eta", eta, 0.0, low_open=True)  # checked now, not at the first transformed batch
         check_features(teacher, layer)  # the layer / features() is checked now, not mid-training
         self.teacher = _frozen_copy(teacher) if copy else teacher
         self.fraction, self.eta, self.at, self.clamp, self.layer = float(fraction), float(eta), at, clamp, layer

@@ -11,16 +11,34 @@ given, so draw PatchUp after mixing (:func:`mix_batch` raises ``ValueError`` oth
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from regpipe.core.batch import Batch, MixRecord
 from regpipe.core.op import BatchOp
-from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
+from regpipe.functional.sum_mix import check_weights, gcc_weights, group_rows, mix_sources, sum_mix
 
-__all__ = ["GradualSumMix", "MixParams", "SumMix", "mix_batch"]
+__all__ = ["GradualSumMix", "MixParams", "SumMix", "SumMixOp", "across_seed_sources", "mix_batch", "params_sources",
+           "set_uint8_mixer"]
+
+#: ``(x uint8, sources, weights, mean, std, out_dtype=, memory_format=) -> mixed`` set by ``regpipe.loaders`` to
+#: the fused kernel (:func:`regpipe.kernels.fused_mix`); ``None``: the torch composite below.
+_UINT8_MIXER: Callable[..., torch.Tensor] | None = None
+
+
+def set_uint8_mixer(mixer: Callable[..., torch.Tensor] | None) -> None:
+    """Install the implementation :func:`mix_batch` uses for uint8 inputs (``regpipe.loaders`` installs the fused
+    kernel :func:`regpipe.kernels.fused_mix`; ``None`` restores the torch composite). Both compute
+    ``sum_g w_g x[sources[:, g]]`` in float32 from the uint8 values (0..255, as :func:`sum_mix`)."""
+    global _UINT8_MIXER
+    _UINT8_MIXER = mixer
 
 MixMode = Literal["group", "permute"]
 
@@ -35,6 +53,8 @@ class MixParams:
             in, so replaying the params needs no op state.
         perms: ``(k - 1, N)`` int64 partner permutations on the batch's device (permutation mode), or
             ``None`` (group mode, which draws nothing).
+        sources: ``(N_out, k)`` int64 rows each output row mixes, drawn across seeds for a replicated batch
+            (:func:`across_seed_sources`), or ``None``. Exclusive with ``perms``.
 
     Raises:
         ValueError: weights that :func:`~regpipe.functional.check_weights` rejects, or ``perms`` that
@@ -44,10 +64,19 @@ class MixParams:
 
     weights: tuple[float, ...]
     perms: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Normalise to host floats once, so `apply` never synchronises on a device tensor.
         object.__setattr__(self, "weights", tuple(check_weights(self.weights)))
+        if self.sources is not None:
+            if self.perms is not None:
+                raise ValueError("MixParams takes perms or sources, not both")
+            if not isinstance(self.sources, torch.Tensor) or self.sources.dtype != torch.int64 \
+                    or self.sources.dim() != 2 or self.sources.shape[1] != self.k:
+                raise ValueError(f"MixParams.sources must be an (N_out, k) = (N_out, {self.k}) int64 tensor, got "
+                                 f"{getattr(self.sources, 'dtype', type(self.sources).__name__)} "
+                                 f"{tuple(getattr(self.sources, 'shape', ()))}")
         if self.perms is not None:
             if not isinstance(self.perms, torch.Tensor) or self.perms.dtype != torch.int64:
                 raise TypeError(f"MixParams.perms must be an int64 tensor, got "
@@ -76,7 +105,8 @@ def _refuse_patchup_plan(batch: Batch, k: int, rows_out: int) -> None:
 
 
 def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, ...],
-              perms: torch.Tensor | None = None, drop_remainder: bool = False, keep_parent: bool = False) -> Batch:
+              perms: torch.Tensor | None = None, drop_remainder: bool = False, keep_parent: bool = False,
+              sources: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> Batch:
     """Apply :func:`~regpipe.functional.sum_mix` to a whole :class:`Batch`, recording the mix in ``batch.mixing``.
 
     Output row ``i`` is ``sum_g c_g * x[s_{i,g}]`` (targets alike, weights added per class), with
@@ -95,6 +125,11 @@ def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, .
         keep_parent: record the unmixed inputs and targets in the :class:`MixRecord` (a reference, not a
             copy: it keeps the pre-mix batch alive as long as the mixed one), for losses that compare a
             mixed row with its components (the saliency consistency loss).
+        sources: ``(N_out, k)`` int64 rows of each output row (any table, e.g. :func:`across_seed_sources`;
+            exclusive with ``perms``): ``s_{i,g} = sources[i, g]``.
+        inputs: the mixed inputs when the caller computed them (the loaders' fused stage, which normalises
+            while mixing); else they are computed here. uint8 inputs are mixed by the installed fused kernel
+            (:func:`set_uint8_mixer`) or the torch composite, in float32 0..255 as :func:`sum_mix`.
 
     Returns:
         The mixed batch, ``N / k`` (group) or ``N`` (permutation) rows, with a :class:`MixRecord`.
@@ -107,10 +142,23 @@ def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, .
     k = len(w)
     if k == 1:
         return batch
-    sources = mix_sources(batch.size, k, perms, drop_remainder).to(batch.device)
+    if sources is not None and perms is not None:
+        raise ValueError("give perms or sources, not both")
+    table_given = sources is not None
+    table = sources if table_given else mix_sources(batch.size, k, perms, drop_remainder)
+    sources = table.to(batch.device)
     n_out = sources.shape[0]
     _refuse_patchup_plan(batch, k, n_out)
-    inputs, targets = sum_mix(batch.inputs, batch.targets, w, perms=perms, drop_remainder=drop_remainder)
+    if sources.shape[1] != k:
+        raise ValueError(f"sources has {sources.shape[1]} columns for {k} weights")
+    if inputs is None and batch.inputs.dtype == torch.uint8:
+        inputs = _mix_uint8(batch.inputs, sources, w)
+    elif inputs is None and table_given:
+        inputs = _gather_sum(batch.inputs, sources, w, batch.inputs.dtype)
+    if inputs is not None:
+        targets = _gather_sum(batch.targets, sources, w, batch.targets.dtype)
+    else:
+        inputs, targets = sum_mix(batch.inputs, batch.targets, w, perms=perms, drop_remainder=drop_remainder)
     weight_table = torch.tensor(w, dtype=torch.float32, device=batch.device).expand(n_out, k)
     record = MixRecord(sources=sources, weights=weight_table, source_ids=batch.source_ids[sources],
                        parent_inputs=batch.inputs if keep_parent else None,
@@ -118,6 +166,140 @@ def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, .
     first = sources[:, 0]
     return Batch(inputs=inputs, targets=targets, source_ids=batch.source_ids[first], affine=batch.affine[first],
                  mixing=record, photometric=None if batch.photometric is None else batch.photometric[first])
+
+
+def _gather_sum(x: torch.Tensor, sources: torch.Tensor, weights: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """``sum_{g: w_g != 0} w_g * x[sources[:, g]]`` in ``dtype`` (the memory format of ``x`` is kept)."""
+    out = None
+    for g, wg in enumerate(weights):
+        if wg == 0.0:
+            continue
+        part = x.index_select(0, sources[:, g]).to(dtype).mul_(wg)
+        out = part if out is None else out.add_(part)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _mix_uint8(x: torch.Tensor, sources: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """uint8 rows mixed in float32 0..255 (as :func:`sum_mix`): the installed fused kernel, else the torch composite."""
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    if _UINT8_MIXER is not None and x.dim() == 4:
+        c = x.shape[1]
+        return _UINT8_MIXER(x, sources, weights, [0.0] * c, [1.0 / 255.0] * c, out_dtype=torch.float32,
+                            memory_format=fmt)
+    return _gather_sum(x, sources, weights, torch.float32)
+
+
+def params_sources(params: "MixParams", n_rows: int, drop_remainder: bool = False) -> torch.Tensor:
+    """The ``(N_out, k)`` row table a :class:`MixParams` mixes on a batch of ``n_rows`` rows (group mode
+    ``g * n + i``, permutation mode ``[i, perms[:, i]]``, or its own ``sources``)."""
+    if params.sources is not None:
+        return params.sources
+    return mix_sources(n_rows, params.k, params.perms, drop_remainder)
+
+
+def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: bool,
+                        rng: np.random.Generator, max_sweeps: int = 200) -> torch.Tensor:
+    """Mixing partners for a replicated batch: ``(N_out, k)`` rows whose ``k`` components come from ``k``
+    different seeds, no two output rows mixing the same set of seeds.
+
+    After in-batch replication (Hoffer et al. 2020; Hernández-García et al. 2019) a batch holds ``m``
+    copies of each of ``S`` seeds, seed-contiguous. Group-mode Sum Augmentation (Simionescu 2020,
+    section 3.3) pairs row ``i`` with rows ``g n + i``, so the ``m`` copies of a seed meet the copies of
+    the same partner seeds (``S = 16, m = 4, k = 4``: 16 rows from 4 seed combinations), and a
+    permutation may pair a copy with its own seed. Here: group mode starts from the seeds in random
+    order, seed-major, split into ``k`` groups of ``N_out`` (so the ``m <= N_out`` copies of a seed fall in
+    different output rows), permutation mode from ``k - 1`` random permutations after the identity
+    column; then random swaps (any two cells in group mode, which keeps every row used once; two rows of
+    one partner column in permutation mode, which keeps each column a permutation) are kept when they do
+    not increase the number of conflicts (output rows with a repeated seed, plus repeated seed sets),
+    until none is left.
+
+    Args:
+        seed_ids: ``(N,)`` int64 seed id of each row.
+        k: components per output row.
+        n_out: output rows (``N // k`` in group mode, ``N`` in permutation mode).
+        permute: permutation mode (column 0 is the identity).
+        rng: numpy generator (seeded from the op's generator).
+        max_sweeps: at most ``max_sweeps * N_out`` swaps are tried.
+
+    Returns:
+        ``(N_out, k)`` int64 CPU tensor.
+
+    Raises:
+        ValueError: the batch cannot allow it: fewer than ``k`` distinct seeds, or (group mode) a seed with
+            more copies than output rows (named); or the search did not remove every conflict.
+    """
+    seeds = seed_ids.detach().cpu().numpy().astype(np.int64)
+    n = seeds.shape[0]
+    values, inverse, copies = np.unique(seeds, return_inverse=True, return_counts=True)
+    if len(values) < k:
+        raise ValueError(f"mixing k={k} rows of different seeds needs at least {k} seeds, the batch has {len(values)}")
+    if not permute and int(copies.max()) > n_out:
+        raise ValueError(f"seed {int(values[copies.argmax()])} has {int(copies.max())} copies for {n_out} output rows: "
+                         "two would share a row; use fewer copies or a smaller k")
+    if permute:
+        table = np.empty((n_out, k), dtype=np.int64)
+        table[:, 0] = np.arange(n)
+        for g in range(1, k):
+            table[:, g] = rng.permutation(n)
+    else:
+        rank = rng.permutation(len(values))[inverse]  # seeds in random order, copies of a seed together
+        order = np.lexsort((rng.random(n), rank))
+        table = order[:n_out * k].reshape(k, n_out).T.copy()
+    group = inverse[table]  # seed index of every cell
+
+    def key(o: int) -> tuple[int, ...]:
+        return tuple(sorted(group[o]))
+
+    def repeated(o: int) -> int:
+        return int(len(set(group[o].tolist())) < k)
+
+    if math.comb(len(values), k) < n_out:  # fewer seed sets than rows: only the seeds within a row must differ
+        warnings.warn(f"{len(values)} seeds give only {math.comb(len(values), k)} sets of k={k} for {n_out} mixed "
+                      "rows: some rows repeat a set of seeds", stacklevel=3)
+
+        def key(o: int) -> tuple[int, ...]:
+            return (o,)
+
+    counts = Counter(key(o) for o in range(n_out))
+    conflicts = sum(repeated(o) for o in range(n_out)) + sum(c - 1 for c in counts.values())
+    first = 1 if permute else 0
+    for _ in range(max_sweeps * n_out):
+        if conflicts == 0:
+            break
+        bad = [o for o in range(n_out) if repeated(o) or counts[key(o)] > 1]
+        o = bad[int(rng.integers(len(bad)))]
+        g = int(rng.integers(first, k))
+        o2 = int(rng.integers(n_out - 1))
+        o2 += o2 >= o
+        g2 = g if permute else int(rng.integers(k))
+        old_keys, before = (key(o), key(o2)), repeated(o) + repeated(o2)
+        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
+        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
+        new_keys, after = (key(o), key(o2)), repeated(o) + repeated(o2)
+        affected = set(old_keys + new_keys)
+        before += sum(max(counts[x] - 1, 0) for x in affected)
+        for x in old_keys:
+            counts[x] -= 1
+        for x in new_keys:
+            counts[x] += 1
+        after += sum(max(counts[x] - 1, 0) for x in affected)
+        if after <= before:
+            conflicts += after - before
+            continue
+        for x in new_keys:  # undo
+            counts[x] -= 1
+        for x in old_keys:
+            counts[x] += 1
+        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
+        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
+    if conflicts:
+        raise ValueError(f"could not draw {n_out} distinct mixtures of {k} different seeds from {len(values)} seeds "
+                         f"x {int(copies.max())} copies ({conflicts} conflicts left)")
+    return torch.from_numpy(table)
 
 
 def _draw_perms(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -144,6 +326,15 @@ class _SumMixBase(BatchOp[MixParams]):
 
     def _draw(self, batch: Batch, weights: torch.Tensor | list[float]) -> MixParams:
         w = check_weights(weights)
+        if len(w) > 1 and batch.mixing is None:
+            ids = batch.source_ids.detach().cpu()
+            if torch.unique(ids).numel() < ids.numel():  # replicated: partners across seeds
+                n_out = group_rows(batch.size, len(w), self.drop_remainder) if self.mode == "group" else batch.size
+                _refuse_patchup_plan(batch, len(w), n_out)
+                generator = self.rng.get(batch.device)
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+                return MixParams(tuple(w), sources=across_seed_sources(ids, len(w), n_out, self.mode == "permute",
+                                                                       np.random.default_rng(seed)))
         if self.mode == "group" or len(w) == 1:
             return MixParams(tuple(w))  # group mode has no random choice
         # Refuse before drawing, so a failed call leaves the generator where it was.
@@ -155,7 +346,7 @@ class _SumMixBase(BatchOp[MixParams]):
         if not isinstance(params, MixParams):
             raise TypeError(f"{type(self).__name__}.apply needs MixParams, got {type(params).__name__}")
         return mix_batch(batch, params.weights, perms=params.perms, drop_remainder=self.drop_remainder,
-                         keep_parent=self.keep_parent)
+                         keep_parent=self.keep_parent, sources=params.sources)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "drop_remainder": self.drop_remainder, **super().state_dict()}
@@ -166,6 +357,9 @@ class _SumMixBase(BatchOp[MixParams]):
             raise ValueError(f"state has an unknown mode {mode!r}")
         super().load_state_dict(state)
         self.mode, self.drop_remainder = mode, bool(state["drop_remainder"])
+
+
+SumMixOp = _SumMixBase  # what the loaders' fused stage recognises: SumMix and GradualSumMix
 
 
 class SumMix(_SumMixBase):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.checks import check_finite_number
 from regpipe.core.op import BatchOp
 from regpipe.functional.sum_mix import sum_mix
 from regpipe.functional.tta import test_time_sum_predict
@@ -124,8 +125,7 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
             raise ValueError(f"k must be an integer >= 2, got {k!r}")
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
             raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-        if not weight > 0:
-            raise ValueError(f"weight must be > 0, got {weight!r}")
+        check_finite_number("weight", weight, 0.0, low_open=True)  # inf would drown the partners, nan poison all
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.k, self.draws, self.weight, self.chunk_size = k, draws, float(weight), chunk_size
@@ -162,9 +162,9 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
         n, device = batch.size, batch.device
         inputs, targets, sources = [], [], []
         for j in range(params.draws):
-            # Partner indices are not permutations, but sum_mix only gathers rows by them.
+            # Partner indices are not permutations (drawn with replacement): sum_mix only gathers rows by them.
             perms = params.partners[j].t().contiguous().to(device)
-            x, y = sum_mix(batch.inputs, batch.targets, weights, perms=perms)
+            x, y = sum_mix(batch.inputs, batch.targets, weights, perms=perms, partners=True)
             inputs.append(x)
             targets.append(y)
             sources.append(torch.cat([torch.arange(n, device=device).unsqueeze(1), perms.t()], dim=1))

@@ -151,7 +151,9 @@ class LossDeltaOrderer:
         ValueError: ``k`` or ``rescore_every`` < 1, an unknown ``variant``/``commit``, ``external``
             missing for ``"external"`` (or given for ``"same"``), an external set with fewer rows than
             ``external_size`` (at construction for a Batch, at the epoch start for a callable),
-            ``commit="exact"`` on a DDP model.
+            ``commit="exact"`` on a DDP model. While iterating: a non-finite training loss of a candidate or
+            of a plain step, or non-finite scores for every candidate (the epoch and step are named, and
+            the model and optimizer keep their state before that step, so they can be saved).
         TypeError: an optimizer that is not a ``torch.optim.Optimizer`` or whose step needs a closure;
             ``batches`` yielding something other than a :class:`~regpipe.Batch`.
 
@@ -217,6 +219,10 @@ class LossDeltaOrderer:
         self.last_step: DeltaStep | None = None
         self.last_scores: torch.Tensor | None = None
         self._params = tracked_parameters(model, optimizer)
+        self._progress: dict[str, Any] | None = None  # where the running epoch stands (state_dict)
+        self._resume: dict[str, Any] | None = None  # a loaded mid-epoch position, used by the next __iter__
+        self._where = (0, 0)  # (epoch, step) of the step being taken, for error messages
+        self._plain_buffers = StateSnapshot(model, None, params=False, buffers=True)
         # Rollback after each trial: one snapshot of the start state, one of the best trial's state (exact);
         # approximate mode keeps buffers (+ the best trial's gradients) only.
         if approximate:
@@ -231,14 +237,33 @@ class LossDeltaOrderer:
 
     # -- epoch loop ----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Batch, DeltaStep]]:
-        epoch = self.epoch
-        self.epoch += 1
+        resume, self._resume = self._resume, None
+        if resume is None:
+            epoch = self.epoch
+            self.epoch += 1
+            generator_at_start = self.generator.get_state()
+            step, pulled, ranking = 0, 0, []  # ranking: buffer positions in stale score order, between rescorings
+        else:  # the epoch a mid-epoch state was saved in (load_state_dict)
+            epoch, step, pulled = resume["epoch"], resume["step"], resume["pulled"]
+            ranking = list(resume["ranking"])
+            generator_at_start = resume["generator_at_start"]
+            self.generator.set_state(generator_at_start)  # redraws this epoch's external batch
         if self.variant == "external":
             self.external_batch = self._draw_external()
         source = iter(self.batches)
-        buffer: list[Batch] = []
-        ranking: list[int] = []  # buffer positions in stale score order, between rescorings
-        exhausted, step = False, 0
+        buffer: list[tuple[int, Batch]] = []  # (arrival index in the epoch, batch)
+        if resume is not None:
+            kept: dict[int, Batch] = {}
+            for arrival in range(pulled):  # the source replays the epoch: skip what was already trained on
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    raise ValueError(f"the batches of epoch {epoch + 1} ran out after {arrival} while resuming: the "
+                                     f"saved state had read {pulled}; resume with the same batch stream") from None
+                if arrival in resume["pending"]:
+                    kept[arrival] = self._checked(batch)
+            buffer = [(a, kept[a]) for a in resume["pending"]]
+        exhausted = False
         while True:
             while not exhausted and len(buffer) < self.k:
                 try:
@@ -246,28 +271,49 @@ class LossDeltaOrderer:
                 except StopIteration:
                     exhausted = True
                     break
-                if not isinstance(batch, Batch):
-                    raise TypeError(f"batches must yield regpipe Batch objects, got {type(batch).__name__}")
-                buffer.append(batch)
+                buffer.append((pulled, self._checked(batch)))
+                pulled += 1
             if not buffer:
+                self._progress = None
                 return
+            self._where = (epoch, step)
+            batches = [b for _, b in buffer]
             if len(buffer) == 1 or (step % self.rescore_every and ranking):
                 winner = ranking.pop(0) if ranking and len(buffer) > 1 else 0
-                loss = self._plain_step(buffer[winner])
+                loss = self._plain_step(batches[winner])
                 info = DeltaStep(epoch, step, loss, math.nan, (), winner, len(buffer), False)
                 self.last_scores = None
             else:
-                winner, loss, scores = self._score_and_commit(buffer)
+                winner, loss, scores = self._score_and_commit(batches)
                 # stale ranking for the steps until the next rescoring: best first, non-finite last
                 order = sorted(range(len(buffer)), key=lambda j: -scores[j] if math.isfinite(scores[j]) else math.inf)
                 ranking = [j for j in order if j != winner]
                 info = DeltaStep(epoch, step, loss, scores[winner], tuple(scores), winner, len(buffer), True)
                 self.last_scores = torch.tensor(scores, dtype=torch.float64)
-            chosen = buffer.pop(winner)
+            _, chosen = buffer.pop(winner)
             ranking = [j - (j > winner) for j in ranking if j != winner]  # positions shift after the pop
             self.last_step = info
             step += 1
+            # What a state_dict() taken now must hold to resume right after this step.
+            # (None after the epoch's last step: a state taken then starts the next epoch.)
+            self._progress = None if exhausted and not buffer else {
+                "epoch": epoch, "step": step, "pulled": pulled, "pending": [a for a, _ in buffer],
+                "ranking": list(ranking), "generator_at_start": generator_at_start}
             yield chosen, info
+
+    @staticmethod
+    def _checked(batch: Any) -> Batch:
+        if not isinstance(batch, Batch):
+            raise TypeError(f"batches must yield regpipe Batch objects, got {type(batch).__name__}")
+        return batch
+
+    def _non_finite(self, what: str, value: float, batch: Batch) -> ValueError:
+        """The error for a non-finite loss, naming the epoch, the step and the batch (1-based, as the
+        training loop counts)."""
+        epoch, step = self._where
+        return ValueError(f"loss-delta: {what} became {value} at epoch {epoch + 1} step {step + 1} (batch with "
+                          f"source ids starting {batch.source_ids[:4].tolist()}); the model was left in its state "
+                          "before this step. Check the inputs, or lower the learning rate")
 
     def _draw_external(self) -> Batch:
         source = self.external
@@ -288,12 +334,23 @@ class LossDeltaOrderer:
         return self.loss_fn(self.model(batch.inputs), batch.targets)
 
     def _plain_step(self, batch: Batch) -> float:
-        """``zero_grad; forward; backward; step`` -- the reference step (through DDP's sync if wrapped)."""
+        """``zero_grad; forward; backward; step`` -- the reference step (through DDP's sync if wrapped).
+
+        Raises:
+            ValueError: a non-finite loss (the step is not taken, the model keeps its state).
+        """
         self.optimizer.zero_grad()
+        self._plain_buffers.save()  # BatchNorm running statistics: a non-finite forward has updated them
         loss = self._forward_loss(batch)
+        # Read before the step (the value was read after it anyway, for the log): a non-finite loss must
+        # not reach the parameters. Under DDP every rank raises on its own loss, before the gradient sync.
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self._plain_buffers.restore()
+            raise self._non_finite("the training loss", value, batch)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return value
 
     def _score_loss(self, batch: Batch) -> torch.Tensor:
         """A score loss: current mode, no grad, running statistics untouched."""
@@ -327,6 +384,9 @@ class LossDeltaOrderer:
                 if not self.approximate:
                     self.optimizer.step()
             loss = loss.detach()
+            if not math.isfinite(float(loss)):  # float(loss) was read below for the log anyway
+                self._start.restore()
+                raise self._non_finite(f"the training loss of candidate {j}", float(loss), batch)
             before = before_e if before_e is not None else loss
             if self.approximate:
                 drop = self._predicted_drop(grads_e)
@@ -344,8 +404,13 @@ class LossDeltaOrderer:
                 if j < n - 1 and not self.recompute:
                     self._best.save()
         if not any(math.isfinite(s) for s in scores):
-            warnings.warn(f"all {n} loss-delta scores are non-finite ({scores}); taking the first candidate "
-                          "in arrival order", RuntimeWarning)
+            # Every trial step made the score non-finite (e.g. the loss after the step is nan): committing
+            # any of them would poison the parameters.
+            self._start.restore()
+            epoch, step = self._where
+            raise ValueError(f"loss-delta: the scores of all {n} candidate batches are non-finite ({scores}) at "
+                             f"epoch {epoch + 1} step {step + 1}: every trial step diverged; the model was left "
+                             "in its state before this step. Lower the learning rate or check the inputs")
         self._commit(buffer[best], last=best == n - 1)
         return best, losses[best], scores
 
@@ -383,17 +448,39 @@ class LossDeltaOrderer:
 
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Counters and RNG state. Buffered batches are not saved: a run resumed from a mid-epoch
-        checkpoint starts the next epoch (the epoch counter counts epochs started)."""
+        """Counters, RNG state and, when taken inside an epoch, where that epoch stands.
+
+        A state taken between the steps of an epoch (inside the ``for batch, info in orderer`` loop, after
+        the step of ``batch``) records the steps taken, how many batches were read from the source and
+        which of them still wait in the buffer (their arrival positions, not their tensors). After
+        :meth:`load_state_dict` the next iteration resumes that epoch: it iterates ``batches`` again,
+        skips the batches already trained on, refills the buffer with the waiting ones and goes on, so
+        the rest of the interrupted epoch is trained as it would have been. The source must yield the same
+        batches for that epoch again (a list does; a loader must be restored to the epoch's start).
+        """
         return {"epoch": self.epoch, "seed": self.seed, "generator": self.generator.get_state(),
                 "k": self.k, "variant": self.variant, "relative": self.relative,
-                "approximate": self.approximate, "rescore_every": self.rescore_every}
+                "approximate": self.approximate, "rescore_every": self.rescore_every,
+                "in_epoch": None if self._progress is None else {
+                    **self._progress, "pending": list(self._progress["pending"]),
+                    "ranking": list(self._progress["ranking"]),
+                    "generator_at_start": self._progress["generator_at_start"].clone()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (configuration keys are checked, not applied)."""
+        """Restore :meth:`state_dict` output (configuration keys are checked, not applied); a state saved
+        inside an epoch makes the next iteration resume that epoch.
+
+        Raises:
+            ValueError: the state was saved by an orderer with another configuration (the key is named).
+        """
         for key in ("k", "variant", "relative", "approximate", "rescore_every"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]!r}, this orderer has {getattr(self, key)!r}")
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator"])
+        progress = state.get("in_epoch")
+        self._progress = None
+        self._resume = None if progress is None else {
+            **progress, "pending": [int(a) for a in progress["pending"]],
+            "ranking": [int(j) for j in progress["ranking"]]}

@@ -129,7 +129,12 @@ def sample_losses(model: nn.Module, data: Any, indices: torch.Tensor, prepare: P
         with torch.no_grad(), (frozen_running_stats(model) if score_mode == "train" else contextlib.nullcontext()):
             for chunk in indices.split(eval_batch_size):
                 batch = prepare(_fetch(data, chunk))
-                losses = loss_fn(model(batch.inputs), batch.targets)
+                logits = model(batch.inputs)
+                if logits.dim() != 2 or logits.shape != batch.targets.shape:
+                    raise ValueError(f"the model returns logits of shape {tuple(logits.shape)} but the targets are "
+                                     f"{tuple(batch.targets.shape)} ({batch.targets.shape[1]} classes): "
+                                     "num_classes does not match the model's outputs")
+                losses = loss_fn(logits, batch.targets)
                 if losses.shape != (chunk.numel(),):
                     raise ValueError(f"loss_fn must return per-sample losses of shape ({chunk.numel()},), "
                                      f"got {tuple(losses.shape)}")
@@ -159,8 +164,11 @@ class _SampleLossBase(Sampler[list[int]]):
         self.size = len(data[0]) if isinstance(data, (tuple, list)) else len(data)
         if self.size < 1:
             raise ValueError("the dataset is empty")
+        known = getattr(data, "num_classes", None)
+        if num_classes is not None and known is not None and int(num_classes) != int(known):
+            raise ValueError(f"num_classes={num_classes!r} differs from the data's num_classes={known}")
         if prepare is None:
-            num_classes = getattr(data, "num_classes", num_classes)
+            num_classes = known if known is not None else num_classes
             if num_classes is None:
                 raise ValueError("num_classes is needed to build targets (or pass prepare=)")
             prepare = PlainBatch(int(num_classes), next(model.parameters()).device)

@@ -20,6 +20,7 @@ from regpipe.engine.algorithms.base import (
     StepReport,
     check_compatible,
 )
+from regpipe.engine.algorithms.boxes import CutMixAlgorithm, CutOutAlgorithm, MixUpAlgorithm
 from regpipe.engine.algorithms.consistency import Invariance, Replication, Saliency, replication_augment
 from regpipe.engine.algorithms.patchup import PatchUpAlgorithm
 from regpipe.engine.algorithms.scoring import LossDelta, LossOrder
@@ -60,6 +61,9 @@ RECIPE_WORDS: dict[str, tuple[Factory, ...]] = {
     "invariance": (lambda c: Replication(c.replication), lambda c: Invariance(c.invariance)),
     "saliency": (lambda c: Replication(c.replication), lambda c: Saliency(c.saliency)),
     "sign": (lambda c: Sign(c.sign),),
+    "cutmix": (lambda c: CutMixAlgorithm(c.cutmix),),
+    "cutout": (lambda c: CutOutAlgorithm(c.cutout),),
+    "mixup": (lambda c: MixUpAlgorithm(c.mixup),),
 }
 
 

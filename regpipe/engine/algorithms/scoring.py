@@ -31,6 +31,7 @@ class LossDelta(Algorithm):
         self.run = run
         self.external = run.validation() if self.variant == "external" else None
         self.orderer: LossDeltaOrderer | None = None
+        self._pending_state: dict[str, Any] | None = None
 
     def run_epoch(self, batches: Iterable[Batch], take_step: TakeStep) -> Iterator[StepReport]:
         if self.orderer is None:  # built on the first epoch: it re-iterates `batches` every epoch
@@ -38,11 +39,27 @@ class LossDelta(Algorithm):
             self.orderer = LossDeltaOrderer(
                 batches, self.run.model, self.run.loss_fn, self.run.optimizer, k=self.config.k, variant=self.variant,
                 relative=self.config.relative, external=self.external, external_size=external_rows, seed=self.run.seed)
+            if self._pending_state is not None:  # a resumed run: continue the interrupted epoch where it stopped
+                self.orderer.load_state_dict(self._pending_state)
+                self._pending_state = None
         for batch, info in self.orderer:
             yield batch, info.loss, {"score": info.score}
 
     def describe(self) -> dict[str, Any]:
         return {"K": self.config.k}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The orderer's state (its generator, the epoch's ranking and position), once it exists."""
+        orderer = self.orderer.state_dict() if self.orderer is not None else self._pending_state
+        return {**super().state_dict(), "orderer": orderer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        # The orderer is built on the first epoch (it needs the loader): keep the state until then.
+        self._pending_state = state.get("orderer")
+        if self.orderer is not None and self._pending_state is not None:
+            self.orderer.load_state_dict(self._pending_state)
+            self._pending_state = None
 
 
 class LossOrder(Algorithm):
@@ -64,3 +81,10 @@ class LossOrder(Algorithm):
 
     def describe(self) -> dict[str, Any]:
         return {"order": self.config.order}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.sampler.load_state_dict(state["sampler"])

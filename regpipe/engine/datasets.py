@@ -1,0 +1,172 @@
+"""Datasets read from disk by reference: ImageNet-layout image folders, decoded sample by sample.
+
+``--data imagefolder:ROOT`` reads ``ROOT/train/<class>/**/*`` and ``ROOT/val/<class>/**/*`` (class indices
+from the sorted folder names, as torchvision's ``ImageFolder``). Nothing is decoded up front: a
+:class:`~regpipe.loaders.file_index.FileIndex` holds the relative file names in one numpy byte array (a few
+tens of bytes per image, no Python object per file, so DataLoader workers share it without copy-on-write
+growth; the ids DALI's ``sample_ids`` and the ``.beton`` writer give the same files), and
+:class:`ImageFolderDataset` decodes one image per ``__getitem__`` with Pillow.
+
+The standard ImageNet recipe (Szegedy et al. 2015, "Going deeper with convolutions", section 6; the
+parameters torchvision's ``RandomResizedCrop`` uses): a training crop covers a fraction ``s ~ U(0.08, 1)``
+of the image area with aspect ratio ``r`` log-uniform in ``[3/4, 4/3]``, i.e. ``w = sqrt(s * A * r)``,
+``h = sqrt(s * A / r)``, at a uniform position, resized to ``size x size`` and flipped horizontally with
+probability 1/2; validation resizes the shorter side to ``resize`` and takes the centred ``size x size``
+crop. The draws are counter-based (a function of ``(seed, epoch, index)``), so every worker, loader and
+resumed run crops a sample the same way in the same epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from regpipe.loaders.file_index import FileIndex
+
+__all__ = ["ImageFolderDataset", "centre_crop_box", "draw_uniforms", "random_resized_crop_box"]
+
+#: Uniforms drawn per training sample: 10 crop tries x (area, log-ratio, x, y), then the flip.
+CROP_TRIES = 10
+NUM_UNIFORMS = 4 * CROP_TRIES + 1
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
+
+
+def draw_uniforms(seed: int, epoch: int, index: int, n: int = NUM_UNIFORMS) -> np.ndarray:
+    """``n`` uniforms in ``[0, 1)`` that depend only on ``(seed, epoch, index)`` (numpy's SeedSequence
+    hashes the three integers into a Philox key), so any process draws them without shared state."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, index]))).random(n)
+
+
+def random_resized_crop_box(u: np.ndarray, width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """The crop of the ImageNet recipe (Szegedy et al. 2015; torchvision's ``RandomResizedCrop``).
+
+    Try ``i = 0..9``: area fraction ``s = scale[0] + u[4i] (scale[1] - scale[0])``, aspect ratio
+    ``r = exp(log ratio[0] + u[4i+1] log(ratio[1] / ratio[0]))``, ``w = round(sqrt(s A r))``,
+    ``h = round(sqrt(s A / r))`` with ``A = width * height``; the first ``(w, h)`` that fits is placed at
+    ``left = floor(u[4i+2] (width - w + 1))``, ``top = floor(u[4i+3] (height - h + 1))``. If none fits:
+    the whole image cropped centrally to the nearest ratio in ``ratio``.
+
+    Args:
+        u: at least ``4 * CROP_TRIES`` uniforms in ``[0, 1)``.
+        width, height: the image size in pixels.
+
+    Returns:
+        ``(left, top, right, bottom)`` in pixels.
+    """
+    area = float(width * height)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for i in range(CROP_TRIES):
+        target = area * (scale[0] + u[4 * i] * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + u[4 * i + 1] * (log_hi - log_lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = min(int(u[4 * i + 2] * (width - w + 1)), width - w)
+            top = min(int(u[4 * i + 3] * (height - h + 1)), height - h)
+            return float(left), float(top), float(left + w), float(top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return float(left), float(top), float(left + w), float(top + h)
+
+
+def centre_crop_box(width: int, height: int, size: int, resize: int) -> Box:
+    """The validation crop: resize the shorter side to ``resize``, take the centred ``size x size`` square.
+
+    In the original image's pixels the square has side ``size * min(width, height) / resize``, centred.
+    """
+    side = size * min(width, height) / resize
+    side_w, side_h = min(side, width), min(side, height)
+    left, top = (width - side_w) / 2.0, (height - side_h) / 2.0
+    return left, top, left + side_w, top + side_h
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset over a :class:`~regpipe.loaders.file_index.FileIndex`: ``(image (3, size, size) uint8, label, index)``.
+
+    Training (``train=True``): random-resized crop + horizontal flip drawn from ``(seed, epoch, index)``
+    (:func:`draw_uniforms`; call :meth:`set_epoch` before each pass, as with ``DistributedSampler``);
+    evaluation: resize + centre crop. Decoding: Pillow, JPEGs through ``draft`` (DCT scaling to the
+    smallest power-of-two reduction that still covers the crop at ``size`` pixels), then one resize of the
+    crop box (bilinear, antialiased), so the work per image does not depend on the dataset's size.
+
+    Args:
+        index: the split's files.
+        size: output side in pixels (``--image-size``).
+        train: training augmentation, else the validation transform.
+        resize: the validation resize of the shorter side (``--val-resize``), ``>= size``.
+        seed: seed of the training draws.
+    """
+
+    def __init__(self, index: FileIndex, size: int, train: bool, resize: int | None = None, seed: int = 0) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        resize = size if resize is None else resize
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < size:
+            raise ValueError(f"resize must be an integer >= size={size}, got {resize!r}")
+        self.index, self.size, self.train, self.resize, self.seed = index, size, train, resize, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crops the next reads draw (set before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+
+    def subset(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> ImageFolderDataset:
+        """The same dataset over ``index.subset(indices)`` (positions renumbered from 0)."""
+        out = ImageFolderDataset(self.index.subset(indices), self.size, self.train, self.resize, self.seed)
+        out.epoch = self.epoch
+        return out
+
+    def window(self, i: int, width: int, height: int, epoch: int | None = None) -> tuple[Box, bool]:
+        """Sample ``i``'s crop box (original pixels) and whether it is flipped, for an image of that size, in
+        ``epoch`` (default: the current one)."""
+        if not self.train:
+            return centre_crop_box(width, height, self.size, self.resize), False
+        u = draw_uniforms(self.seed, self.epoch if epoch is None else epoch, i)
+        return random_resized_crop_box(u, width, height), bool(u[-1] < 0.5)
+
+    def load(self, i: int) -> np.ndarray:
+        """Decode and crop sample ``i``: ``(size, size, 3)`` uint8 RGB."""
+        from PIL import Image
+
+        path = self.index.path(i)
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                box, flip = self.window(i, width, height)
+                # JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 when the crop still has >= size pixels per side.
+                img.draft("RGB", (max(1, int(width * self.size / (box[2] - box[0]))),
+                                  max(1, int(height * self.size / (box[3] - box[1])))))
+                sx, sy = img.size[0] / width, img.size[1] / height
+                scaled = (box[0] * sx, box[1] * sy, min(box[2] * sx, img.size[0]), min(box[3] * sy, img.size[1]))
+                rgb = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR, box=scaled)
+        except OSError as err:
+            raise ValueError(f"cannot decode image {path}: {err}") from err
+        if flip:
+            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} outside [0, {len(self)})")
+        image = torch.from_numpy(self.load(i)).permute(2, 0, 1)
+        return image, torch.tensor(int(self.index.labels[i])), torch.tensor(i)

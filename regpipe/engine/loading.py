@@ -1,0 +1,123 @@
+"""The batches of one run: training batches through the chosen loader, evaluation and clean BatchNorm batches.
+
+Every loader reads the same index lists (this rank's slice of every global batch,
+:class:`~regpipe.engine.distributed.RankSlice`), so ranks read disjoint shards whose union is the epoch:
+
+* in-memory arrays: ``regpipe.loaders.make_train_loader`` (torch, DALI fed by ``external_source``, FFCV
+  from a ``.beton`` written once per run in a temporary folder that is removed at the end);
+* ``imagefolder:``: torch ``DataLoader`` workers decoding with Pillow (:class:`ImageFolderDataset`), DALI
+  decoding and cropping the encoded files (:mod:`regpipe.engine.dali_files`), or FFCV reading ``.beton``
+  files converted once into a cache folder (:mod:`regpipe.engine.ffcv_files`);
+* ``beton:``: FFCV's JPEG decoders with its random-resized crop and flip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from regpipe.engine import distributed
+from regpipe.engine.data import ArrayDataset
+from regpipe.engine.datasets import ImageFolderDataset
+from regpipe.engine.ffcv_files import BetonRef  # FFCV itself is imported only when a .beton is read
+from regpipe.engine.splits import Splits, clean_view
+from regpipe.loaders import make_train_loader
+from regpipe.loaders.torch import TorchLoader
+
+__all__ = ["default_workers", "eval_loader", "clean_loader", "train_loader"]
+
+
+def default_workers(streaming: bool, info: distributed.DistInfo) -> int:
+    """DataLoader workers when ``--workers`` is not given: none for in-memory arrays (a batch is one
+    indexing), else the machine's cores shared by the ranks on it, at most 8."""
+    if not streaming:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, cores // max(local, 1)))
+
+
+def _torch_loader(dataset: Dataset, workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
+    extra: dict[str, Any] = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra, **kwargs)
+
+
+def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *, seed: int, device: torch.device,
+                 ops: Sequence[Any], channels_last: bool, workers: int, start_epoch: int = 0,
+                 work_dir: Path | None = None, cache_dir: str | None = None, info: distributed.DistInfo = distributed.DistInfo(),
+                 val_resize: int = 256) -> Iterable:
+    """The training :class:`~regpipe.Batch` es of ``splits.train`` read by ``kind`` in the order of ``batches``.
+
+    Args:
+        kind: ``"torch"``, ``"dali"`` or ``"ffcv"``.
+        batches: this rank's index lists, asked again every epoch.
+        workers: DataLoader workers / DALI threads / FFCV workers.
+        start_epoch: the first epoch (a resumed run's), for the loaders that count their own passes.
+        work_dir: where the in-memory FFCV path writes its ``.beton`` (removed by the caller).
+        cache_dir: where ``imagefolder:`` data converted for FFCV is kept between runs.
+    """
+    common = dict(device=device, ops=ops, mean=splits.mean, std=splits.std, channels_last=channels_last)
+    if splits.spec is None:
+        return make_train_loader(kind, splits.train, batches, splits.num_classes, seed=seed, work_dir=work_dir,
+                                 **common)
+    if splits.spec.kind == "beton" or kind == "ffcv":
+        from regpipe.engine.ffcv_files import beton_train_loader, folder_beton
+
+        path = splits.spec.train if splits.spec.kind == "beton" else \
+            folder_beton(splits, cache_dir, val_resize=val_resize, info=info, workers=workers)
+        if kind != "ffcv":
+            raise ValueError(f"--data beton:... is read by FFCV: use --loader ffcv, not {kind!r}")
+        return beton_train_loader(path, batches, splits.num_classes, size=splits.image_shape[1], seed=seed,
+                                  workers=workers, **common)
+    if kind == "dali":
+        from regpipe.engine.dali_files import dali_folder_loader
+
+        return dali_folder_loader(splits.train, batches, splits.num_classes, seed=seed, threads=max(1, workers),
+                                  start_epoch=start_epoch, **common)
+    loader = _torch_loader(splits.train, workers, device, batch_sampler=batches)
+    return TorchLoader(loader, splits.num_classes, **common)
+
+
+def _shard(dataset: Dataset, info: distributed.DistInfo) -> Dataset:
+    """This rank's share of an evaluation set: every ``world_size``-th row from ``rank``."""
+    if not info.distributed:
+        return dataset
+    rows = range(info.rank, len(dataset), info.world_size)
+    if isinstance(dataset, ArrayDataset):
+        return ArrayDataset(dataset.arrays.subset(torch.as_tensor(rows, dtype=torch.int64)))
+    return Subset(dataset, list(rows))
+
+
+def eval_loader(splits: Splits, dataset: Dataset, batch_size: int, device: torch.device, workers: int,
+                info: distributed.DistInfo = distributed.DistInfo(), resize: int = 256) -> Iterable:
+    """Normalised evaluation batches (no ops) of this rank's shard of ``dataset`` (a ``.beton`` through FFCV)."""
+    if isinstance(dataset, BetonRef):
+        from regpipe.engine.ffcv_files import beton_eval_loader
+
+        return beton_eval_loader(dataset.path, splits.num_classes, size=splits.image_shape[1], batch_size=batch_size,
+                                 workers=workers, device=device, mean=splits.mean, std=splits.std, info=info,
+                                 resize=resize)
+    loader = _torch_loader(_shard(dataset, info), workers if isinstance(dataset, ImageFolderDataset) else 0, device,
+                           batch_size=batch_size, shuffle=False)
+    return TorchLoader(loader, splits.num_classes, device=device, mean=splits.mean, std=splits.std)
+
+
+def clean_loader(splits: Splits, batch_size: int, generator: torch.Generator, device: torch.device,
+                 workers: int, count: int, resize: int = 256) -> Iterable:
+    """Shuffled clean (unaugmented) training batches, for re-estimating BatchNorm statistics (``count`` rows
+    per pass of a ``.beton``)."""
+    if isinstance(splits.train, BetonRef):
+        from regpipe.engine.ffcv_files import beton_clean_loader
+
+        return beton_clean_loader(splits.train.path, splits.num_classes, size=splits.image_shape[1], resize=resize,
+                                  batch_size=batch_size, count=count, generator=generator, workers=workers,
+                                  device=device, mean=splits.mean, std=splits.std)
+    dataset = clean_view(splits.train)
+    loader = _torch_loader(dataset, workers if isinstance(dataset, ImageFolderDataset) else 0, device,
+                           batch_size=batch_size, shuffle=True, generator=generator)
+    return TorchLoader(loader, splits.num_classes, device=device, mean=splits.mean, std=splits.std)

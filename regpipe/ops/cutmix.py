@@ -1,0 +1,243 @@
+"""CutMix, CutOut and MixUp as batch ops: draw the boxes (or weights), then call the pure functions.
+
+* :class:`CutMix` (Yun et al. 2019): a box of a partner row pasted into each row, targets mixed by area.
+* :class:`CutOut` (DeVries & Taylor 2017): a square hole in each row, targets unchanged.
+* :class:`MixUp` (Zhang et al. 2018): Sum Augmentation with ``k = 2`` in permutation mode and weights
+  ``(lam, 1 - lam)``, ``lam ~ Beta(alpha, alpha)`` (one ``lam`` per batch, as the authors' code).
+
+CutMix and CutOut record their boxes in ``batch.boxes`` (:class:`~regpipe.core.batch.BoxRecord`) and the
+rows they read in ``batch.mixing`` (with the rows themselves when ``keep_parent``), so the saliency loss
+can build each row's expected map (:func:`~regpipe.functional.boxes.box_expected_maps`). On a replicated
+batch (several rows per seed), CutMix and MixUp pair each row with a row of another seed
+(:func:`~regpipe.ops.sum_mix.across_seed_sources`), as Sum Augmentation does.
+
+Randomness: every draw comes from the op's generator; Beta variates and integer positions come from a numpy
+generator seeded by one draw of it (torch has no seeded Beta sampler), so the same seed gives the same boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from regpipe.core.batch import Batch, BoxRecord, MixRecord
+from regpipe.core.checks import check_finite_number
+from regpipe.core.op import BatchOp
+from regpipe.functional.boxes import box_area_fraction, center_boxes, check_boxes, cutmix, cutmix_targets, cutout
+from regpipe.ops.sum_mix import MixParams, SumMixOp, across_seed_sources
+
+__all__ = ["CutMix", "CutMixParams", "CutOut", "CutOutParams", "MixUp"]
+
+
+def _numpy_rng(op: BatchOp, device: torch.device) -> np.random.Generator:
+    """A numpy generator seeded by one draw of the op's torch generator (replayable from the op's state)."""
+    generator = op.rng.get(device)
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+
+
+def _refuse(batch: Batch, name: str) -> None:
+    if batch.patchup is not None or batch.mixing is not None:
+        raise ValueError(f"{name} takes unmixed batches without a PatchUp plan: apply it after replication and "
+                         "before PatchUp, and not after another mixing op")
+
+
+def _check_probability(name: str, value: float) -> float:
+    return check_finite_number(name, value, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CutMixParams:
+    """One CutMix draw.
+
+    Attributes:
+        boxes: ``(N, 4)`` int64 boxes ``(y0, y1, x0, x1)``, or ``None``: the batch passes unmixed (``prob``).
+        partners: ``(N,)`` int64 row pasted into each row's box (``None`` with ``boxes``).
+    """
+
+    boxes: torch.Tensor | None
+    partners: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        if (self.boxes is None) != (self.partners is None):
+            raise ValueError("CutMixParams.boxes and partners come together (both or neither)")
+        if self.boxes is not None and (self.partners.dtype != torch.int64
+                                       or self.partners.shape != self.boxes.shape[:1]):
+            raise ValueError(f"CutMixParams.partners must be ({self.boxes.shape[0]},) int64, got "
+                             f"{self.partners.dtype} {tuple(self.partners.shape)}")
+
+
+class CutMix(BatchOp[CutMixParams]):
+    """CutMix (Yun et al. 2019, section 3.1, Algorithm A1).
+
+    With probability ``prob`` a batch is mixed: ``lam ~ Beta(alpha, alpha)``, a box of sides
+    ``H sqrt(1 - lam)`` x ``W sqrt(1 - lam)`` centred uniformly (clipped to the image,
+    :func:`~regpipe.functional.patchup.cutmix_box`), each row gets that box of its partner (a random
+    permutation of the batch; across seeds on a replicated batch) and the targets
+    ``lam' y_i + (1 - lam') y_partner``, ``lam'`` the kept area. One box for the whole batch, as
+    Algorithm A1; ``per_row=True`` draws a ``lam`` and a box per row.
+
+    Args:
+        alpha: Beta parameter (paper: 1, i.e. ``lam`` uniform).
+        prob: chance a batch is mixed (1: Algorithm A1 as printed; the authors' CIFAR command uses 0.5).
+        per_row: one ``lam`` and box per row instead of per batch.
+        seed: seed of the op's generator.
+        keep_parent: keep the rows before mixing in ``batch.mixing`` (the saliency loss needs them).
+
+    Example:
+        >>> import torch
+        >>> from regpipe import Batch
+        >>> from regpipe.ops.cutmix import CutMix
+        >>> batch = Batch.from_labels(torch.rand(4, 3, 8, 8), torch.arange(4), num_classes=4)
+        >>> out = CutMix(seed=0)(batch)
+        >>> out.boxes.boxes.shape, bool(torch.allclose(out.targets.sum(1), torch.ones(4)))
+        (torch.Size([4, 4]), True)
+    """
+
+    def __init__(self, alpha: float = 1.0, prob: float = 1.0, per_row: bool = False, seed: int = 0,
+                 keep_parent: bool = False) -> None:
+        super().__init__(seed)
+        self.alpha = check_finite_number("alpha", alpha, 0.0, low_open=True)
+        self.prob = _check_probability("prob", prob)
+        self.per_row, self.keep_parent = bool(per_row), bool(keep_parent)
+
+    def draw(self, batch: Batch) -> CutMixParams:
+        """``lam``, the box centre(s) and the partners, from ``self.rng``."""
+        _refuse(batch, "CutMix")
+        n, height, width = batch.size, *batch.inputs.shape[-2:]
+        rng = _numpy_rng(self, batch.device)
+        if rng.random() >= self.prob:
+            return CutMixParams(None, None)
+        ids = batch.source_ids.detach().cpu()
+        if torch.unique(ids).numel() < n:  # replicated: the partner is a copy of another seed
+            partners = across_seed_sources(ids, 2, n, True, rng)[:, 1]
+        else:
+            partners = torch.from_numpy(rng.permutation(n))
+        rows = n if self.per_row else 1
+        lam = torch.from_numpy(rng.beta(self.alpha, self.alpha, size=rows))
+        cy, cx = torch.from_numpy(rng.integers(0, height, rows)), torch.from_numpy(rng.integers(0, width, rows))
+        cut = torch.sqrt(1.0 - lam)
+        boxes = center_boxes(height, width, cy, cx, torch.floor(height * cut).long() // 2,
+                             torch.floor(width * cut).long() // 2).expand(n, 4).contiguous()
+        return CutMixParams(boxes.to(batch.device), partners.to(batch.device, torch.int64))
+
+    def apply(self, batch: Batch, params: CutMixParams) -> Batch:
+        """Paste the boxes (:func:`~regpipe.functional.boxes.cutmix`) and mix the targets by area."""
+        if not isinstance(params, CutMixParams):
+            raise TypeError(f"CutMix.apply needs CutMixParams, got {type(params).__name__}")
+        if params.boxes is None:
+            return batch
+        _refuse(batch, "CutMix")
+        n, height, width = batch.size, *batch.inputs.shape[-2:]
+        check_boxes(params.boxes, n, height, width)
+        if params.partners.shape != (n,):
+            raise ValueError(f"these partners were drawn for {params.partners.shape[0]} rows, the batch has {n}")
+        pasted = box_area_fraction(params.boxes, height, width)
+        sources = torch.stack([torch.arange(n, device=batch.device), params.partners], dim=1)
+        record = MixRecord(sources=sources, weights=torch.stack([1.0 - pasted, pasted], dim=1),
+                           source_ids=batch.source_ids[sources],
+                           parent_inputs=batch.inputs if self.keep_parent else None,
+                           parent_targets=batch.targets if self.keep_parent else None)
+        return batch.replace(inputs=cutmix(batch.inputs, params.boxes, params.partners),
+                             targets=cutmix_targets(batch.targets, params.boxes, params.partners, height, width),
+                             mixing=record, boxes=BoxRecord(params.boxes, params.partners))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "prob": self.prob, "per_row": self.per_row, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha, self.prob, self.per_row = float(state["alpha"]), float(state["prob"]), bool(state["per_row"])
+
+
+@dataclass(frozen=True)
+class CutOutParams:
+    """One CutOut draw: ``boxes`` ``(N, 4)`` int64 holes (empty for rows left whole)."""
+
+    boxes: torch.Tensor
+
+
+class CutOut(BatchOp[CutOutParams]):
+    """CutOut (DeVries & Taylor 2017, section 3): each row, with probability ``prob``, gets a square hole of
+    side ``length`` centred at a uniform pixel (so part of it may fall outside the image), filled with
+    ``fill`` (0: the mean pixel of normalised inputs, as the authors cut after normalising). Targets
+    are unchanged.
+
+    Args:
+        length: side of the hole in pixels (paper: 16 on CIFAR-10, 8 on CIFAR-100, 20 on SVHN).
+        prob: chance a row is cut (paper: 1).
+        fill: value of the hole.
+        seed: seed of the op's generator.
+        keep_parent: keep the rows before the cut in ``batch.mixing`` (the saliency loss needs them).
+    """
+
+    def __init__(self, length: int = 16, prob: float = 1.0, fill: float = 0.0, seed: int = 0,
+                 keep_parent: bool = False) -> None:
+        super().__init__(seed)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be an integer >= 1, got {length!r}")
+        self.length = length
+        self.prob = _check_probability("prob", prob)
+        self.fill = check_finite_number("fill", fill)
+        self.keep_parent = bool(keep_parent)
+
+    def draw(self, batch: Batch) -> CutOutParams:
+        """A centre per row and whether the row is cut, from ``self.rng``."""
+        _refuse(batch, "CutOut")
+        n, height, width = batch.size, *batch.inputs.shape[-2:]
+        rng = _numpy_rng(self, batch.device)
+        cy, cx = torch.from_numpy(rng.integers(0, height, n)), torch.from_numpy(rng.integers(0, width, n))
+        cut = torch.from_numpy(rng.random(n) < self.prob).long()
+        boxes = center_boxes(height, width, cy, cx, cut * (self.length // 2), cut * (self.length // 2))
+        return CutOutParams(boxes.to(batch.device))
+
+    def apply(self, batch: Batch, params: CutOutParams) -> Batch:
+        """Cut the holes (:func:`~regpipe.functional.boxes.cutout`); targets unchanged."""
+        if not isinstance(params, CutOutParams):
+            raise TypeError(f"CutOut.apply needs CutOutParams, got {type(params).__name__}")
+        _refuse(batch, "CutOut")
+        n, device = batch.size, batch.device
+        rows = torch.arange(n, device=device).unsqueeze(1)
+        record = MixRecord(sources=rows, weights=torch.ones(n, 1, device=device), source_ids=batch.source_ids[rows],
+                           parent_inputs=batch.inputs if self.keep_parent else None,
+                           parent_targets=batch.targets if self.keep_parent else None)
+        return batch.replace(inputs=cutout(batch.inputs, params.boxes, self.fill), mixing=record,
+                             boxes=BoxRecord(params.boxes, torch.full((n,), -1, dtype=torch.int64, device=device)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"length": self.length, "prob": self.prob, "fill": self.fill, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.length, self.prob, self.fill = int(state["length"]), float(state["prob"]), float(state["fill"])
+
+
+class MixUp(SumMixOp):
+    """MixUp (Zhang et al. 2018, section 2): ``x~ = lam x_i + (1 - lam) x_j``, ``y~ = lam y_i + (1 - lam) y_j``,
+    ``lam ~ Beta(alpha, alpha)`` drawn once per batch and ``j`` a random permutation of the batch (the
+    authors' code) — Sum Augmentation's permutation mode with ``k = 2`` and weights ``(lam, 1 - lam)``
+    (:func:`~regpipe.ops.sum_mix.mix_batch`), so the loaders' fused mixing stage runs it too.
+
+    Args:
+        alpha: Beta parameter (paper: 0.2-0.4 on ImageNet, 1 on CIFAR-10).
+        seed: seed of the op's generator.
+        keep_parent: keep the unmixed rows in ``batch.mixing``.
+    """
+
+    def __init__(self, alpha: float = 1.0, seed: int = 0, keep_parent: bool = False) -> None:
+        super().__init__("permute", seed, drop_remainder=False, keep_parent=keep_parent)
+        self.alpha = check_finite_number("alpha", alpha, 0.0, low_open=True)
+
+    def draw(self, batch: Batch) -> MixParams:
+        """``lam`` from ``self.rng`` (through a seeded numpy generator), then the partners as :class:`SumMix`."""
+        lam = float(_numpy_rng(self, batch.device).beta(self.alpha, self.alpha))
+        return self._draw(batch, [lam, 1.0 - lam])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, **super().state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha = float(state["alpha"])

@@ -1,0 +1,382 @@
+"""ImageNet-style use of the DALI and FFCV adapters, with the real libraries on CPU and small JPEG folders of varied
+sizes: per-copy random-resized crops at decode resolution, seed ids from the readers, mixing across seeds, and
+the fused device stage (counted) in every adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from jpegfolder import SIZES, make_jpeg_folder, sample_source
+from regpipe.functional.invariance import invariance_loss
+from regpipe.kernels import CALLS
+from regpipe.loaders.file_index import FileIndex, path_hash
+from regpipe.loaders.torch import TorchLoader
+from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
+from regpipe.ops.sum_mix import GradualSumMix, SumMix, mix_batch
+
+OUT = (24, 32)
+M, S = 3, 4
+
+
+def chain() -> Augment:
+    return Augment([RandomResizedCrop(scale=(0.25, 1.0), size=OUT), RandomFlip()], seed=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("jpegs")
+    return root, dict(make_jpeg_folder(root))
+
+
+def check_copies_map_back(batch, index: FileIndex, decoded: dict[str, np.ndarray], max_err: float = 4.0,
+                          mean_err: float = 1.0) -> None:
+    """Every row, read back through its recorded affine from its source image, is the row (interpolation error)."""
+    assert batch.inputs.shape[-2:] == OUT
+    for r in range(batch.size):
+        source = decoded[index.paths[int(batch.source_ids[r])]]
+        ref, inside = sample_source(source, batch.affine[r], OUT)
+        assert float(inside.float().mean()) > 0.5
+        err = (batch.inputs[r].float() - ref).abs()[:, inside]
+        assert float(err.max()) <= max_err and float(err.mean()) < mean_err, (r, float(err.max()), float(err.mean()))
+
+
+def check_distinct_copies(batch) -> None:
+    for s in range(batch.size // M):
+        theta = batch.affine[s * M:(s + 1) * M].reshape(M, -1)
+        assert torch.cdist(theta, theta).add(torch.eye(M)).min() > 1e-3  # m independent crops per image
+
+
+# ------------------------------------------------------------------------------------------------ file index
+
+def test_file_index_ids_labels_and_hash(folder) -> None:
+    root, decoded = folder
+    index = FileIndex(root)
+    assert index.paths == sorted(decoded) and index.classes == ("cat", "dog")
+    assert index.labels.tolist() == [0 if p.startswith("cat/") else 1 for p in index.paths]
+    # FNV-1a 64 of b"a": the published test vector
+    assert path_hash("a") == 0xAF63DC4C8601EC8C
+    assert [index.id_of(p) for p in index.paths] == list(range(len(index)))
+    with pytest.raises(KeyError, match="cat/missing.jpg"):
+        index.id_of("cat/missing.jpg")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        FileIndex(root / "nowhere")
+
+
+def test_file_index_keeps_bytes_and_its_ids_survive_subset_and_pickle(folder) -> None:
+    import pickle
+
+    from regpipe.engine.datasets import ImageFolderDataset
+
+    root, _ = folder
+    index = FileIndex(root)
+    assert index.names.dtype.kind == "S" and index.path(1) == str(root / index.paths[1])
+    sub = index.subset([3, 0])
+    assert list(sub.paths) == [index.paths[3], index.paths[0]] and sub.id_of(index.paths[0]) == 1
+    copy = pickle.loads(pickle.dumps(ImageFolderDataset(index, 8, train=False))).index  # as DataLoader workers get it
+    assert [copy.id_of(p) for p in index.paths] == list(range(len(index)))
+
+
+# ------------------------------------------------------------------------------------------------ DALI
+
+@pytest.fixture(autouse=True)
+def _libraries(request: pytest.FixtureRequest) -> None:
+    """DALI tests skip without DALI, FFCV tests without FFCV (the torch tests always run)."""
+    if "dali" in request.node.name:
+        pytest.importorskip("nvidia.dali")
+    if "ffcv" in request.node.name:
+        pytest.importorskip("ffcv")
+
+
+def dali_pipe(root: Path, index: FileIndex | None, batch_size: int = S, augment: Augment | None = None,
+              with_ids: bool = True):
+    from nvidia.dali import fn, pipeline_def
+
+    from regpipe.loaders.dali import replicate, sample_ids
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=3)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=str(root), name="reader", random_shuffle=True, seed=1)
+        images = fn.decoders.image(jpegs, device="cpu")  # varied sizes
+        rep = replicate(images, M, augment or chain(), include_original=False)
+        if not with_ids:
+            return rep.images, labels, rep.theta
+        return rep.images, labels, sample_ids(jpegs, index), rep.theta
+
+    return pipe()
+
+
+def test_dali_per_copy_crops_from_varied_jpegs_map_back_with_reader_ids(folder) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, decoded = folder
+    index = FileIndex(root)
+    loader = DaliLoader(dali_pipe(root, index), 2, ["images", "labels", "ids", "theta"], reader_name="reader",
+                        keep_uint8=True)
+    seen = []
+    for batch in loader:
+        assert batch.inputs.shape == (S * M, 3, *OUT) and batch.inputs.dtype == torch.uint8
+        ids = batch.source_ids.view(S, M)
+        assert bool((ids == ids[:, :1]).all())  # every copy has its source's id
+        assert torch.equal(batch.targets.argmax(1), torch.from_numpy(index.labels)[batch.source_ids])
+        check_copies_map_back(batch, index, decoded)
+        check_distinct_copies(batch)
+        seen += ids[:, 0].tolist()
+    assert sorted(seen) == list(range(len(SIZES)))  # one pass reads every image once, under its own id
+
+
+def test_dali_invariance_loss_of_replicated_batch_is_positive(folder) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    loader = DaliLoader(dali_pipe(root, FileIndex(root)), 2, ["images", "labels", "ids", "theta"],
+                        reader_name="reader")
+    batch = next(iter(loader))
+    acts = batch.inputs.flatten(1)
+    loss = invariance_loss(acts, batch.source_ids)
+    assert 0.0 < float(loss) < 1.0  # copies of one image differ less than different images
+    with pytest.raises(ValueError, match="share a seed"):  # positional ids: no copies to compare
+        invariance_loss(acts, torch.arange(batch.size))
+
+
+def test_dali_replication_without_ids_is_an_error_naming_it(folder) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    loader = DaliLoader(dali_pipe(root, None, with_ids=False), 2, ["images", "labels", "theta"], reader_name="reader")
+    with pytest.raises(ValueError, match="no 'ids' output.*sample_ids"):
+        next(iter(loader))
+
+
+def test_dali_ids_unknown_to_the_index_are_an_error(folder, tmp_path: Path) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    other = tmp_path / "other"
+    make_jpeg_folder(other, sizes=SIZES[:2])
+    (other / "cat" / "img00.jpg").rename(other / "cat" / "renamed.jpg")
+    loader = DaliLoader(dali_pipe(root, FileIndex(other), batch_size=2), 2, ["images", "labels", "ids", "theta"],
+                        reader_name="reader")
+    with pytest.raises(ValueError, match="'ids' is -1.*not in the FileIndex"):
+        for _ in loader:
+            pass
+
+
+def test_dali_group_mix_after_replication_mixes_distinct_seeds_fused(folder) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    op = SumMix(groups=3, seed=0)
+    loader = DaliLoader(dali_pipe(root, FileIndex(root)), 2, ["images", "labels", "ids", "theta"],
+                        reader_name="reader", mean=[0.5] * 3, std=[0.25] * 3, ops=[op])
+    before = CALLS["numba"]
+    batch = next(iter(loader))
+    assert CALLS["numba"] == before + 1  # the fused kernel ran
+    seeds = batch.mixing.source_ids
+    assert batch.size == S * M // 3
+    assert all(len(set(row)) == 3 for row in seeds.tolist())
+    assert len({tuple(sorted(row)) for row in seeds.tolist()}) == batch.size
+
+
+# ------------------------------------------------------------------------------------------------ FFCV
+
+
+@pytest.fixture(scope="module", params=["raw", "jpg"])
+def beton(folder, request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FileIndex]:
+    from regpipe.loaders.ffcv import write_image_folder
+
+    root, _ = folder
+    return write_image_folder(root, tmp_path_factory.mktemp("beton") / "train.beton", jpeg_quality=98,
+                              write_mode=request.param)
+
+
+def ffcv_loader(path: Path, decoder, batch_size: int = S, with_indices: bool = True):
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    from regpipe.loaders.ffcv import WithIndices
+
+    labels = [IntDecoder(), WithIndices(), ToTensor()] if with_indices else [IntDecoder(), ToTensor()]
+    return Loader(str(path), batch_size=batch_size, num_workers=1, order=OrderOption.RANDOM, seed=0,
+                  pipelines={"image": [decoder, ToTensor()], "label": labels})
+
+
+def test_ffcv_decoder_crops_each_decoded_image_m_times_with_indices_as_ids(folder, beton) -> None:
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+
+    _, decoded = folder
+    path, index = beton
+    assert list(ffcv_loader(path, ReplicatedCropDecoder(M, chain(), seed=1)).reader.handlers) == ["image", "label"]
+    decoder = ReplicatedCropDecoder(M, chain(), seed=1)
+    loader = FfcvLoader(ffcv_loader(path, decoder), 2, replicate=decoder, keep_uint8=True)
+    epochs = []
+    for _ in range(2):
+        seen = []
+        for batch in loader:
+            assert batch.inputs.shape == (S * M, 3, *OUT)
+            ids = batch.source_ids.view(S, M)
+            assert bool((ids == ids[:, :1]).all())
+            assert torch.equal(batch.targets.argmax(1), torch.from_numpy(index.labels)[batch.source_ids])
+            # raw: the pixels pillow decoded; jpg: FFCV re-encoded them (cv2, 4:2:0 chroma), which adds its error
+            jpeg = loader.loader.reader.metadata["f0"]["mode"][0] == 0
+            check_copies_map_back(batch, index, decoded, *((24.0, 3.0) if jpeg else (4.0, 1.0)))
+            check_distinct_copies(batch)
+            seen.append(batch)
+        assert sorted(torch.cat([b.source_ids[::M] for b in seen]).tolist()) == list(range(len(SIZES)))
+        epochs.append(seen)
+    assert not torch.equal(epochs[0][0].affine, epochs[1][0].affine)  # new crops every epoch
+
+
+def test_ffcv_replication_without_indices_is_an_error_naming_the_fix(beton) -> None:
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+
+    path, _ = beton
+    decoder = ReplicatedCropDecoder(M, chain())
+    with pytest.raises(ValueError, match="no sample indices.*WithIndices"):
+        FfcvLoader(ffcv_loader(path, decoder, with_indices=False), 2, replicate=decoder)
+
+
+def test_ffcv_decoder_needs_a_sized_crop() -> None:
+    from regpipe.loaders.ffcv import ReplicatedCropDecoder
+
+    with pytest.raises(ValueError, match="RandomResizedCrop\\(size="):
+        ReplicatedCropDecoder(M, Augment([RandomFlip()]))
+    with pytest.raises(ValueError, match="m \\(copies per image\\)"):
+        ReplicatedCropDecoder(0, chain())
+
+
+@pytest.mark.parametrize("mode", ["group", "permute"])
+def test_ffcv_gradual_mix_after_replication_is_fused_normalised_and_across_seeds(beton, mode: str) -> None:
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+
+    path, _ = beton
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    decoder = ReplicatedCropDecoder(M, chain(), seed=2)
+    op = GradualSumMix(k0=3, gradual_steps=10, mode=mode, seed=0)
+    op.step_count = 4  # mid-schedule: three unequal weights
+    warns = pytest.warns(UserWarning, match="some rows repeat") if mode == "permute" else contextlib.nullcontext()
+    loader = FfcvLoader(ffcv_loader(path, decoder), 2, replicate=decoder, mean=mean, std=std, ops=[op],
+                        keep_uint8=True)
+    before = CALLS["numba"]
+    with warns:
+        batch = next(iter(loader))
+    assert CALLS["numba"] == before + 1
+    seeds = batch.mixing.source_ids
+    assert batch.size == (S * M // 3 if mode == "group" else S * M)
+    assert all(len(set(row)) == 3 for row in seeds.tolist())
+    # distinct seed sets == rows when the batch allows it (permutation mode: only C(4, 3) = 4 sets exist)
+    assert len({tuple(sorted(row)) for row in seeds.tolist()}) == min(batch.size, math.comb(S, 3))
+    # normalised (mean/std applied, not 0..255 values): within the normalised range of 0..255 pixels
+    lo = min((0 - m) / s for m, s in zip(mean, std))
+    hi = max((1 - m) / s for m, s in zip(mean, std))
+    assert lo - 1e-4 <= float(batch.inputs.min()) and float(batch.inputs.max()) <= hi + 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ torch
+
+def replicated_uint8(s: int = 16, m: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (s, 3, 6, 5), dtype=torch.uint8, generator=g).repeat_interleave(m, 0)
+    labels = torch.arange(s).remainder(5).repeat_interleave(m)
+    ids = (100 + torch.arange(s)).repeat_interleave(m)
+    return images, labels, ids
+
+
+@pytest.mark.parametrize("mode", ["group", "permute"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_loader_fused_stage_equals_normalise_then_mix(mode: str, channels_last: bool) -> None:
+    images, labels, ids = replicated_uint8()
+    mean, std = [0.2, 0.5, 0.7], [0.25, 0.5, 0.125]
+    op = GradualSumMix(k0=4, gradual_steps=9, mode=mode, seed=5)
+    op.step_count = 2
+    loader = TorchLoader([(images, labels, ids)], 5, mean=mean, std=std, ops=[op], channels_last=channels_last)
+    before = CALLS["numba"]
+    batch = next(iter(loader))
+    assert CALLS["numba"] == before + 1
+    assert batch.inputs.dtype == torch.float32 and batch.inputs.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # the reference: the loader's normalisation, then the same rows mixed by the torch composite
+    x = ((images.double() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    rows, w = batch.mixing.sources, batch.mixing.weights[0].tolist()
+    want = sum(w[g] * x[rows[:, g]] for g in range(4) if w[g] > 0)
+    torch.testing.assert_close(batch.inputs.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(batch.mixing.source_ids, ids[rows])
+    targets = torch.nn.functional.one_hot(labels, 5).double()
+    torch.testing.assert_close(batch.targets.double(), sum(w[g] * targets[rows[:, g]] for g in range(4)))
+    seeds = batch.mixing.source_ids.tolist()
+    assert all(len(set(r)) == 4 for r in seeds) and len({tuple(sorted(r)) for r in seeds}) == batch.size
+
+
+def test_replicate_then_group_mix_gives_distinct_mixtures() -> None:
+    """The issue's case: 16 seeds x m = 4, GradualSumMix(k0=4): 16 rows, 16 distinct seed combinations."""
+    images, labels, ids = replicated_uint8()
+    from regpipe.core.batch import Batch
+
+    batch = Batch.from_labels(images.float(), labels, 5, source_ids=ids)
+    out = GradualSumMix(k0=4, seed=0)(batch)
+    seeds = out.mixing.source_ids.tolist()
+    assert out.size == 16 and len({tuple(sorted(r)) for r in seeds}) == 16
+    assert all(len(set(r)) == 4 for r in seeds)
+    assert sorted(out.mixing.sources.flatten().tolist()) == list(range(64))  # every row used once
+    # replay: the same params give the same batch
+    op = SumMix(groups=4, seed=3)
+    params = op.draw(batch)
+    torch.testing.assert_close(op.apply(batch, params).inputs, op.apply(batch, params).inputs)
+
+
+def test_distinct_seeds_only_when_the_batch_allows_it() -> None:
+    from regpipe.core.batch import Batch
+
+    images, labels, ids = replicated_uint8(s=3, m=2)
+    batch = Batch.from_labels(images.float(), labels, 5, source_ids=ids)
+    with pytest.raises(ValueError, match="needs at least 4 seeds, the batch has 3"):
+        SumMix(groups=4, mode="permute")(batch)
+    uneven = Batch.from_labels(torch.rand(8, 3, 2, 2), torch.zeros(8, dtype=torch.int64), 5,
+                               source_ids=torch.tensor([7, 7, 7, 7, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="seed 7 has 4 copies for 2 output rows"):
+        SumMix(groups=4)(uneven)
+
+
+def test_keep_uint8_gradual_mix_is_normalised_not_raw_pixels() -> None:
+    images, labels, ids = replicated_uint8(s=8, m=1)
+    mean, std = [0.5] * 3, [0.25] * 3
+    op = GradualSumMix(k0=2, seed=0)
+    batch = next(iter(TorchLoader([(images, labels, ids)], 5, mean=mean, std=std, keep_uint8=True, ops=[op])))
+    x = (images.float() / 255 - 0.5) / 0.25
+    want = mix_batch(TorchLoader([], 5).builder.build(x, labels, ids), [0.5, 0.5]).inputs
+    torch.testing.assert_close(batch.inputs, want, atol=1e-5, rtol=1e-5)
+
+
+def test_log_kernels_prints_once_per_op(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("REGPIPE_LOG_KERNELS", "1")
+    images, labels, ids = replicated_uint8(s=8, m=1)
+    loader = TorchLoader([(images, labels, ids)] * 3, 5, mean=[0.5] * 3, std=[0.25] * 3,
+                         ops=[GradualSumMix(k0=2, seed=0)])
+    list(loader)
+    err = capsys.readouterr().err
+    assert err.count("GradualSumMix: fused_mix[numba] uint8 -> float32") == 1, err
+
+
+def test_sum_mix_op_on_uint8_uses_the_kernel_and_keeps_the_0_255_scale() -> None:
+    images, labels, ids = replicated_uint8(s=8, m=1)
+    from regpipe.core.batch import Batch
+
+    batch = Batch.from_labels(images, labels, 5, source_ids=ids)
+    before = CALLS["numba"]
+    out = SumMix(groups=2)(batch)
+    assert CALLS["numba"] == before + 1
+    torch.testing.assert_close(out.inputs, (images[:4].float() + images[4:].float()) / 2)
+
+
+def test_torch_dataloader_uint8_without_mix_is_normalised_once() -> None:
+    images, labels, _ = replicated_uint8(s=4, m=1)
+    dl = DataLoader(TensorDataset(images, labels), batch_size=4)
+    batch = next(iter(TorchLoader(dl, 5, mean=[0.5] * 3, std=[0.25] * 3)))
+    torch.testing.assert_close(batch.inputs, (images.float() / 255 - 0.5) / 0.25)

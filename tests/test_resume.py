@@ -1,0 +1,115 @@
+"""A run killed part-way and resumed with ``--resume`` ends with the uninterrupted run's metrics (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagefolder import write_image_folder
+from regpipe.engine.config import GradualConfig, InvarianceConfig, TrainConfig
+from regpipe.engine.resume import ResumableBatches
+from regpipe.engine.train import train
+
+TIMING = ("images_per_s",)
+
+
+class Interrupted(Exception):
+    """Stands for the kill: raised inside the loop after a number of steps."""
+
+
+def _rows(metrics: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in metrics["epochs"]]
+
+
+def _interrupted_then_resumed(cfg: TrainConfig, after_steps: int) -> dict:
+    seen = {"n": 0}
+
+    def kill(epoch: int, batch: object) -> None:
+        seen["n"] += 1
+        if seen["n"] == after_steps:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, observe=kill)
+    assert (Path(cfg.out) / "state.pt").is_file()
+    assert not (Path(cfg.out) / "metrics.json").exists()
+    return train(replace(cfg, resume=True))
+
+
+@pytest.mark.parametrize("recipe, after", [("baseline", 7), ("gradual", 8), ("invariance", 12), ("cascade", 6),
+                                           ("loss-order", 7), ("loss-delta", 7), ("loss-delta", 9)])
+def test_resumed_run_equals_uninterrupted_run(recipe: str, after: int, fake_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(recipe=recipe, epochs=3, seed=4, samples_per_class=4, val_per_class=2, batch_size=8,
+                      data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64, checkpoint_every=3,
+                      gradual=GradualConfig(k0=2, fine_tune_frac=0.3), invariance=InvarianceConfig(layers=("layer1",)))
+    whole = train(replace(cfg, out=str(tmp_path / "whole")))
+    resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), after)
+    assert _rows(resumed) == _rows(whole)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert not (tmp_path / "resumed" / "state.pt").exists()
+
+
+def test_resume_streams_the_same_crops(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "data", train_per_class=6, val_per_class=2)
+    cfg = TrainConfig(recipe="sum", dataset=f"imagefolder:{root}", samples_per_class=None, epochs=2, seed=1,
+                      batch_size=8, image_size=24, val_resize=28, workers=2, device="cpu", progress=False,
+                      checkpoint_every=2)
+    whole = train(replace(cfg, out=str(tmp_path / "whole")))
+    resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), 5)
+    assert _rows(resumed) == _rows(whole)
+
+
+def test_resume_refuses_other_settings(fake_dir: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(recipe="baseline", epochs=2, samples_per_class=4, val_per_class=2, batch_size=8,
+                      data_dir=str(fake_dir), device="cpu", progress=False, out=str(tmp_path / "run"))
+    with pytest.raises(Interrupted):
+        train(cfg, observe=lambda epoch, batch: (_ for _ in ()).throw(Interrupted()) if epoch == 1 else None)
+    with pytest.raises(ValueError, match=r"other settings \(lr: saved 0.05, now 0.1\)"):
+        train(replace(cfg, resume=True, lr=0.1))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(replace(cfg, resume=True, out=str(tmp_path / "elsewhere")))
+
+
+def test_resumable_batches_replays_a_pass() -> None:
+    inner = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(range(20), generator=torch.Generator().manual_seed(0)), 4, drop_last=True)
+    order = ResumableBatches(inner)
+    first, second = list(order), list(order)
+    again = ResumableBatches(torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(range(20), generator=torch.Generator().manual_seed(99)), 4, drop_last=True))
+    again.resume_at(order.state_for(1), skip=2)
+    assert list(again) == second[2:]
+    assert list(again) == list(order)  # and the passes after it follow
+    assert first != second
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_the_command_line(fake_dir: Path, tmp_path: Path) -> None:
+    """A real kill (SIGKILL, no cleanup) while the run is between checkpoints."""
+    args = [sys.executable, "-m", "regpipe", "train", "--recipe", "gradual", "--data-dir", str(fake_dir),
+            "--samples-per-class", "8", "--val-per-class", "2", "--batch-size", "8", "--epochs", "4", "--checkpoint-every", "2",
+            "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "run" / "metrics.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    subprocess.run([*args, "--out", str(tmp_path / "run"), "--resume"], check=True, env=env, capture_output=True)
+    whole, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "run"))
+    assert _rows(resumed) == _rows(whole)
