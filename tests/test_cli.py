@@ -188,3 +188,34 @@ def test_train_scoring_sampler_recipes(recipe: str, fake_dir: Path, tmp_path: Pa
     assert row["steps"] == 5 and row["rows_per_step"] == 8
     if recipe.startswith("loss-delta"):
         assert "mean_score" in row  # the chosen scores are logged
+
+
+def test_compare_plateau_eval_every_and_budgets(fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "baseline", "--seeds", "1", "--data-dir", str(fake_dir), "--out", str(out),
+                 *TINY, "--epochs", "3", "--schedule", "plateau", "--plateau-factor", "0.5", "--plateau-patience", "1",
+                 "--eval-every", "2", "--eval-subset", "10"]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    run = saved["runs"]["baseline"][0]
+    cfg = run["config"]
+    assert (cfg["schedule"], cfg["plateau_factor"], cfg["plateau_patience"], cfg["eval_every"], cfg["eval_subset"]) \
+        == ("plateau", 0.5, 1, 2, 10)
+    assert [row["epoch"] for row in run["epochs"] if "test_accuracy" in row] == [2, 3]
+    assert [row["epoch"] for row in run["epochs"] if "val_accuracy" in row] == [2, 3]
+    steps = 40 // 8 * 3  # 4 samples per class, batch 8, 3 epochs
+    assert run["optimizer_steps"] == steps and run["images_seen"] == steps * 8
+    assert saved["summary"][0]["mean_optimizer_steps"] == steps
+    assert f"| {steps} steps, {steps * 8} images |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--plateau-factor", "2", "factor must be a number in (0, 1), got 2.0"),
+    ("--plateau-patience", "0", "patience must be an integer >= 1, got 0"),
+    ("--eval-every", "0", "eval_every must be an integer >= 1, got 0"),
+])
+def test_bad_schedule_options_are_named(option: str, value: str, fragment: str, fake_dir: Path, tmp_path: Path,
+                                        capsys) -> None:
+    assert main(["train", "--data-dir", str(fake_dir), *TINY, "--out", str(tmp_path / "run"), "--schedule", "plateau",
+                 option, value]) == 2
+    assert fragment in capsys.readouterr().err

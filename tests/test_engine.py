@@ -252,3 +252,70 @@ def test_run_settings_are_checked_when_built() -> None:
     with pytest.raises(ValueError, match="train.resume needs train.out"):
         TrainConfig(resume=True)
     assert TrainConfig().eval_batch_size is None  # per process: the training batch's share
+
+
+def _scripted_evaluate(monkeypatch: pytest.MonkeyPatch, val: list[float]) -> list[int]:
+    """Replace the loop's ``evaluate``: each evaluation epoch calls it for the test set, then the validation
+    set (which gets the next of ``val``); the final evaluation calls it once more. Returns the rows read."""
+    import regpipe.engine.train as loop
+
+    calls: list[int] = []
+    scripted = iter(val)
+
+    def fake(model: torch.nn.Module, batches: object, tta: object = None, info: object = None) -> float:
+        calls.append(sum(batch.size for batch in batches))
+        return next(scripted) if len(calls) % 2 == 0 and len(calls) // 2 <= len(val) else 0.25
+
+    monkeypatch.setattr(loop, "evaluate", fake)
+    return calls
+
+
+def test_plateau_lowers_the_lr_exactly_after_patience_stagnant_evaluations(
+        fake_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # factor 0.5, patience 2: val 0.5 (best), 0.4 (1), 0.45 (2 -> x0.5), 0.6 (best), 0.6 (1): each row's lr is
+    # the lr its epoch trained with, so the reduction after epoch 3 shows from epoch 4 on.
+    _scripted_evaluate(monkeypatch, [0.5, 0.4, 0.45, 0.6, 0.6])
+    metrics = _run(fake_dir, "baseline", epochs=5, lr=0.08, schedule="plateau", plateau_factor=0.5,
+                   plateau_patience=2)
+    assert [row["lr"] for row in metrics["epochs"]] == [0.08, 0.08, 0.08, 0.04, 0.04]
+    assert [row["val_accuracy"] for row in metrics["epochs"]] == [0.5, 0.4, 0.45, 0.6, 0.6]
+
+
+def test_cosine_is_unchanged_by_the_validation_metric(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "baseline", epochs=2, lr=0.08)
+    steps = TRAIN_ROWS // BATCH
+    expected = [0.08 * 0.5 * (1 + math.cos(math.pi * (e * steps) / (2 * steps))) for e in (1, 2)]
+    assert [row["lr"] for row in metrics["epochs"]] == pytest.approx(expected)
+    assert all("val_accuracy" not in row for row in metrics["epochs"])
+
+
+def test_eval_every_evaluates_every_n_epochs_and_the_last(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "baseline", epochs=5, eval_every=2)
+    assert [row["epoch"] for row in metrics["epochs"] if "test_accuracy" in row] == [2, 4, 5]
+    assert _finite(metrics["test_accuracy"])
+
+
+def test_eval_subset_reads_fewer_rows_until_the_final_evaluation(
+        fake_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _scripted_evaluate(monkeypatch, [])
+    _run(fake_dir, "baseline", epochs=2, eval_subset=7)
+    assert calls == [7, 7, 30]  # two epoch evaluations of 7 test rows, the final one of all 30
+
+
+def test_budgets_are_the_sums_of_the_epochs(fake_dir: Path) -> None:
+    metrics = _run(fake_dir, "sum", epochs=3, sum=SumConfig(k=2, mode="group"), eval_every=3)
+    rows = metrics["epochs"]
+    assert metrics["optimizer_steps"] == sum(row["steps"] for row in rows) == 3 * (TRAIN_ROWS // BATCH)
+    assert metrics["images_seen"] == sum(row["images"] for row in rows) == 3 * (TRAIN_ROWS // BATCH) * BATCH // 2
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"schedule": "step"}, "train.schedule must be 'cosine' or 'plateau', got 'step'"),
+    ({"plateau_factor": 1.5}, r"factor must be a number in \(0, 1\), got 1.5"),
+    ({"plateau_patience": 0}, "patience must be an integer >= 1, got 0"),
+    ({"eval_every": 0}, "train.eval_every must be an integer >= 1, got 0"),
+    ({"eval_subset": 0}, "train.eval_subset must be an integer >= 1, got 0"),
+])
+def test_schedule_and_evaluation_settings_are_checked(changes: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        TrainConfig(**changes)

@@ -113,3 +113,16 @@ def test_sigkill_then_resume_from_the_command_line(fake_dir: Path, tmp_path: Pat
     subprocess.run([*args, "--out", str(tmp_path / "run"), "--resume"], check=True, env=env, capture_output=True)
     whole, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "run"))
     assert _rows(resumed) == _rows(whole)
+
+
+@pytest.mark.parametrize("after", [6, 12])
+def test_resumed_plateau_run_equals_uninterrupted_run(after: int, fake_dir: Path, tmp_path: Path) -> None:
+    # patience 1: every evaluation that does not beat the best halves the lr, so the lr changes in 4 epochs
+    cfg = TrainConfig(recipe="sum", epochs=4, seed=4, samples_per_class=4, val_per_class=2, batch_size=8,
+                      data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64, checkpoint_every=3,
+                      schedule="plateau", plateau_factor=0.5, plateau_patience=1)
+    whole = train(replace(cfg, out=str(tmp_path / "whole")))
+    assert len({row["lr"] for row in whole["epochs"]}) > 1  # the schedule did reduce the lr
+    resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), after)
+    assert _rows(resumed) == _rows(whole)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]

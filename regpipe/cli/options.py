@@ -95,7 +95,22 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
     opt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                      help="also write OUT/state.pt every N optimizer steps (it is always written at epoch ends "
                           "and removed when the run finishes)")
-    opt.add_argument("--lr", type=float, default=d.lr, help=f"SGD-Nesterov learning rate, cosine decay (default: {d.lr})")
+    opt.add_argument("--lr", type=float, default=d.lr, help=f"SGD-Nesterov learning rate, see --schedule (default: {d.lr})")
+    opt.add_argument("--schedule", default=d.schedule, choices=["cosine", "plateau"],
+                     help="learning-rate schedule: cosine decay to 0 over the epochs (default), or plateau: "
+                          "multiply the lr by --plateau-factor when the validation accuracy has not improved for "
+                          "--plateau-patience evaluations (Simionescu 2020: reduce when learning stagnates)")
+    opt.add_argument("--plateau-factor", type=float, default=d.plateau_factor,
+                     help=f"plateau: lr multiplier at each reduction, in (0, 1) (default: {d.plateau_factor})")
+    opt.add_argument("--plateau-patience", type=int, default=d.plateau_patience,
+                     help=f"plateau: evaluations without improvement before a reduction (default: {d.plateau_patience})")
+    opt.add_argument("--eval-every", type=int, default=d.eval_every,
+                     help="evaluate every N epochs (epochs N, 2N, ... and always the last); the plateau schedule "
+                          "and the cascade count these evaluations (default: 1)")
+    opt.add_argument("--eval-subset", type=int, default=d.eval_subset,
+                     help="the per-epoch test accuracy reads only the first N test images (a seeded draw of "
+                          "in-memory data); the final test accuracy always reads the whole test set "
+                          "(default: all)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
     opt.add_argument("--loss", default=d.loss, choices=["ce", "bce"],
                      help="ce: soft-target cross-entropy (default); bce: the Sum Augmentation paper's multi-hot BCE")

@@ -17,13 +17,14 @@ __all__ = ["epoch_table", "summarize", "markdown_table", "compare", "plot_compar
 
 
 def epoch_table(metrics: Mapping[str, Any]) -> str:
-    """A fixed-width table of a run's epochs: loss, test accuracy, images/s and the recipe's state."""
+    """A fixed-width table of a run's epochs: loss, test accuracy (``-`` where ``--eval-every`` skipped the
+    evaluation), images/s and the recipe's state."""
     rows = metrics["epochs"]
     extra = sorted({k for r in rows for k in r} - {"epoch", "train_loss", "test_accuracy", "images_per_s", "lr"})
     head = ["epoch", "train_loss", "test_acc", "img/s", *extra]
     lines = ["  ".join(f"{h:>10}" for h in head)]
     for r in rows:
-        cells = [f"{r['epoch']:>10d}", f"{r['train_loss']:>10.4f}", f"{r['test_accuracy']:>10.4f}",
+        cells = [f"{r['epoch']:>10d}", f"{r['train_loss']:>10.4f}", f"{r['test_accuracy']:>10.4f}" if "test_accuracy" in r else f"{'-':>10}",
                  f"{r['images_per_s']:>10.0f}"] + [_cell(r.get(k, "")) for k in extra]
         lines.append("  ".join(cells))
     return "\n".join(lines)
@@ -45,6 +46,9 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]],
                      "mean_test_error": statistics.fmean(errors),
                      "std_test_error": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                      "mean_test_accuracy": 1.0 - statistics.fmean(errors)})
+        if all("optimizer_steps" in m and "images_seen" in m for m in metrics):  # runs made before budgets: none
+            rows[-1]["mean_optimizer_steps"] = statistics.fmean(m["optimizer_steps"] for m in metrics)
+            rows[-1]["mean_images_seen"] = statistics.fmean(m["images_seen"] for m in metrics)
         if evaluations is not None:
             per_seed = evaluations[recipe]
             rows[-1]["eval"] = {column: {"accuracies": [e[column] for e in per_seed],
@@ -55,20 +59,29 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]],
     return rows
 
 
+def _budget(row: Mapping[str, Any]) -> str:
+    if "mean_optimizer_steps" not in row:
+        return "-"
+    return f"{row['mean_optimizer_steps']:,.0f} steps, {row['mean_images_seen']:,.0f} images"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The compare table: per recipe the test error and accuracy, the budget of a run (optimizer steps and
+    training images seen, mean over the seeds) and the ``compare --eval`` columns."""
     columns = list(rows[0].get("eval", {})) if rows else []  # compare --eval: accuracy columns
-    lines = ["| recipe | seeds | test error (mean ± std) | test accuracy (mean) |"
-             + "".join(f" {c} accuracy (mean ± std) |" for c in columns), "|---|---|---|---|" + "---|" * len(columns)]
+    lines = ["| recipe | seeds | test error (mean ± std) | test accuracy (mean) | budget per run (mean) |"
+             + "".join(f" {c} accuracy (mean ± std) |" for c in columns),
+             "|---|---|---|---|---|" + "---|" * len(columns)]
     for r in rows:
         lines.append(f"| {r['recipe']} | {len(r['seeds'])} | {100 * r['mean_test_error']:.2f} ± "
-                     f"{100 * r['std_test_error']:.2f} % | {100 * r['mean_test_accuracy']:.2f} % |"
+                     f"{100 * r['std_test_error']:.2f} % | {100 * r['mean_test_accuracy']:.2f} % | {_budget(r)} |"
                      + "".join(f" {100 * r['eval'][c]['mean']:.2f} ± {100 * r['eval'][c]['std']:.2f} % |"
                                for c in columns))
     return "\n".join(lines)
 
 
 def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
-    """Mean test accuracy per epoch for each recipe (min-max band over seeds), saved as PNG."""
+    """Mean test accuracy per evaluated epoch for each recipe (min-max band over seeds), saved as PNG."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -77,9 +90,11 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
         raise ImportError("the compare plot needs matplotlib: pip install 'regpipe[plot]'") from err
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for recipe, metrics in runs.items():
-        length = min(len(m["epochs"]) for m in metrics)
-        curves = [[e["test_accuracy"] for e in m["epochs"][:length]] for m in metrics]
-        epochs = list(range(1, length + 1))
+        # the epochs every seed evaluated (--eval-every skips some; a cascade may stop a seed early)
+        by_epoch = [{e["epoch"]: e["test_accuracy"] for e in m["epochs"] if "test_accuracy" in e} for m in metrics]
+        epochs = sorted(set.intersection(*(set(b) for b in by_epoch)))
+        curves = [[b[epoch] for epoch in epochs] for b in by_epoch]
+        length = len(epochs)
         mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
         ax.plot(epochs, mean, label=recipe)
         ax.fill_between(epochs, [min(c[i] for c in curves) for i in range(length)],

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from regpipe.engine.schedule import check_plateau
+
 __all__ = [
     "CascadeConfig",
     "CutMixConfig",
@@ -268,6 +270,11 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int | None = None
     cache_dir: str | None = None
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 3
+    eval_every: int = 1
+    eval_subset: int | None = None
     sum: SumConfig = field(default_factory=SumConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     gradual: GradualConfig = field(default_factory=GradualConfig)
@@ -285,7 +292,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "val_per_class", "bn_batches", "image_size", "val_resize"):
             _positive_int("train", name, getattr(self, name))
-        for name in ("eval_batch_size", "checkpoint_every"):
+        for name in ("eval_batch_size", "checkpoint_every", "eval_subset"):
             if getattr(self, name) is not None:
                 _positive_int("train", name, getattr(self, name))
         if self.workers is not None:
@@ -307,6 +314,10 @@ class TrainConfig:
             _finite("train", name, getattr(self, name), 0.0)
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "plateau"):
+            raise ValueError(f"train.schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
+        check_plateau(self.plateau_factor, self.plateau_patience)
+        _positive_int("train", "eval_every", self.eval_every)
         if self.loss not in ("ce", "bce"):
             raise ValueError(f"train.loss must be 'ce' or 'bce', got {self.loss!r}")
         if self.loader not in ("torch", "dali", "ffcv"):

@@ -35,7 +35,7 @@ from regpipe.engine.algorithms import (
 )
 from regpipe.engine.checkpoint import save_checkpoint
 from regpipe.engine.config import TrainConfig
-from regpipe.engine.data import ImageArrays, load_dataset, split_train_val, stratified_indices
+from regpipe.engine.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
 from regpipe.engine.distributed import resolve_device
 from regpipe.engine.validate import check_run_outputs
 from regpipe.engine.evaluation import evaluate, evaluation_model
@@ -43,6 +43,7 @@ from regpipe.engine.loading import clean_loader, default_workers, eval_loader, t
 from regpipe.engine.models import build_model, check_model_name
 from regpipe.engine.precision import Precision
 from regpipe.engine.resume import STATE_FILE, ResumableBatches, load_state, save_state
+from regpipe.engine.schedule import Plateau
 from regpipe.engine.splits import Splits, array_splits, folder_splits, parse_data_spec
 from regpipe.functional.losses import multi_hot_bce, soft_target_cross_entropy
 from regpipe.loaders.torch import TorchLoader
@@ -114,6 +115,12 @@ def _check_run(cfg: TrainConfig, algorithms: list[Algorithm]) -> None:
         if refused:
             raise ValueError(f"recipe {cfg.recipe!r}: {refused} read the whole training set in memory; they are "
                              f"not available with --data {spec.kind}:... (use an in-memory dataset)")
+        if spec.kind == "beton" and cfg.schedule == "plateau":
+            raise ValueError("--schedule plateau decides from a held-out validation set, which --data beton:... "
+                             "does not carve; use --schedule cosine or --data imagefolder:ROOT")
+        if spec.kind == "beton" and cfg.eval_subset is not None:
+            raise ValueError("--eval-subset is not available with --data beton:... (FFCV reads the whole file); "
+                             "use --eval-every to evaluate less often")
         if spec.kind == "beton" and cfg.loader != "ffcv":
             raise ValueError(f"--data beton:... is read by FFCV: add --loader ffcv (got --loader {cfg.loader})")
     if cfg.resume:
@@ -186,7 +193,8 @@ def _splits(cfg: TrainConfig, algorithms: list[Algorithm], workers: int) -> Spli
     spec = parse_data_spec(cfg.dataset)
     if spec is None:
         return array_splits(prepare_data(cfg))
-    holdout = any(a.needs_validation or a.name == "loss-delta-external" for a in algorithms)
+    holdout = cfg.schedule == "plateau" or any(a.needs_validation or a.name == "loss-delta-external"
+                                                for a in algorithms)
     val_per_class = cfg.val_per_class if holdout else None
     if spec.kind == "beton":
         from regpipe.engine.ffcv_files import beton_splits
@@ -244,8 +252,14 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    # cosine: lr = base * (1 + cos(pi * step / total)) / 2 at every step; plateau: lr = base * scale, the scale
+    # lowered by --plateau-factor when the validation accuracy stagnates (regpipe.engine.schedule.Plateau).
+    plateau = Plateau(cfg.plateau_factor, cfg.plateau_patience) if cfg.schedule == "plateau" else None
+    if plateau is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: plateau.scale)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     loss_fn = soft_target_cross_entropy if cfg.loss == "ce" else multi_hot_bce
     precision = Precision(cfg.amp, device)
 
@@ -291,9 +305,17 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
     bn_batches = clean_loader(splits, bn_size, bn_order, device, workers, count=bn_size * cfg.bn_batches,
                               resize=cfg.val_resize)
     test_batches = eval_loader(splits, splits.test, eval_size, device, workers, info, resize=cfg.val_resize)
+    # The per-epoch test accuracy may read a seeded subset (--eval-subset); the final one reads the whole set.
+    epoch_test_batches = test_batches
+    if cfg.eval_subset is not None and cfg.eval_subset < len(splits.test):
+        rows = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(cfg.seed + 2))
+        rows = rows[:cfg.eval_subset].sort().values
+        subset: torch.utils.data.Dataset = ArrayDataset(splits.test.arrays.subset(rows)) \
+            if isinstance(splits.test, ArrayDataset) else torch.utils.data.Subset(splits.test, rows.tolist())
+        epoch_test_batches = eval_loader(splits, subset, eval_size, device, workers, info, resize=cfg.val_resize)
     val_batches = eval_loader(splits, splits.holdout, eval_size, device, workers, info, resize=cfg.val_resize) \
         if splits.holdout is not None else None
-    needs_validation = any(a.needs_validation for a in algorithms)
+    needs_validation = plateau is not None or any(a.needs_validation for a in algorithms)
 
     forward_owner = _owner(algorithms, Resource.FORWARD)
     needs_input_grad = any(a.needs_input_grad for a in algorithms)
@@ -349,7 +371,8 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
     running: dict[str, Any] = {"loss_sum": 0.0, "images": 0, "logged": {}, "seconds": 0.0}
     stopped = False
     if state is not None:
-        _restore(state, bare, optimizer, scheduler, precision, algorithms, global_batches, bn_order, mid_epoch_ok)
+        _restore(state, bare, optimizer, scheduler, precision, algorithms, global_batches, bn_order, mid_epoch_ok,
+                 plateau)
         history, running, stopped = state["history"], state["running"], bool(state["stopped"])
         position["step"] = int(state["step"])
 
@@ -360,6 +383,7 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
             "config": asdict(cfg), "epoch": epoch, "step": step, "stopped": stopped, "history": history,
             "running": running, "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
+            "plateau": plateau.state_dict() if plateau is not None else None,
             "algorithms": [a.state_dict() for a in algorithms], "data_order": global_batches.state_for(epoch),
             "bn_order": bn_order.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
@@ -409,22 +433,33 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
         # Summed over ranks: the loss is the mean of every rank's per-step loss, the rows are the global batch's.
         loss_sum, images = distributed.all_reduce_sum([running["loss_sum"], running["images"]], info)
         steps = position["step"]  # optimizer steps, the same on every rank
-        with evaluation_model(bare, mixing(), bn_batches, cfg.bn_batches) as net:
-            test_acc = evaluate(net, test_batches, info=info)
-            # reduced over ranks, so the algorithms' decisions (the cascade's) agree on every rank
-            val_acc = evaluate(net, val_batches, info=info) if needs_validation and val_batches is not None else None
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps * info.world_size, 1), "test_accuracy": test_acc,
-               "steps": int(steps), "rows_per_step": images / max(steps, 1),
+        # Evaluations at epochs eval_every, 2 * eval_every, ... and the last; the others log no accuracy.
+        test_acc = val_acc = None
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            with evaluation_model(bare, mixing(), bn_batches, cfg.bn_batches) as net:
+                test_acc = evaluate(net, epoch_test_batches, info=info)
+                # reduced over ranks, so the decisions (the cascade's, the plateau's) agree on every rank
+                val_acc = evaluate(net, val_batches, info=info) if needs_validation and val_batches is not None \
+                    else None
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(steps * info.world_size, 1),
+               "steps": int(steps), "images": int(images), "rows_per_step": images / max(steps, 1),
                "images_per_s": images / max(seconds, 1e-9), "lr": scheduler.get_last_lr()[0], **epoch_state}
+        if test_acc is not None:
+            row["test_accuracy"] = test_acc
         # Per-step values the algorithms report (loss terms, loss-delta scores): their epoch mean (rank 0's).
         row.update({f"mean_{key}": sum(v) / len(v) for key, v in running["logged"].items() if v})
         if val_acc is not None:
             row["val_accuracy"] = val_acc
         history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{test_acc:.4f}",
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc="-" if test_acc is None else f"{test_acc:.4f}",
                         img_s=f"{row['images_per_s']:.0f}", **epoch_state)
         if val_acc is not None and any([a.after_eval(val_acc, model, optimizer) for a in algorithms]):
             stopped = True
+        if plateau is not None and val_acc is not None:
+            # after the cascade, which may load an older optimizer state: the new scale holds from the next step
+            scale = plateau.report(val_acc)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * scale
         position["step"] = 0
         running = {"loss_sum": 0.0, "images": 0, "logged": {}, "seconds": 0.0}
         if epoch + 1 < cfg.epochs and not stopped:
@@ -449,6 +484,9 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
         "world_size": info.world_size, "test_accuracy": final_acc,
         "train_seconds": time.perf_counter() - started, "train_samples": num_samples,
         "epochs": history, "config": asdict(cfg), **expansion,
+        # the run's budget: optimizer steps and training rows (global batches, an algorithm's extra rows included)
+        "optimizer_steps": sum(int(r["steps"]) for r in history),
+        "images_seen": sum(int(r.get("images", round(r["rows_per_step"] * r["steps"]))) for r in history),
     }
     if splits.spec is not None:
         metrics["data"] = {"kind": splits.spec.kind, "train": str(splits.spec.train), "eval": str(splits.spec.val),
@@ -464,13 +502,18 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
 
 def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, precision: Precision, algorithms: list[Algorithm],
-             order: ResumableBatches, bn_order: torch.Generator, mid_epoch_ok: bool) -> None:
+             order: ResumableBatches, bn_order: torch.Generator, mid_epoch_ok: bool,
+             plateau: Plateau | None = None) -> None:
     """Load a saved training state into the freshly built run (after the ops were seeded for this rank)."""
     if int(state["step"]) and not mid_epoch_ok:
         raise ValueError("the saved state is in the middle of an epoch, which this recipe resumes only at epoch ends")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if plateau is not None:
+        if state.get("plateau") is None:
+            raise ValueError("the saved state holds no plateau schedule state (it was saved by a cosine run)")
+        plateau.load_state_dict(state["plateau"])
     precision.load_state_dict(state["precision"])
     if len(state["algorithms"]) != len(algorithms):
         raise ValueError(f"the saved state holds {len(state['algorithms'])} algorithm states for {len(algorithms)}")
