@@ -40,12 +40,13 @@ def _refuse_0_255_floats(images: torch.Tensor) -> None:
     """Float images must be in the 0..1 pixel scale; refuse the unmistakable slip of 0..255 floats.
 
     The bound is loose on purpose: SIGN's training rows legitimately leave ``[0, 1]`` (its iterates are
-    unclamped), by a fraction of the range, while an image still in ``0..255`` has values in the tens or
-    hundreds. Host tensors only (no device synchronisation).
+    unclamped; measured on Fashion-MNIST, mean ``|delta|`` 0.54 at K = 50 and 1.10 at K = 100 in the 0..1
+    scale), while a batch of images still in ``0..255`` has a largest value near 255. Host tensors only (no
+    device synchronisation).
     """
     if images.dtype.is_floating_point and images.device.type == "cpu" and images.numel():
         hi = float(images.max())
-        if not math.isfinite(hi) or hi > 10.0:
+        if not math.isfinite(hi) or hi > 64.0:
             raise ValueError(f"images are floating point with a largest value of {hi:g}; floating images must be "
                              "in the 0..1 pixel scale (divide 0..255 images by 255, or pass uint8)")
 

@@ -137,6 +137,16 @@ def test_torch_loader_refuses_float_images_in_0_255() -> None:
         next(iter(loader))
 
 
+def test_torch_loader_accepts_sign_rows_outside_0_1() -> None:
+    """SIGN's unclamped iterates leave [0, 1] by several units (mean |delta| about 1 at K = 100): not a slip."""
+    from regpipe.loaders.torch import TorchLoader
+
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 20 - 9  # values in [-9, 11]
+    loader = TorchLoader([(x, torch.arange(8) % 2, torch.arange(8))], 2, mean=(0.5,) * 3, std=(0.25,) * 3)
+    batch = next(iter(loader))
+    torch.testing.assert_close(batch.inputs, (x - 0.5) / 0.25)
+
+
 def test_pixel_range_check_names_the_range() -> None:
     check_pixel_range("images", torch.rand(2, 3, 4, 4))  # 0..1: fine
     check_pixel_range("images", torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8))  # uint8: fine
