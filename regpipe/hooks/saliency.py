@@ -71,13 +71,22 @@ class SaliencyLoss:
 
     def from_maps(self, maps: torch.Tensor, batch: Batch, model: nn.Module | None = None,
                   parent: Batch | None = None) -> torch.Tensor:
-        """The loss given the batch rows' maps ``(N, H, W)`` (with their graph, to train through them)."""
-        if batch.mixing is None:
+        """The loss given the batch rows' maps ``(N, H, W)`` (with their graph, to train through them).
+
+        For a mixed batch the rows before mixing come from ``parent`` or, when the mixing op kept them
+        (``keep_parent=True``), from ``batch.mixing.parent_inputs`` / ``parent_targets``.
+        """
+        mixing = batch.mixing
+        if mixing is None:
             return saliency_consistency_loss(maps, batch.affine, batch.source_ids, self.eps)
-        if parent is None or model is None:
-            raise ValueError("the batch was mixed: pass the batch before mixing as parent= (and the model), "
-                             "its maps are the expected maps' ingredients")
-        parent_maps = saliency(model, parent.inputs, parent.targets).detach()
+        if parent is not None:
+            parent_inputs, parent_targets = parent.inputs, parent.targets
+        else:
+            parent_inputs, parent_targets = mixing.parent_inputs, mixing.parent_targets
+        if parent_inputs is None or model is None:
+            raise ValueError("the batch was mixed: pass the batch before mixing as parent= (or mix with "
+                             "keep_parent=True) and the model; its maps are the expected maps' ingredients")
+        parent_maps = saliency(model, parent_inputs, parent_targets).detach()
         if batch.boxes is not None:
             return box_saliency_loss(maps, parent_maps, batch.mixing.sources[:, 0], batch.boxes.boxes,
                                      batch.boxes.partners, self.eps)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from regpipe.core.batch import Batch
 from regpipe.core.op import Op
 from regpipe.engine.algorithms.base import Algorithm, Resource, RunContext, Stage, StepInputs
 from regpipe.engine.config import InvarianceConfig, ReplicationConfig, SaliencyConfig
@@ -106,11 +105,6 @@ class Saliency(Algorithm):
 
     def loss_terms(self, step: StepInputs) -> dict[str, torch.Tensor]:
         maps = saliency_from_logits(step.logits, step.inputs, step.batch.targets, create_graph=True)
-        mixing = step.batch.mixing
-        parent = None
-        if mixing is not None and mixing.parent_inputs is not None:
-            parent = Batch(inputs=mixing.parent_inputs, targets=mixing.parent_targets,
-                           source_ids=torch.zeros(mixing.parent_inputs.shape[0], dtype=torch.int64,
-                                                  device=mixing.parent_inputs.device))
-        value = self.loss.from_maps(maps, step.batch, step.model, parent)
+        # A mixed batch carries its unmixed rows (the mixing op keeps them: needs_mix_parent).
+        value = self.loss.from_maps(maps, step.batch, step.model)
         return {"saliency": self.config.weight * value}
