@@ -51,6 +51,30 @@ def _refuse_0_255_floats(images: torch.Tensor) -> None:
                              "in the 0..1 pixel scale (divide 0..255 images by 255, or pass uint8)")
 
 
+def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, normalising: bool) -> None:
+    """A decoding pipeline's images (DALI, FFCV) must be pixels: uint8, or floats in the 0..1 scale.
+
+    Refused, naming ``where`` and the fix: floats when ``keep_uint8`` asks for the uint8 batch (the fused
+    device stage would never run); floats with negative values when regpipe normalises (a decoded pixel is
+    never negative: the pipeline normalised already, e.g. DALI's ``crop_mirror_normalize`` or FFCV's
+    ``NormalizeImage``, and a second normalisation would go unnoticed); floats still in ``0..255``.
+    Host tensors only are read (no device synchronisation).
+    """
+    if not images.dtype.is_floating_point:
+        return
+    if keep_uint8:
+        raise ValueError(f"{where} gives {images.dtype} images where keep_uint8=True expects the decoded uint8 "
+                         "ones: drop the pipeline's float conversion/normalisation (regpipe's device stage "
+                         "converts and normalises), or pass keep_uint8=False")
+    if normalising and images.device.type == "cpu" and images.numel():
+        lo = float(images.min())
+        if lo < 0.0:
+            raise ValueError(f"{where} gives {images.dtype} images with values down to {lo:g}, so they are "
+                             "normalised already; regpipe's mean/std would normalise them twice: end the pipeline "
+                             "with uint8 images (drop crop_mirror_normalize / NormalizeImage), or pass no mean/std")
+    _refuse_0_255_floats(images)
+
+
 def check_outputs(available: Sequence[str], required: Sequence[str], where: str) -> None:
     """Raise ``ValueError`` naming every name of ``required`` missing from ``available`` (a pipeline's outputs)."""
     missing = [name for name in required if name not in available]
@@ -166,8 +190,7 @@ class BatchBuilder:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             self.images(images)  # raises the shared message
         n = images.shape[0]
-        if self.mean is not None:  # normalising 0..255 floats as 0..1 pixels gives values in the hundreds
-            _refuse_0_255_floats(images)
+        _refuse_0_255_floats(images)  # 0..255 floats fed as 0..1 pixels: values in the hundreds
         y = self.soft_targets(targets, n) if targets is not None else self.targets(labels, n)
         ids = self.ids(indices, n) if indices is not None else torch.arange(position, position + n)
         x = self.images(images, raw=raw)

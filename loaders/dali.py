@@ -35,7 +35,7 @@ from regpipe.core.batch import Batch, MixRecord
 from regpipe.functional.augment import affine_from_pixels
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
-from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
+from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex, lookup_id
 from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
@@ -298,9 +298,10 @@ def sum_mix(images: DataNode, labels: DataNode, weights: Sequence[float], num_cl
         num_classes: ``K``.
 
     Returns:
-        ``(images (H, W, C) float32, targets (K,) float32, sources (k,) int64)``: name them ``images``,
-        ``targets`` and ``mix_sources`` in the iterator's output map (and pass ``mix_weights=weights`` to
-        :class:`DaliLoader`).
+        ``(images (H, W, C) float32 in the 0..255 scale, targets (K,) float32, sources (k,) int64)``: name them
+        ``images``, ``targets`` and ``mix_sources`` in the iterator's output map (and pass
+        ``mix_weights=weights`` to :class:`DaliLoader`, which divides these images by 255 into 0..1 pixels
+        before its mean/std).
     """
     w = np.asarray(check_weights(weights), dtype=np.float64)
     k = len(w)
@@ -419,6 +420,9 @@ class DaliLoader(BuilderAdapter):
         if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5):
             raise ValueError(f"DALI images must be (S, H, W, C) or (S, M, H, W, C) samples, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        if "mix_sources" in outputs and images.dtype.is_floating_point:
+            images = images / 255.0  # sum_mix above sums uint8 pixels in their 0..255 scale: back to 0..1 pixels
+        check_decoded_images(images, "the DALI pipeline", self.builder.keep_uint8, self.builder.mean is not None)
         s = images.shape[0]
         m = images.shape[1] if images.dim() == 5 else 1
         height, width = images.shape[-3], images.shape[-2]

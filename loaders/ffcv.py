@@ -38,7 +38,7 @@ from numba import objmode
 from regpipe.core.batch import Batch, MixRecord
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
-from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_outputs
+from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment
 
@@ -353,6 +353,7 @@ class _SumMixOp(_EpochOp):
             raise ValueError(f"mode must be 'group' or 'permute', got {mode!r}")
         self.weights = np.asarray(check_weights(weights), dtype=np.float64)
         self.mode = mode
+        self.pixel_scale = 1.0  # SumMixImages: 255 once FFCV declares it on uint8 input
 
     def sources(self, indices: np.ndarray, epoch: int | None = None) -> torch.Tensor:
         """``(N_out, k)`` int64 rows of the loader batch (with dataset ids ``indices``) each mixed row reads."""
@@ -363,6 +364,9 @@ class _SumMixOp(_EpochOp):
 
 class SumMixImages(_SumMixOp):
     """FFCV operation: Sum Augmentation on the CPU: ``(N, ...)`` uint8/float -> ``(N_out, ...)`` float32.
+
+    The output keeps the input's scale (a mix of uint8 pixels is in ``0..255``); :class:`FfcvLoader` given
+    ``mix=`` this op divides it back to ``0..1`` pixels before its mean/std.
 
     Group mode (Simionescu 2020, "Deep Learning Training Procedure Augmentations", section 3.3): ``N -> N / k``
     rows, ``out_i = sum_g w_g x_{g*n+i}`` with ``n = N / k`` (``N % k`` trailing rows dropped) and the thesis's
@@ -392,6 +396,8 @@ class SumMixImages(_SumMixOp):
             raise TypeError("SumMixImages runs in FFCV's compiled stage: place it before ToTensor()")
         if np.dtype(previous_state.dtype) not in (np.dtype(np.uint8), np.dtype(np.float32)):
             raise TypeError(f"SumMixImages needs uint8 or float32 samples, got {np.dtype(previous_state.dtype).name}")
+        # the mix keeps its input's scale: FfcvLoader divides a mix of uint8 pixels (0..255) by 255
+        self.pixel_scale = 255.0 if np.dtype(previous_state.dtype) == np.dtype(np.uint8) else 1.0
         return (replace(previous_state, dtype=np.dtype(np.float32)),
                 AllocationQuery(previous_state.shape, np.dtype(np.float32)))
 
@@ -518,6 +524,9 @@ class FfcvLoader(BuilderAdapter):
             images = images.permute(0, 2, 3, 1)  # ToTorchImage already gave (N, C, H, W)
         if images.dim() not in (4, 5):
             raise ValueError(f"FFCV images must be (N, H, W, C) or (N, M, H, W, C), got {tuple(images.shape)}")
+        if self.mix is not None and self.mix.pixel_scale != 1.0:
+            images = images / self.mix.pixel_scale  # SumMixImages mixed uint8 pixels in their 0..255 scale
+        check_decoded_images(images, "the FFCV pipeline", self.builder.keep_uint8, self.builder.mean is not None)
         s = images.shape[0]
         m = images.shape[1] if images.dim() == 5 else 1
         height, width = images.shape[-3], images.shape[-2]

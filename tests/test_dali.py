@@ -150,14 +150,15 @@ def test_dali_sum_mix_matches_torch_sum_mix(arrays: ImageArrays) -> None:
         mixed, targets, sources = dali_sum_mix(x, y, weights, num_classes=K)
         return mixed, targets, sources, ids
 
-    loader = DaliLoader(pipe(), K, ["images", "targets", "mix_sources", "ids"], mix_weights=weights)
+    mean, std = (0.4,) * arrays.images.shape[1], (0.2,) * arrays.images.shape[1]
+    loader = DaliLoader(pipe(), K, ["images", "targets", "mix_sources", "ids"], mix_weights=weights, mean=mean, std=std)
     for batch in loader:
         seeds = batch.source_ids
         perms = batch.mixing.sources[:, 1:].T.contiguous()
-        x = arrays.images[seeds].float()  # the mix is float in the 0..255 scale, as sum_mix on uint8
+        x = arrays.images[seeds].float() / 255  # 0..1 pixels: the loader rescales the pipeline's 0..255 mix
         y = torch.nn.functional.one_hot(arrays.labels[seeds], K).float()
         xm, ym = sum_mix(x, y, weights, perms=perms)
-        torch.testing.assert_close(batch.inputs, xm, atol=1e-4, rtol=1e-6)  # float32 sums of 0..255 values
+        torch.testing.assert_close(batch.inputs, (xm - 0.4) / 0.2, atol=1e-5, rtol=1e-6)  # normalised once
         torch.testing.assert_close(batch.targets, ym)
         assert torch.equal(batch.mixing.source_ids, seeds[batch.mixing.sources])
         assert all(sorted(p.tolist()) == list(range(S)) for p in perms)

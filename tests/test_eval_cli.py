@@ -179,7 +179,7 @@ def test_bad_eval_arguments_give_one_clear_line(argv: list[str], fragment: str, 
 def test_compare_eval_adds_accuracy_columns(fake_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     argv = ["compare", "--recipes", "baseline", "--seeds", "1", "--data-dir", str(fake_dir), "--out", str(out),
-            *TINY, "--eval", "fgsm,pgd,deformed", "--eval-steps", "2", "--device", "cpu"]
+            *TINY, "--eval", "fgsm,pgd,deformed", "--eval-steps", "2", "--eval-limit", "30", "--device", "cpu"]
     assert main(argv) == 0
     table = (out / "compare.md").read_text()
     assert "fgsm accuracy (mean ± std)" in table and "pgd accuracy" in table and "deformed accuracy" in table
@@ -188,12 +188,15 @@ def test_compare_eval_adds_accuracy_columns(fake_dir: Path, tmp_path: Path) -> N
     # the column is what `regpipe eval` reports for the run's kept checkpoint
     single = tmp_path / "single.json"
     assert main(["eval", "--checkpoint", str(out / "baseline" / "seed0" / "model.pt"), "--data-dir", str(fake_dir),
-                 "--attacks", "fgsm,pgd", "--steps", "2", "--deformed", "--device", "cpu", "--json", str(single)]) == 0
+                 "--attacks", "fgsm,pgd", "--steps", "2", "--deformed", "--limit", "30", "--device", "cpu",
+                 "--json", str(single)]) == 0
     result = json.loads(single.read_text())
     assert summary["eval"]["fgsm"]["accuracies"] == [result["attacks"]["fgsm"]["accuracy"]]
     assert summary["eval"]["pgd"]["accuracies"] == [result["attacks"]["pgd"]["accuracy"]]
     assert summary["eval"]["deformed"]["accuracies"] == [result["deformed_mean"]]
+    assert result["test_rows"] == 30
     cached = json.loads((out / "baseline" / "seed0" / "eval.json").read_text())
+    assert cached["key"]["settings"]["limit"] == 30  # --eval-limit: the first 30 test images
     assert cached["result"]["attacks"]["fgsm"]["accuracy"] == result["attacks"]["fgsm"]["accuracy"]
     assert main(argv) == 0  # a rerun reuses the run and its evaluation
 
@@ -202,4 +205,7 @@ def test_compare_eval_names_an_unknown_column(fake_dir: Path, tmp_path: Path, ca
     assert main(["compare", "--recipes", "baseline", "--seeds", "1", "--data-dir", str(fake_dir), "--out",
                  str(tmp_path / "cmp"), *TINY, "--eval", "fgsm,cw"]) == 2
     assert "--eval: unknown column(s) ['cw']" in capsys.readouterr().err
+    assert main(["compare", "--recipes", "baseline", "--seeds", "1", "--data-dir", str(fake_dir), "--out",
+                 str(tmp_path / "cmp"), *TINY, "--eval", "fgsm", "--eval-limit", "1"]) == 2
+    assert "--eval-limit must be an integer >= 2, got 1" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()  # refused before anything trained

@@ -95,7 +95,7 @@ def _libraries(request: pytest.FixtureRequest) -> None:
 
 
 def dali_pipe(root: Path, index: FileIndex | None, batch_size: int = S, augment: Augment | None = None,
-              with_ids: bool = True):
+              with_ids: bool = True, tail=None):
     from nvidia.dali import fn, pipeline_def
 
     from regpipe.loaders.dali import replicate, sample_ids
@@ -105,9 +105,10 @@ def dali_pipe(root: Path, index: FileIndex | None, batch_size: int = S, augment:
         jpegs, labels = fn.readers.file(file_root=str(root), name="reader", random_shuffle=True, seed=1)
         images = fn.decoders.image(jpegs, device="cpu")  # varied sizes
         rep = replicate(images, M, augment or chain(), include_original=False)
+        copies = rep.images if tail is None else tail(rep.images)
         if not with_ids:
-            return rep.images, labels, rep.theta
-        return rep.images, labels, sample_ids(jpegs, index), rep.theta
+            return copies, labels, rep.theta
+        return copies, labels, sample_ids(jpegs, index), rep.theta
 
     return pipe()
 
@@ -168,6 +169,38 @@ def test_dali_ids_unknown_to_the_index_are_an_error(folder, tmp_path: Path) -> N
             pass
 
 
+# A pipeline that converts its images to float itself, and what regpipe says of it (mean/std, keep_uint8).
+FLOAT_TAILS = {
+    "0..255 floats": (lambda x: x * 1.0, {"mean": [0.5] * 3, "std": [0.25] * 3}, "0..1 pixel scale"),
+    "0..255 floats, no mean/std": (lambda x: x * 1.0, {}, "0..1 pixel scale"),
+    "normalised": (lambda x: (x - 128.0) / 64.0, {"mean": [0.5] * 3, "std": [0.25] * 3}, "normalised already"),
+    "keep_uint8": (lambda x: x / 255.0, {"keep_uint8": True}, "keep_uint8=True expects the decoded uint8"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOAT_TAILS))
+def test_dali_float_images_where_uint8_is_expected_are_named(folder, case: str) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    tail, options, message = FLOAT_TAILS[case]
+    loader = DaliLoader(dali_pipe(root, FileIndex(root), tail=tail), 2, ["images", "labels", "ids", "theta"],
+                        reader_name="reader", **options)
+    with pytest.raises(ValueError, match=f"the DALI pipeline.*{message}|{message}"):
+        next(iter(loader))
+
+
+def test_dali_float_images_in_0_1_are_accepted(folder) -> None:
+    from regpipe.loaders.dali import DaliLoader
+
+    root, _ = folder
+    loader = DaliLoader(dali_pipe(root, FileIndex(root), tail=lambda x: x / 255.0), 2,
+                        ["images", "labels", "ids", "theta"], reader_name="reader", mean=[0.5] * 3, std=[0.25] * 3)
+    batch = next(iter(loader))
+    assert batch.inputs.dtype == torch.float32 and -2.0 - 1e-5 <= float(batch.inputs.min())
+    assert float(batch.inputs.max()) <= 2.0 + 1e-5  # (x - 0.5) / 0.25 of 0..1 pixels, normalised once
+
+
 def test_dali_group_mix_after_replication_mixes_distinct_seeds_fused(folder) -> None:
     from regpipe.loaders.dali import DaliLoader
 
@@ -196,7 +229,7 @@ def beton(folder, request, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
                               write_mode=request.param)
 
 
-def ffcv_loader(path: Path, decoder, batch_size: int = S, with_indices: bool = True):
+def ffcv_loader(path: Path, decoder, batch_size: int = S, with_indices: bool = True, image_tail: tuple = ()):
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
@@ -205,7 +238,7 @@ def ffcv_loader(path: Path, decoder, batch_size: int = S, with_indices: bool = T
 
     labels = [IntDecoder(), WithIndices(), ToTensor()] if with_indices else [IntDecoder(), ToTensor()]
     return Loader(str(path), batch_size=batch_size, num_workers=1, order=OrderOption.RANDOM, seed=0,
-                  pipelines={"image": [decoder, ToTensor()], "label": labels})
+                  pipelines={"image": [decoder, *image_tail, ToTensor()], "label": labels})
 
 
 def test_ffcv_decoder_crops_each_decoded_image_m_times_with_indices_as_ids(folder, beton) -> None:
@@ -250,6 +283,26 @@ def test_ffcv_decoder_needs_a_sized_crop() -> None:
         ReplicatedCropDecoder(M, Augment([RandomFlip()]))
     with pytest.raises(ValueError, match="m \\(copies per image\\)"):
         ReplicatedCropDecoder(0, chain())
+
+
+@pytest.mark.parametrize("case", ["normalised", "0..255 floats", "keep_uint8"])
+def test_ffcv_float_images_where_uint8_is_expected_are_named(beton, case: str) -> None:
+    """ffcv-imagenet's CPU tail (NormalizeImage: float32, normalised) or a cast to float before regpipe."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import NormalizeImage
+
+    from regpipe.loaders.ffcv import FfcvLoader
+
+    path, _ = beton
+    mean, std = np.array([0.5, 0.5, 0.5]), np.array([0.25, 0.25, 0.25])
+    tails = {"normalised": (NormalizeImage(mean * 255, std * 255, np.float32),),
+             "0..255 floats": (NormalizeImage(np.zeros(3), np.ones(3), np.float32),),
+             "keep_uint8": (NormalizeImage(np.zeros(3), np.full(3, 255.0), np.float32),)}
+    _, options, message = FLOAT_TAILS[case]
+    loader = FfcvLoader(ffcv_loader(path, RandomResizedCropRGBImageDecoder(OUT), image_tail=tails[case]), 2,
+                        **options)
+    with pytest.raises(ValueError, match=f"the FFCV pipeline.*{message}|{message}"):
+        next(iter(loader))
 
 
 @pytest.mark.parametrize("mode", ["group", "permute"])

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "test sets of PatchUp appendix F); each run then keeps its checkpoint, OUT/RECIPE/seedS/model.pt")
     p.add_argument("--eval-eps", type=number, default=8 / 255, help="--eval attacks' budget in pixel units (default: 8/255)")
     p.add_argument("--eval-steps", type=int, default=10, help="--eval iterations of BIM/MIM/PGD (default: 10)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="--eval reads the first N test images only (default: all); the clean test error "
+                        "column always reads the whole test split")
     add_train_options(p, with_recipe=False)
     p.set_defaults(func=run)
 
@@ -50,13 +53,15 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings | None:
         raise ValueError(f"--eval: unknown column(s) {unknown}; choose from {', '.join(EVAL_COLUMNS)}")
     if not columns:
         return None
+    if args.eval_limit is not None and args.eval_limit < 2:
+        raise ValueError(f"--eval-limit must be an integer >= 2, got {args.eval_limit}")
     return EvalSettings(attacks=tuple(c for c in ATTACKS if c in columns), eps=args.eval_eps, steps=args.eval_steps,
-                        deformed="deformed" in columns, seed=0)
+                        deformed="deformed" in columns, seed=0, limit=args.eval_limit)
 
 
 def _columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
     def evaluate(cfg: Any) -> dict[str, float]:
-        result = evaluate_run(cfg, settings, resolve_device(device))
+        result = evaluate_run(cfg, settings, resolve_device(device))  # kept in cfg.out/eval.json
         columns = {name: rec["accuracy"] for name, rec in result["attacks"].items()}
         if settings.deformed:
             columns["deformed"] = result["deformed_mean"]

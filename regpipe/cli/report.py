@@ -165,9 +165,13 @@ def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
         for cfg in cfgs:
             check_run_outputs(cfg.out, cfg.checkpoint_out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {recipe: [(reuse and finished_run(cfg)) or train(cfg) for cfg in cfgs] for recipe, cfgs in configs.items()}
-    evaluations = None if evaluate is None else \
-        {recipe: [dict(evaluate(cfg)) for cfg in cfgs] for recipe, cfgs in configs.items()}
+    runs: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in configs}
+    evaluations: dict[str, list[dict[str, float]]] | None = None if evaluate is None else {r: [] for r in configs}
+    for recipe, cfgs in configs.items():
+        for cfg in cfgs:
+            runs[recipe].append((reuse and finished_run(cfg)) or train(cfg))
+            if evaluations is not None:  # right after its training, so an interruption keeps what was evaluated
+                evaluations[recipe].append(dict(evaluate(cfg)))
     rows = summarize(runs, evaluations)
     table = markdown_table(rows)
     first = next(iter(configs.values()))[0]
