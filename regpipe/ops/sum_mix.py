@@ -249,53 +249,54 @@ def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: boo
         rank = rng.permutation(len(values))[inverse]  # seeds in random order, copies of a seed together
         order = np.lexsort((rng.random(n), rank))
         table = order[:n_out * k].reshape(k, n_out).T.copy()
+        for g in range(1, k):  # each group in its own row order: aligned runs of seeds would repeat a seed set
+            table[:, g] = table[rng.permutation(n_out), g]
     group = inverse[table]  # seed index of every cell
+    few_sets = math.comb(len(values), k) < n_out
+    if few_sets:  # fewer seed sets than rows: only the seeds within a row must differ
+        warnings.warn(f"{len(values)} seeds give only {math.comb(len(values), k)} sets of k={k} for {n_out} mixed "
+                      "rows: some rows repeat a set of seeds", stacklevel=3)
 
     def key(o: int) -> tuple[int, ...]:
-        return tuple(sorted(group[o]))
+        return (o,) if few_sets else tuple(sorted(group[o].tolist()))
 
     def repeated(o: int) -> int:
         return int(len(set(group[o].tolist())) < k)
 
-    if math.comb(len(values), k) < n_out:  # fewer seed sets than rows: only the seeds within a row must differ
-        warnings.warn(f"{len(values)} seeds give only {math.comb(len(values), k)} sets of k={k} for {n_out} mixed "
-                      "rows: some rows repeat a set of seeds", stacklevel=3)
-
-        def key(o: int) -> tuple[int, ...]:
-            return (o,)
-
-    counts = Counter(key(o) for o in range(n_out))
-    conflicts = sum(repeated(o) for o in range(n_out)) + sum(c - 1 for c in counts.values())
+    keys = [key(o) for o in range(n_out)]
+    reps = [repeated(o) for o in range(n_out)]
+    counts = Counter(keys)
+    conflicts = sum(reps) + sum(c - 1 for c in counts.values())
     first = 1 if permute else 0
+
+    def swap(o: int, g: int, o2: int, g2: int) -> None:
+        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
+        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
+        for row in (o, o2):
+            counts[keys[row]] -= 1
+            keys[row], reps[row] = key(row), repeated(row)
+            counts[keys[row]] += 1
+
     for _ in range(max_sweeps * n_out):
         if conflicts == 0:
             break
-        bad = [o for o in range(n_out) if repeated(o) or counts[key(o)] > 1]
-        o = bad[int(rng.integers(len(bad)))]
+        o = -1
+        while o < 0:  # a row in conflict, by rejection (conflicts are few), from draws made 64 at a time
+            o = next((int(r) for r in rng.integers(n_out, size=64) if reps[r] or counts[keys[r]] > 1), -1)
         g = int(rng.integers(first, k))
         o2 = int(rng.integers(n_out - 1))
         o2 += o2 >= o
         g2 = g if permute else int(rng.integers(k))
-        old_keys, before = (key(o), key(o2)), repeated(o) + repeated(o2)
-        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
-        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
-        new_keys, after = (key(o), key(o2)), repeated(o) + repeated(o2)
-        affected = set(old_keys + new_keys)
+        affected = {keys[o], keys[o2]}
+        before = reps[o] + reps[o2]
+        swap(o, g, o2, g2)
+        affected |= {keys[o], keys[o2]}
+        after = reps[o] + reps[o2] + sum(max(counts[x] - 1, 0) for x in affected)
+        swap(o, g, o2, g2)  # back, to count the duplicates before the swap
         before += sum(max(counts[x] - 1, 0) for x in affected)
-        for x in old_keys:
-            counts[x] -= 1
-        for x in new_keys:
-            counts[x] += 1
-        after += sum(max(counts[x] - 1, 0) for x in affected)
         if after <= before:
+            swap(o, g, o2, g2)
             conflicts += after - before
-            continue
-        for x in new_keys:  # undo
-            counts[x] -= 1
-        for x in old_keys:
-            counts[x] += 1
-        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
-        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
     if conflicts:
         raise ValueError(f"could not draw {n_out} distinct mixtures of {k} different seeds from {len(values)} seeds "
                          f"x {int(copies.max())} copies ({conflicts} conflicts left)")
