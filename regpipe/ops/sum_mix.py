@@ -211,8 +211,9 @@ def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: boo
     the same partner seeds (``S = 16, m = 4, k = 4``: 16 rows from 4 seed combinations), and a
     permutation may pair a copy with its own seed. Here: group mode starts from the seeds in random
     order, seed-major, split into ``k`` groups of ``N_out`` (so the ``m <= N_out`` copies of a seed fall in
-    different output rows), permutation mode from ``k - 1`` random permutations after the identity
-    column; then random swaps (any two cells in group mode, which keeps every row used once; two rows of
+    different output rows), each group in its own random row order (so runs of copies do not line up
+    into repeated seed sets), permutation mode from ``k - 1`` random permutations after the identity
+    column; conflicts are then few, and random swaps (any two cells in group mode, which keeps every row used once; two rows of
     one partner column in permutation mode, which keeps each column a permutation) are kept when they do
     not increase the number of conflicts (output rows with a repeated seed, plus repeated seed sets),
     until none is left.
