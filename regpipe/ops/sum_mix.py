@@ -213,10 +213,10 @@ def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: boo
     order, seed-major, split into ``k`` groups of ``N_out`` (so the ``m <= N_out`` copies of a seed fall in
     different output rows), each group in its own random row order (so runs of copies do not line up
     into repeated seed sets), permutation mode from ``k - 1`` random permutations after the identity
-    column; conflicts are then few, and random swaps (any two cells in group mode, which keeps every row used once; two rows of
-    one partner column in permutation mode, which keeps each column a permutation) are kept when they do
-    not increase the number of conflicts (output rows with a repeated seed, plus repeated seed sets),
-    until none is left.
+    column. Conflicts (output rows with a repeated seed, plus repeated seed sets) are then few; random
+    swaps (any two cells in group mode, which keeps every row used once; two rows of one partner column
+    in permutation mode, which keeps each column a permutation) are kept when they do not increase their
+    number, until none is left.
 
     Args:
         seed_ids: ``(N,)`` int64 seed id of each row.
