@@ -47,9 +47,10 @@ def main() -> None:
         root = synthetic_folder(Path(tmp), args.images)
         for loader in args.loaders:
             rows += run_pipeline(root, loader, batch=args.batch, copies=args.copies, steps=args.steps)
-            for r in rows[-4:]:
+            for r in rows[-5:]:
+                share = f"  share {100 * r['share']:.1f} %" if "share" in r else ""
                 print(f"{r['loader']:<6} {r['name']:<12} {r['images_per_s']:>9.1f} images/s  ratio {r['ratio']:.3f}"
-                      f"{'  vs ' + r['against'] if r['against'] else ''}", flush=True)
+                      f"{'  vs ' + r['against'] if r['against'] else ''}{share}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

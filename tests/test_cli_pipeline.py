@@ -36,8 +36,10 @@ def test_bench_pipeline_prints_its_rows(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["bench", "pipeline", "--data", str(tmp_path / "data"), "--loader", "torch", "--batch", "2",
                  "--copies", "2", "--size", "16", "--steps", "1", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["bare", "bare+stage", "native-rep", "regpipe-rep"]
+    assert [r["name"] for r in rows] == ["bare", "bare+stage", "stage-alone", "native-rep", "regpipe-rep"]
     assert all(r["loader"] == "torch" and r["images_per_s"] > 0 for r in rows)
+    stage = rows[2]
+    assert stage["against"] == "bare" and stage["share"] == pytest.approx(1 / stage["ratio"], rel=0.01)
     assert "regpipe-rep" in capsys.readouterr().out
     assert main(["bench", "pipeline", "--loader", "torch"]) == 2  # --data is required
     assert len(SIZES) >= 2

@@ -7,6 +7,11 @@ Rows (``{name, loader, images_per_s, ratio}``; ``ratio`` is against the row name
   uint8 batches of ``--batch`` images.
 - ``bare+stage``: the same through regpipe's adapter and device stage (conversion, normalisation and the
   ``GradualSumMix(k0=2)`` mix fused in one pass): ratio against ``bare``.
+- ``stage-alone``: the device stage's own time per batch (the adapter's ``apply``, timed around each call
+  of the ``bare+stage`` run), as images/s; its ``ratio`` against ``bare`` is how many times faster than
+  the loader it runs, and ``share`` (= 1 / ratio) the fraction of the bare loader's time per batch it
+  adds when nothing overlaps it. End-to-end ratios on a small shared machine move with contention; this
+  row does not.
 - ``native-rep``: ``m`` crops per image written natively: DALI ``m`` chains of ``random_resized_crop`` +
   ``flip`` stacked; FFCV ``m`` pipelines of ``RandomResizedCropRGBImageDecoder`` on the image field (each
   decodes); torch a dataset that decodes each image ``m`` times (timm's repeated augmentation reads it
@@ -75,6 +80,34 @@ def _time(make: Callable[[], Iterable], steps: int, rows_per_step: int) -> float
     return steps * rows_per_step / (time.perf_counter() - start)
 
 
+class _StageClock:
+    """Times an adapter's device stage: wraps its ``apply`` (each adapter's ``__iter__`` calls it once per
+    batch) and keeps each call's seconds (CPU tensors: no device synchronisation is needed)."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.seconds: list[float] = []
+        inner = adapter.apply
+
+        def timed(batch: Any) -> Any:
+            start = time.perf_counter()
+            out = inner(batch)
+            self.seconds.append(time.perf_counter() - start)
+            return out
+
+        adapter.apply = timed
+
+    def rate(self, steps: int, images: int) -> float:
+        """Images/s of the stage over the last ``steps`` calls (the timed ones, after the warm-up)."""
+        return steps * images / sum(self.seconds[-steps:])
+
+
+def _stage_rows(make: Callable[[], Iterable], adapter: Any, steps: int, batch: int) -> list[dict[str, Any]]:
+    """The ``bare+stage`` row (``make`` yields ``adapter``'s batches) and the ``stage-alone`` row from the same run."""
+    clock = _StageClock(adapter)
+    return [{"name": "bare+stage", "against": "bare", "rate": _time(make, steps, batch // 2) * 2},
+            {"name": "stage-alone", "against": "bare", "rate": clock.rate(steps, batch)}]
+
+
 def _crop_chain(size: int) -> Augment:
     return Augment([RandomResizedCrop(size=size), RandomFlip()], seed=0)
 
@@ -109,19 +142,17 @@ def _dali(root: Path, batch: int, m: int, size: int, threads: int, steps: int) -
         it = DALIGenericIterator([build(kind)], names, reader_name="reader", auto_reset=True)
         return lambda: it
 
-    def adapter(kind: str, names: list[str], ops: list) -> Callable[[], Iterable]:
+    def adapter(kind: str, names: list[str], ops: list) -> DaliLoader:
         norm = {"mean": MEAN, "std": STD} if ops else {}  # the replication rows stay uint8, as the native ones
-        loader = DaliLoader(build(kind), 1000, names, reader_name="reader", ops=ops, keep_uint8=not ops, **norm)
-        return lambda: loader
+        return DaliLoader(build(kind), 1000, names, reader_name="reader", ops=ops, keep_uint8=not ops, **norm)
 
+    staged = adapter("bare", ["images", "labels", "ids"], [GradualSumMix(k0=2)])
+    replicated = adapter("regpipe", ["images", "labels", "ids", "theta"], [])
     return [
         {"name": "bare", "rate": _time(native_bare("bare", ["images", "labels", "ids"]), steps, batch)},
-        {"name": "bare+stage", "against": "bare",
-         "rate": _time(adapter("bare", ["images", "labels", "ids"], [GradualSumMix(k0=2)]), steps, batch // 2)
-         * 2},
+        *_stage_rows(lambda: staged, staged, steps, batch),
         {"name": "native-rep", "rate": _time(native_bare("native", ["images", "labels"]), steps, batch * m)},
-        {"name": "regpipe-rep", "against": "native-rep",
-         "rate": _time(adapter("regpipe", ["images", "labels", "ids", "theta"], []), steps, batch * m)},
+        {"name": "regpipe-rep", "against": "native-rep", "rate": _time(lambda: replicated, steps, batch * m)},
     ]
 
 
@@ -156,7 +187,7 @@ def _ffcv(root: Path, batch: int, m: int, size: int, threads: int, steps: int, w
     regpipe = FfcvLoader(loader({"image": [decoder, ToTensor()], **labels}), 1000, replicate=decoder, keep_uint8=True)
     return [
         {"name": "bare", "rate": _time(lambda: bare, steps, batch)},
-        {"name": "bare+stage", "against": "bare", "rate": _time(lambda: staged, steps, batch // 2) * 2},
+        *_stage_rows(lambda: staged, staged, steps, batch),
         {"name": "native-rep", "rate": _time(lambda: native, steps, batch * m)},
         {"name": "regpipe-rep", "against": "native-rep", "rate": _time(lambda: regpipe, steps, batch * m)},
     ]
@@ -210,7 +241,7 @@ def _torch(root: Path, batch: int, m: int, size: int, threads: int, steps: int) 
     staged = TorchLoader(dl("bare", 1), 1000, mean=MEAN, std=STD, ops=[GradualSumMix(k0=2)])
     return [
         {"name": "bare", "rate": _time(lambda: bare, steps, batch)},
-        {"name": "bare+stage", "against": "bare", "rate": _time(lambda: staged, steps, batch // 2) * 2},
+        *_stage_rows(lambda: staged, staged, steps, batch),
         {"name": "native-rep", "rate": _time(lambda: dl("native", m), steps, batch * m)},
         {"name": "regpipe-rep", "against": "native-rep", "rate": _time(lambda: dl("regpipe", m), steps, batch * m)},
     ]
@@ -218,7 +249,7 @@ def _torch(root: Path, batch: int, m: int, size: int, threads: int, steps: int) 
 
 def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int = 4, size: int = 224, steps: int = 8,
                  threads: int | None = None) -> list[dict[str, Any]]:
-    """Time the four rows for one loader; ``ratio`` is ``images_per_s / images_per_s[against]`` (1 for the
+    """Time the five rows for one loader; ``ratio`` is ``images_per_s / images_per_s[against]`` (1 for the
     references). ``bare+stage`` counts the images it reads (the mix halves the rows).
 
     Raises:
@@ -243,9 +274,13 @@ def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int 
         else:
             raise ValueError(f"--loader must be dali, ffcv or torch, got {loader!r}")
     rates = {r["name"]: r["rate"] for r in rows}
-    return [{"name": r["name"], "loader": loader, "images_per_s": round(r["rate"], 1),
-             "ratio": round(r["rate"] / rates[r["against"]], 3) if "against" in r else 1.0,
-             "against": r.get("against")} for r in rows]
+    out = [{"name": r["name"], "loader": loader, "images_per_s": round(r["rate"], 1),
+            "ratio": round(r["rate"] / rates[r["against"]], 3) if "against" in r else 1.0,
+            "against": r.get("against")} for r in rows]
+    for r in out:
+        if r["name"] == "stage-alone":  # the stage's time per batch as a fraction of the bare loader's
+            r["share"] = round(rates["bare"] / rates["stage-alone"], 4)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
                         steps=args.steps, threads=args.threads)
     print(f"{'row':<13} {'loader':<7} {'images/s':>10} {'ratio':>7}  against")
     for r in rows:
-        print(f"{r['name']:<13} {r['loader']:<7} {r['images_per_s']:>10.1f} {r['ratio']:>7.3f}  {r['against'] or '-'}")
+        share = f"  (share of bare: {100 * r['share']:.1f} %)" if "share" in r else ""
+        print(f"{r['name']:<13} {r['loader']:<7} {r['images_per_s']:>10.1f} {r['ratio']:>7.3f}  "
+              f"{r['against'] or '-'}{share}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(),
