@@ -77,17 +77,22 @@ def check_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
     Raises:
         ValueError: not 1-D, empty, NaN/inf, negative, or not summing to 1 (the value is named).
     """
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
-    if w.dim() != 1 or w.numel() == 0:
-        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"weights must be finite, got {w.tolist()}")
-    if (w < 0).any():
-        raise ValueError(f"weights must be non-negative, got {w.tolist()}")
-    total = float(w.sum())
+    if isinstance(weights, (list, tuple)) and all(type(v) in (float, int) for v in weights):
+        w = [float(v) for v in weights]  # the usual case, checked in Python: no tensor round trip per batch
+        shape: tuple[int, ...] = (len(w),)
+    else:
+        t = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+        shape, w = tuple(t.shape), t.reshape(-1).tolist()
+    if len(shape) != 1 or not w:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {shape}")
+    if not all(math.isfinite(v) for v in w):
+        raise ValueError(f"weights must be finite, got {w}")
+    if any(v < 0 for v in w):
+        raise ValueError(f"weights must be non-negative, got {w}")
+    total = math.fsum(w)
     if abs(total - 1.0) > _WEIGHT_SUM_TOL:
-        raise ValueError(f"weights must sum to 1, got sum {total:.6g} for {w.tolist()}")
-    return w.tolist()
+        raise ValueError(f"weights must sum to 1, got sum {total:.6g} for {w}")
+    return w
 
 
 def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_remainder: bool = False) -> torch.Tensor:
