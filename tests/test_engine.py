@@ -64,6 +64,14 @@ def test_cascade_steps_down_its_stages(fake_dir: Path) -> None:
     assert all("val_accuracy" in row for row in metrics["epochs"])
 
 
+def test_cascade_stage_budgets_count_evaluations_with_eval_every(fake_dir: Path) -> None:
+    # 12 epochs over stages (4, 2, 1), one evaluation every 2 epochs, a patience that never ends a stage:
+    # each stage gets its share of the epochs (4), i.e. 2 evaluations, so the clean stage is reached.
+    metrics = _run(fake_dir, "cascade", epochs=12, eval_every=2, cascade=CascadeConfig(stages=(4, 2, 1), patience=99))
+    assert [row["k"] for row in metrics["epochs"]] == [4] * 4 + [2] * 4 + [1] * 4
+    assert [row["epoch"] for row in metrics["epochs"] if "val_accuracy" in row] == [2, 4, 6, 8, 10, 12]
+
+
 def test_gradual_advances_t_once_per_optimizer_step(fake_dir: Path) -> None:
     # fine_tune_frac=0.5 of 2 epochs: the gradual phase is 1 epoch of 5 steps, so t is 0 at the start of
     # epoch 1 and 5/5 = 1 at the start of epoch 2 (clean, whole batches).

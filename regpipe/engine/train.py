@@ -270,7 +270,7 @@ def _run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.device, in
                      model=model, optimizer=optimizer, loss_fn=loss_fn, num_train=len(train_set),
                      train=splits.arrays.train if splits.arrays is not None else train_set,
                      prepare=plain.to_batch, validation=lambda: _holdout_batch(splits, plain.to_batch, external_rows),
-                     keep_mix_parent=any(a.needs_mix_parent for a in algorithms))
+                     keep_mix_parent=any(a.needs_mix_parent for a in algorithms), eval_every=cfg.eval_every)
     for alg in algorithms:
         alg.attach(run)
     # Stable sort by stage: copies are made, then mixed, then planned, whatever the order of the words.

@@ -108,6 +108,8 @@ class RunContext:
         prepare: ``(images, labels, indices) -> Batch`` on the device, normalised (no ops applied).
         validation: returns the held-out validation set as one :class:`Batch` on the device.
         keep_mix_parent: mixing ops must keep the unmixed rows (an algorithm ``needs_mix_parent``).
+        eval_every: epochs between evaluations (``after_eval`` runs at epochs ``eval_every``,
+            ``2 * eval_every``, ... and the last), so budgets counted in evaluations convert from epochs.
     """
 
     seed: int
@@ -122,6 +124,7 @@ class RunContext:
     prepare: Callable[..., Batch]
     validation: Callable[[], Batch]
     keep_mix_parent: bool = False
+    eval_every: int = 1
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,11 @@ class CascadeSum(Algorithm):
         stages = tuple(k for k in config.stages if k >= config.stop_at)
         for k in stages:
             _check_divides(config.mode, k, run.batch_size, "cascade.stages")
-        # The epoch budget is shared between the stages; a stage also ends early on a plateau.
+        # The epoch budget is shared between the stages (so the last, clean stage is always reached); a stage
+        # also ends early on a plateau. The cascade counts evaluations, one every run.eval_every epochs.
         share = max(1, run.epochs // len(stages))
-        budgets = [share] * (len(stages) - 1) + [max(1, run.epochs - share * (len(stages) - 1))]
+        epochs = [share] * (len(stages) - 1) + [max(1, run.epochs - share * (len(stages) - 1))]
+        budgets = [max(1, e // run.eval_every) for e in epochs]
         self.cascade = Cascade(stages=stages, patience=config.patience, stage_epochs=budgets,
                                stop_at=config.stop_at)
         self.op = SumMix(groups=self.cascade.k, mode=config.mode, seed=run.seed, drop_remainder=True,
