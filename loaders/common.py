@@ -57,8 +57,8 @@ def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, nor
     Refused, naming ``where`` and the fix: floats when ``keep_uint8`` asks for the uint8 batch (the fused
     device stage would never run); floats with negative values when regpipe normalises (a decoded pixel is
     never negative: the pipeline normalised already, e.g. DALI's ``crop_mirror_normalize`` or FFCV's
-    ``NormalizeImage``, and a second normalisation would go unnoticed); floats still in ``0..255``.
-    Host tensors only are read (no device synchronisation).
+    ``NormalizeImage``, and a second normalisation would go unnoticed). Floats still in ``0..255`` are
+    refused by :meth:`BatchBuilder.build`. Host tensors only are read (no device synchronisation).
     """
     if not images.dtype.is_floating_point:
         return
@@ -72,7 +72,7 @@ def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, nor
             raise ValueError(f"{where} gives {images.dtype} images with values down to {lo:g}, so they are "
                              "normalised already; regpipe's mean/std would normalise them twice: end the pipeline "
                              "with uint8 images (drop crop_mirror_normalize / NormalizeImage), or pass no mean/std")
-    _refuse_0_255_floats(images)
+    # floats still in 0..255 are refused by BatchBuilder.build, which every adapter calls next
 
 
 def check_outputs(available: Sequence[str], required: Sequence[str], where: str) -> None:

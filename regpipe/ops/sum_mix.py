@@ -288,16 +288,17 @@ def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: boo
         o2 = int(rng.integers(n_out - 1))
         o2 += o2 >= o
         g2 = g if permute else int(rng.integers(k))
-        affected = {keys[o], keys[o2]}
-        before = reps[o] + reps[o2]
+        old_keys, before = [keys[o], keys[o2]], reps[o] + reps[o2]
         swap(o, g, o2, g2)
-        affected |= {keys[o], keys[o2]}
+        new_keys = [keys[o], keys[o2]]
+        affected = set(old_keys + new_keys)
+        # a key's count before the swap: now, less the rows that took it, plus the rows that left it
+        before += sum(max(counts[x] - new_keys.count(x) + old_keys.count(x) - 1, 0) for x in affected)
         after = reps[o] + reps[o2] + sum(max(counts[x] - 1, 0) for x in affected)
-        swap(o, g, o2, g2)  # back, to count the duplicates before the swap
-        before += sum(max(counts[x] - 1, 0) for x in affected)
         if after <= before:
-            swap(o, g, o2, g2)
             conflicts += after - before
+        else:
+            swap(o, g, o2, g2)  # undo
     if conflicts:
         raise ValueError(f"could not draw {n_out} distinct mixtures of {k} different seeds from {len(values)} seeds "
                          f"x {int(copies.max())} copies ({conflicts} conflicts left)")

@@ -26,6 +26,9 @@ class _MixStage(Algorithm):
     owns = frozenset({Resource.MIXING})
     op: Op
 
+    def __init__(self, config: CutMixConfig | CutOutConfig | MixUpConfig) -> None:
+        self.config = config
+
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.MIX, self.op)]
 
@@ -34,9 +37,6 @@ class CutMixAlgorithm(_MixStage):
     """``cutmix``: :class:`~regpipe.ops.cutmix.CutMix` on every batch (with probability ``prob``)."""
 
     name = "cutmix"
-
-    def __init__(self, config: CutMixConfig) -> None:
-        self.config = config
 
     def attach(self, run: RunContext) -> None:
         self.op = CutMix(alpha=self.config.alpha, prob=self.config.prob, seed=run.seed,
@@ -51,9 +51,6 @@ class CutOutAlgorithm(_MixStage):
 
     name = "cutout"
 
-    def __init__(self, config: CutOutConfig) -> None:
-        self.config = config
-
     def attach(self, run: RunContext) -> None:
         self.op = CutOut(length=self.config.length, prob=self.config.prob, seed=run.seed,
                          keep_parent=run.keep_mix_parent)
@@ -66,9 +63,6 @@ class MixUpAlgorithm(_MixStage):
     """``mixup``: :class:`~regpipe.ops.cutmix.MixUp`, pairs blended with ``lam ~ Beta(alpha, alpha)``."""
 
     name = "mixup"
-
-    def __init__(self, config: MixUpConfig) -> None:
-        self.config = config
 
     def attach(self, run: RunContext) -> None:
         self.op = MixUp(alpha=self.config.alpha, seed=run.seed, keep_parent=run.keep_mix_parent)
