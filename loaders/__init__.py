@@ -18,8 +18,8 @@ import torch as th  # `torch` is the name of the sibling module regpipe.loaders.
 from regpipe.loaders.common import BatchBuilder, Op
 from regpipe.loaders.torch import TorchLoader, normalize
 
-__all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS", "SizedLoader", "make_train_loader",
-           "sampler_order"]
+__all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS", "SizedLoader", "ffcv_pass_loader",
+           "make_train_loader", "sampler_order"]
 
 LOADERS = ("torch", "dali", "ffcv")
 
@@ -27,6 +27,9 @@ LOADERS = ("torch", "dali", "ffcv")
 class EpochBatches:
     """A batch sampler's index lists, one pass per epoch, the first pass drawn at construction (so the DALI and
     FFCV pipelines can be sized from it without an extra pass that would shift the sampler's randomness).
+
+    ``len()`` is the sampler's own length when it has one (a full epoch: the first pass of a resumed run may
+    be shorter), else the first pass's.
 
     Attributes:
         first: the first epoch's index lists.
@@ -41,7 +44,7 @@ class EpochBatches:
             raise ValueError("the batch sampler yields no batches")
         self.sizes = sorted({len(b) for b in self.first})
         self.max_size = self.sizes[-1]
-        self.length = len(self.first)
+        self.length = len(batch_sampler) if hasattr(batch_sampler, "__len__") else len(self.first)
 
     def __len__(self) -> int:
         return self.length
@@ -67,7 +70,8 @@ class EpochBatches:
 def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[int]], num_classes: int, *,
                       seed: int = 0, device: th.device | str = "cpu", ops: Sequence[Op] = (),
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      channels_last: bool = False, work_dir: str | Path | None = None) -> Iterable:
+                      channels_last: bool = False, work_dir: str | Path | None = None,
+                      start_epoch: int = 0) -> Iterable:
     """The training batch iterable of ``regpipe train --loader KIND``.
 
     Every kind reads the same index lists from ``batch_sampler`` (shuffled batches, a recipe's seed batches
@@ -83,6 +87,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
         dataset: map-style, yields ``(image (C, H, W) uint8 or float32, label, index)`` (``ArrayDataset``).
         batch_sampler: iterable of index lists.
         work_dir: where FFCV's ``.beton`` goes (default: a fresh temporary folder).
+        start_epoch: the epoch of the first pass (a resumed run's), for the adapters that count epochs.
 
     Raises:
         ValueError: an unknown ``kind`` (the known ones are listed).
@@ -94,7 +99,9 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
     if kind == "torch":
         from torch.utils.data import DataLoader
 
-        return TorchLoader(DataLoader(dataset, batch_sampler=batch_sampler), num_classes, **common)
+        # its own generator: the worker base seed it draws per epoch must not advance torch's global generator
+        return TorchLoader(DataLoader(dataset, batch_sampler=batch_sampler, generator=th.Generator().manual_seed(seed)),
+                           num_classes, **common)
     threads = max(1, th.get_num_threads())
     if kind == "dali":
         from nvidia.dali import fn, pipeline_def
@@ -113,21 +120,16 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
 
         return SizedLoader(DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], **common), len(epochs))
     from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
-    from ffcv.loader import Loader
     from ffcv.transforms import ToTensor
 
     from regpipe.loaders.ffcv import FfcvLoader, write_rows
 
-    epochs = EpochBatches(batch_sampler)
-    batch_size = epochs.one_size()
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="regpipe-ffcv-"))
     path = write_rows(folder / "train.beton", dataset)
-    loader = Loader(str(path), batch_size=batch_size, num_workers=threads, order=sampler_order(epochs),
-                    seed=seed, drop_last=True,
-                    pipelines={"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
-                               "index": [IntDecoder(), ToTensor()]})
-    th.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: restore it
-    return FfcvLoader(loader, num_classes, **common)
+    loader = ffcv_pass_loader(path, EpochBatches(batch_sampler), num_workers=threads, seed=seed,
+                              pipelines={"image": [NDArrayDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                                         "index": [IntDecoder(), ToTensor()]})
+    return FfcvLoader(loader, num_classes, start_epoch=start_epoch, **common)
 
 
 class SizedLoader:
@@ -145,6 +147,24 @@ class SizedLoader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def ffcv_pass_loader(path: str | Path, epochs: EpochBatches, **kwargs: Any) -> Any:
+    """An FFCV ``Loader`` of ``path`` that reads the passes of ``epochs`` in order (batches of one size,
+    ``drop_last``); ``kwargs`` go to ``Loader`` (``num_workers``, ``seed``, ``pipelines``...).
+
+    Raises:
+        ValueError: batches of different sizes (FFCV takes one batch size).
+    """
+    from ffcv.loader import Loader
+
+    threads = th.get_num_threads()
+    loader = Loader(str(path), batch_size=epochs.one_size(), order=sampler_order(epochs), drop_last=True, **kwargs)
+    th.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: restore it
+    # FFCV sizes every epoch by the order it drew when built (``Loader.__len__``, and ``__iter__`` cuts each
+    # epoch's order to that many batches). A resumed run's first pass is shorter, so size it by a whole epoch.
+    loader.first_traversal_order = np.zeros(len(epochs) * epochs.one_size(), dtype=np.uint64)
+    return loader
 
 
 def sampler_order(epochs: EpochBatches) -> Any:

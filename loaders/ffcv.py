@@ -471,6 +471,8 @@ class FfcvLoader(BuilderAdapter):
             needs the ``index`` field).
         image_field, label_field, index_field: field names.
         device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
+        start_epoch: the epoch of the first pass (a resumed run's): the operations' counter-based draws
+            are keyed by it, one epoch per pass.
 
     Raises:
         ValueError: a needed field is missing from the loader, or the samples' indices are needed and
@@ -482,7 +484,7 @@ class FfcvLoader(BuilderAdapter):
                  mix: SumMixImages | None = None, image_field: str = "image", label_field: str = "label",
                  index_field: str = "index", device: torch.device | str = "cpu", ops: Sequence[Op] = (),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, channels_last: bool = False,
-                 non_blocking: bool = True, keep_uint8: bool = False) -> None:
+                 non_blocking: bool = True, keep_uint8: bool = False, start_epoch: int = 0) -> None:
         if not isinstance(loader, Loader):
             raise TypeError(f"loader must be an ffcv.loader.Loader, got {type(loader).__name__}")
         self.loader = loader
@@ -506,7 +508,9 @@ class FfcvLoader(BuilderAdapter):
                                     channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
         self.replicate, self.mix = replicate, mix
         self.image_field, self.label_field, self.index_field = image_field, label_field, index_field
-        self.epoch = 0
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
+        self.epoch = start_epoch
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -234,9 +234,14 @@ def test_mixed_precision_trains_close_to_float32(fake_dir: Path, amp: str) -> No
     assert low["epochs"][0]["train_loss"] != full["epochs"][0]["train_loss"]
 
 
-def test_fp16_is_refused_where_an_algorithm_takes_the_steps(fake_dir: Path) -> None:
-    with pytest.raises(ValueError, match="--amp fp16 needs the loop's own optimizer step"):
-        _run(fake_dir, "loss-delta", amp="fp16")
+def test_loss_delta_takes_its_steps_through_the_loop_step_with_fp16_scaling(fake_dir: Path) -> None:
+    full = _run(fake_dir, "loss-delta", epochs=1)
+    low = _run(fake_dir, "loss-delta", epochs=1, amp="fp16")
+    assert low["config"]["amp"] == "fp16"
+    assert low["epochs"][0]["steps"] == full["epochs"][0]["steps"]
+    # autocast and the scaled backward change the rounding, not the run
+    assert low["epochs"][0]["train_loss"] == pytest.approx(full["epochs"][0]["train_loss"], rel=0.05)
+    assert low["epochs"][0]["train_loss"] != full["epochs"][0]["train_loss"]
 
 
 def test_precision_scales_fp16_losses_only() -> None:
@@ -265,7 +270,8 @@ def test_run_settings_are_checked_when_built() -> None:
 def _scripted_evaluate(monkeypatch: pytest.MonkeyPatch, val: list[float]) -> list[int]:
     """Replace the loop's ``evaluate``: each evaluation epoch calls it for the test set, then the validation
     set (which gets the next of ``val``); the final evaluation calls it once more. Returns the rows read."""
-    import regpipe.engine.train as loop
+    import regpipe.engine.loop as loop
+    import regpipe.engine.train as train_module
 
     calls: list[int] = []
     scripted = iter(val)
@@ -274,7 +280,8 @@ def _scripted_evaluate(monkeypatch: pytest.MonkeyPatch, val: list[float]) -> lis
         calls.append(sum(batch.size for batch in batches))
         return next(scripted) if len(calls) % 2 == 0 and len(calls) // 2 <= len(val) else 0.25
 
-    monkeypatch.setattr(loop, "evaluate", fake)
+    monkeypatch.setattr(loop, "evaluate", fake)  # the epochs' evaluations
+    monkeypatch.setattr(train_module, "evaluate", fake)  # the final one
     return calls
 
 

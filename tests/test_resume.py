@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from imagefolder import write_image_folder
-from regpipe.engine.config import GradualConfig, InvarianceConfig, TrainConfig
-from regpipe.engine.resume import ResumableBatches
+from regpipe.engine.config import GradualConfig, InvarianceConfig, SignConfig, SumConfig, TrainConfig
+from regpipe.sampler.epoch_order import EpochPasses, ShuffledBatches
 from regpipe.engine.train import train
 
 TIMING = ("images_per_s",)
@@ -46,11 +46,13 @@ def _interrupted_then_resumed(cfg: TrainConfig, after_steps: int) -> dict:
 
 
 @pytest.mark.parametrize("recipe, after", [("baseline", 7), ("gradual", 8), ("invariance", 12), ("cascade", 6),
-                                           ("loss-order", 7), ("loss-delta", 7), ("loss-delta", 9)])
+                                           ("loss-order", 7), ("loss-delta", 7), ("loss-delta", 9), ("saliency", 4),
+                                           ("patchup-hard", 7), ("cutmix", 4), ("sign", 7), ("sum+saliency", 8)])
 def test_resumed_run_equals_uninterrupted_run(recipe: str, after: int, fake_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(recipe=recipe, epochs=3, seed=4, samples_per_class=4, val_per_class=2, batch_size=8,
                       data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64, checkpoint_every=3,
-                      gradual=GradualConfig(k0=2, fine_tune_frac=0.3), invariance=InvarianceConfig(layers=("layer1",)))
+                      gradual=GradualConfig(k0=2, fine_tune_frac=0.3), invariance=InvarianceConfig(layers=("layer1",)),
+                      sign=SignConfig(iters=(2,)), sum=SumConfig(k=2))
     whole = train(replace(cfg, out=str(tmp_path / "whole")))
     resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), after)
     assert _rows(resumed) == _rows(whole)
@@ -79,17 +81,20 @@ def test_resume_refuses_other_settings(fake_dir: Path, tmp_path: Path) -> None:
         train(replace(cfg, resume=True, out=str(tmp_path / "elsewhere")))
 
 
-def test_resumable_batches_replays_a_pass() -> None:
-    inner = torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(range(20), generator=torch.Generator().manual_seed(0)), 4, drop_last=True)
-    order = ResumableBatches(inner)
-    first, second = list(order), list(order)
-    again = ResumableBatches(torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(range(20), generator=torch.Generator().manual_seed(99)), 4, drop_last=True))
-    again.resume_at(order.state_for(1), skip=2)
-    assert list(again) == second[2:]
-    assert list(again) == list(order)  # and the passes after it follow
-    assert first != second
+def test_epoch_passes_resume_inside_an_epoch_without_replaying_it() -> None:
+    order = ShuffledBatches(20, batch_size=4, seed=0)
+    whole = EpochPasses(order)
+    passes = [list(whole) for _ in range(3)]
+    assert passes[0] != passes[1]  # a fresh permutation each epoch
+    resumed = EpochPasses(ShuffledBatches(20, batch_size=4, seed=0), start_epoch=1, skip=2)
+    assert list(resumed) == passes[1][2:]
+    assert list(resumed) == passes[2]  # and the passes after it follow
+    # a loop-style permutation: every index once per epoch, drop_last
+    assert sorted(i for b in passes[0] for i in b) == list(range(20))
+    with pytest.raises(ValueError, match="skip=5 drops the whole epoch of 5 batches"):
+        EpochPasses(order, skip=5)
+    with pytest.raises(ValueError, match="cannot be replayed part-way"):
+        EpochPasses([[0, 1], [2, 3]], skip=1)
 
 
 @pytest.mark.slow

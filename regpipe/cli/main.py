@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from regpipe.cli import bench, compare, show, sign, train, write_beton
 from regpipe.cli import eval as eval_command
+from regpipe.engine.loop import Preempted
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except Preempted as err:  # SIGTERM: the state is written, --resume continues (128 + SIGTERM, as a kill)
+        print(f"regpipe {args.command}: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         # compare and sign keep every finished run / shard (written atomically) and skip them on a rerun.
         hint = "rerun the same command to resume" if args.command in RESUMABLE else "nothing was written"

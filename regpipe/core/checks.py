@@ -19,6 +19,7 @@ from numbers import Integral, Real
 import torch
 
 __all__ = [
+    "NonFiniteLoss",
     "check_dense_labels",
     "check_finite",
     "check_finite_number",
@@ -30,6 +31,12 @@ __all__ = [
     "check_unit_interval",
     "is_host",
 ]
+
+
+class NonFiniteLoss(ValueError):
+    """A training loss that is not finite, raised before its step reaches the weights (the message names
+    where: epoch, step, recipe). An algorithm that takes trial steps through the training loop's step
+    (loss-delta) catches it to roll its trial back."""
 
 
 def is_host(t: torch.Tensor) -> bool:

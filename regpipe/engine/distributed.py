@@ -23,8 +23,9 @@ import torch.distributed as dist
 from regpipe.core.op import Op
 from regpipe.core.rng import rank_seed
 from regpipe.loaders.distributed import Ranks, ranks
+from regpipe.sampler.epoch_order import EpochOrder
 
-__all__ = ["DistInfo", "RankSlice", "all_reduce_sum", "rank_seed", "reseed_ops", "resolve_device", "setup",
+__all__ = ["DistInfo", "RankOrder", "RankSlice", "all_reduce_sum", "rank_order", "rank_seed", "reseed_ops", "resolve_device", "setup",
            "teardown"]
 
 
@@ -107,8 +108,23 @@ def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def _rank_part(batch: Sequence[int], info: DistInfo) -> list[int]:
+    """Rank ``info.rank``'s contiguous share of one global batch.
+
+    Raises:
+        ValueError: a global batch whose size is not divisible by ``world_size`` (the size is named).
+    """
+    batch, world = [int(i) for i in batch], info.world_size
+    if len(batch) % world:
+        raise ValueError(f"a global batch of {len(batch)} samples cannot be split over {world} processes; "
+                         f"choose a batch size divisible by {world}")
+    per_rank = len(batch) // world
+    return batch[info.rank * per_rank:(info.rank + 1) * per_rank]
+
+
 class RankSlice(torch.utils.data.Sampler):
-    """Rank ``rank``'s contiguous slice of every global batch of ``batch_sampler``.
+    """Rank ``rank``'s contiguous slice of every global batch of ``batch_sampler`` (a live sampler, iterated
+    once per pass).
 
     Raises:
         ValueError: a global batch whose size is not divisible by ``world_size`` (the size is named).
@@ -122,11 +138,27 @@ class RankSlice(torch.utils.data.Sampler):
         return len(self.batch_sampler)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = self.info.rank, self.info.world_size
         for batch in self.batch_sampler:
-            batch = list(batch)
-            if len(batch) % world:
-                raise ValueError(f"a global batch of {len(batch)} samples cannot be split over {world} processes; "
-                                 f"choose a batch size divisible by {world}")
-            per_rank = len(batch) // world
-            yield batch[rank * per_rank:(rank + 1) * per_rank]
+            yield _rank_part(batch, self.info)
+
+
+class RankOrder:
+    """Rank ``rank``'s contiguous slice of every global batch of an :class:`~regpipe.sampler.epoch_order.EpochOrder`
+    (itself one: the slices of epoch ``e`` depend only on ``e``)."""
+
+    def __init__(self, order: EpochOrder, info: DistInfo) -> None:
+        self.order, self.info = order, info
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return [_rank_part(batch, self.info) for batch in self.order.batches(epoch)]
+
+
+def rank_order(order: EpochOrder | Iterable[Sequence[int]], info: DistInfo) -> EpochOrder | Iterable[Sequence[int]]:
+    """This rank's view of the global batch order: :class:`RankOrder` of an epoch order, :class:`RankSlice` of a
+    live sampler; the order itself for one process."""
+    if not info.distributed:
+        return order
+    return RankOrder(order, info) if isinstance(order, EpochOrder) else RankSlice(order, info)

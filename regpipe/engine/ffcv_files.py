@@ -23,7 +23,7 @@ import torch
 
 from regpipe.engine import distributed
 from regpipe.engine.splits import DataSpec, Splits
-from regpipe.loaders import EpochBatches, sampler_order
+from regpipe.loaders import EpochBatches, ffcv_pass_loader
 
 __all__ = ["BetonRef", "beton_eval_loader", "beton_splits", "beton_train_loader", "folder_beton"]
 
@@ -105,7 +105,7 @@ def _centre_loader(path: Path, size: int, resize: int, batch_size: int, indices:
 
 def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes: int, *, size: int, seed: int,
                        workers: int, device: torch.device, ops: Sequence[Any], mean: Sequence[float],
-                       std: Sequence[float], channels_last: bool) -> Iterable:
+                       std: Sequence[float], channels_last: bool, start_epoch: int = 0) -> Iterable:
     """Training batches of a ``.beton`` through FFCV's random-resized-crop decoder and flip.
 
     Raises:
@@ -114,7 +114,6 @@ def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes
     _ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
 
     from regpipe.loaders.ffcv import FfcvLoader
@@ -126,12 +125,9 @@ def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes
                      label=[IntDecoder(), ToTensor()])
     if ref.has_index:
         pipelines["index"] = [IntDecoder(), ToTensor()]
-    threads = torch.get_num_threads()
-    loader = Loader(str(path), batch_size=epochs.one_size(), num_workers=max(1, workers), order=sampler_order(epochs),
-                    seed=seed, drop_last=True, pipelines=pipelines)
-    torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count: restore it
+    loader = ffcv_pass_loader(path, epochs, num_workers=max(1, workers), seed=seed, pipelines=pipelines)
     return FfcvLoader(loader, num_classes, index_field="index", device=device, ops=ops, mean=mean, std=std,
-                      channels_last=channels_last)
+                      channels_last=channels_last, start_epoch=start_epoch)
 
 
 class _EvalBatches:

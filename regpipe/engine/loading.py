@@ -1,7 +1,7 @@
 """The batches of one run: training batches through the chosen loader, evaluation and clean BatchNorm batches.
 
 Every loader reads the same index lists (this rank's slice of every global batch,
-:class:`~regpipe.engine.distributed.RankSlice`), so ranks read disjoint shards whose union is the epoch:
+:func:`~regpipe.engine.distributed.rank_order`), so ranks read disjoint shards whose union is the epoch:
 
 * in-memory arrays: ``regpipe.loaders.make_train_loader`` (torch, DALI fed by ``external_source``, FFCV
   from a ``.beton`` written once per run in a temporary folder that is removed at the end);
@@ -44,6 +44,9 @@ def default_workers(streaming: bool, info: distributed.DistInfo) -> int:
 
 def _torch_loader(dataset: Dataset, workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
     extra: dict[str, Any] = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    # A generator of its own (unless given): each pass draws its workers' base seed from it, which must not
+    # advance torch's global generator (a resumed epoch starts a pass the interrupted run did not).
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", **extra, **kwargs)
 
 
@@ -55,16 +58,17 @@ def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *,
 
     Args:
         kind: ``"torch"``, ``"dali"`` or ``"ffcv"``.
-        batches: this rank's index lists, asked again every epoch.
+        batches: this rank's index lists, one pass per epoch from ``start_epoch`` on
+            (:class:`~regpipe.sampler.epoch_order.EpochPasses`).
         workers: DataLoader workers / DALI threads / FFCV workers.
-        start_epoch: the first epoch (a resumed run's), for the loaders that count their own passes.
+        start_epoch: the first pass's epoch (a resumed run's), for the loaders that key their draws by epoch.
         work_dir: where the in-memory FFCV path writes its ``.beton`` (removed by the caller).
         cache_dir: where ``imagefolder:`` data converted for FFCV is kept between runs.
     """
     common = dict(device=device, ops=ops, mean=splits.mean, std=splits.std, channels_last=channels_last)
     if splits.spec is None:
         return make_train_loader(kind, splits.train, batches, splits.num_classes, seed=seed, work_dir=work_dir,
-                                 **common)
+                                 start_epoch=start_epoch, **common)
     if splits.spec.kind == "beton" or kind == "ffcv":
         from regpipe.engine.ffcv_files import beton_train_loader, folder_beton
 
@@ -73,7 +77,7 @@ def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *,
         if kind != "ffcv":
             raise ValueError(f"--data beton:... is read by FFCV: use --loader ffcv, not {kind!r}")
         return beton_train_loader(path, batches, splits.num_classes, size=splits.image_shape[1], seed=seed,
-                                  workers=workers, **common)
+                                  workers=workers, start_epoch=start_epoch, **common)
     if kind == "dali":
         from regpipe.engine.dali_files import dali_folder_loader
 

@@ -1,6 +1,6 @@
 """The splits a run trains and evaluates on, whether held in memory or streamed from disk.
 
-In memory (``fashion-mnist``, ``npz:``, ``folder:``): :func:`~regpipe.engine.train.prepare_data`'s arrays.
+In memory (``fashion-mnist``, ``npz:``, ``folder:``): :func:`prepare_data`'s arrays.
 By reference (``imagefolder:ROOT``, ``beton:TRAIN,VAL``): files read sample by sample by the chosen loader;
 ``ROOT/val`` (or ``VAL.beton``) is the evaluation set, and a held-out validation set for the algorithms
 that decide from it (the cascade) is carved from the training split only when one of them asks.
@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from regpipe.engine.data import ArrayDataset, stratified_indices
+from regpipe.engine.data import ArrayDataset, ImageArrays, load_dataset, split_train_val, stratified_indices
 from regpipe.engine.datasets import ImageFolderDataset
 from regpipe.loaders.file_index import FileIndex
 
-__all__ = ["DataSpec", "Splits", "array_splits", "channel_stats", "folder_splits", "parse_data_spec"]
+__all__ = ["DataSpec", "RunData", "Splits", "array_splits", "channel_stats", "folder_splits", "parse_data_spec",
+           "prepare_data"]
 
 StreamKind = Literal["imagefolder", "beton"]
 #: Images decoded to estimate the per-channel mean/std of a streamed training set.
@@ -62,6 +63,39 @@ def parse_data_spec(spec: str) -> DataSpec | None:
     return None
 
 
+@dataclass(frozen=True)
+class RunData:
+    """The run's splits (uint8 arrays) and the training set's per-channel mean/std (0..1 scale)."""
+
+    train: ImageArrays
+    val: ImageArrays
+    test: ImageArrays
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def prepare_data(dataset: str, seed: int, val_per_class: int, samples_per_class: int | None,
+                 data_dir: str | None = None, shape: str = "cifar") -> RunData:
+    """Load an in-memory dataset and split it: a stratified validation set of ``val_per_class`` per class is
+    carved first (seeded), then the optional ``samples_per_class`` training subset is drawn from the rest, so
+    every recipe with the same seed trains on the same samples whether it reads the validation set or not."""
+    full = load_dataset(dataset, "train", data_dir=data_dir, shape=shape)
+    test = load_dataset(dataset, "test", data_dir=data_dir, shape=shape)
+    val_idx = stratified_indices(full.labels, val_per_class, seed=seed + 10_000)
+    if samples_per_class is not None:
+        # a stratified draw disjoint from the validation set (split_train_val's job, used the other way round)
+        train_idx = split_train_val(full.labels, samples_per_class, seed=seed, exclude=val_idx)
+    else:
+        keep = torch.ones(len(full.labels), dtype=torch.bool)
+        keep[val_idx] = False
+        train_idx = keep.nonzero().squeeze(1)
+    train = full.subset(train_idx)
+    pixels = train.images.float().div_(255.0)
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return RunData(train=train, val=full.subset(val_idx), test=test, mean=mean, std=std)
+
+
 @dataclass
 class Splits:
     """The run's splits as map-style datasets yielding ``(image (C, H, W) uint8, label, index)``.
@@ -73,7 +107,7 @@ class Splits:
         num_classes, classes: the label space.
         image_shape: ``(C, H, W)`` of the model's inputs.
         mean, std: per-channel normalisation, 0..1 scale.
-        arrays: the in-memory arrays (``engine.train.RunData``), or ``None`` when streaming.
+        arrays: the in-memory arrays (:class:`RunData`), or ``None`` when streaming.
         spec: the streamed files, or ``None`` in memory.
     """
 
@@ -94,7 +128,7 @@ class Splits:
 
 
 def array_splits(data: Any) -> Splits:
-    """:class:`Splits` over ``engine.train.RunData`` (in-memory uint8 arrays)."""
+    """:class:`Splits` over :class:`RunData` (in-memory uint8 arrays)."""
     return Splits(train=ArrayDataset(data.train), holdout=ArrayDataset(data.val), test=ArrayDataset(data.test),
                   num_classes=data.train.num_classes, classes=data.train.classes,
                   image_shape=tuple(int(v) for v in data.train.images.shape[1:]), mean=data.mean, std=data.std,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,8 @@ import torch
 
 from regpipe.core.checks import check_dense_labels
 
-__all__ = ["NpzArrays", "check_output_path", "check_run_outputs", "infer_num_classes", "read_json", "read_npz"]
+__all__ = ["NpzArrays", "check_output_path", "check_run_outputs", "infer_num_classes", "read_json", "read_npz",
+           "write_json"]
 
 
 def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["dir", "file"]) -> Path:
@@ -75,6 +77,21 @@ def check_run_outputs(out: str | None, checkpoint_out: str | None) -> None:
         check_output_path("--checkpoint-out", checkpoint_out, "file")
         if out is not None and Path(checkpoint_out).resolve() == (Path(out) / "metrics.json").resolve():
             raise ValueError(f"--checkpoint-out {checkpoint_out} would overwrite the run's metrics.json")
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Write ``value`` as JSON atomically: a temporary file in the same folder, then ``os.replace``, so a
+    kill during the write never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(value, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

@@ -58,11 +58,14 @@ import torch
 from torch import nn
 
 from regpipe.core.batch import Batch
+from regpipe.core.checks import NonFiniteLoss
 from regpipe.sampler.snapshot import StateSnapshot, frozen_running_stats, tracked_parameters
 
 __all__ = ["LossDeltaOrderer", "DeltaStep", "draw_external"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: The training loop's step on one batch: returns the (detached) loss it stepped on.
+StepFn = Callable[[Batch], "torch.Tensor | float"]
 ExternalSource = Batch | Callable[[torch.Generator], Batch]
 
 
@@ -142,6 +145,13 @@ class LossDeltaOrderer:
         commit: ``"exact"`` (restore the winner's computed state), ``"recompute"`` (restore the start
             state and redo the winner's step, through DDP's gradient sync), ``"auto"``: recompute when
             ``model`` has ``no_sync`` (DDP), else exact.
+        step: the training loop's own step, ``step(batch) -> loss`` (detached): ``zero_grad``, forward,
+            backward and optimizer step, raising :class:`~regpipe.core.checks.NonFiniteLoss` before stepping
+            on a non-finite loss. Every trial and plain step goes through it, so the loop's forward (a
+            PatchUp forward), mixed precision and gradient scaling apply. Default: the plain step
+            ``loss_fn(model(x), targets)`` with ``optimizer.step()``. Not with ``approximate``.
+        scaler: the ``torch.amp.GradScaler`` that ``step`` uses (``--amp fp16``): its scale and growth
+            tracker are rolled back with the model after each trial, as the optimizer state is.
 
     Attributes:
         last_step: the :class:`DeltaStep` of the latest step. last_scores: its scores, ``(n,)`` float64
@@ -184,7 +194,8 @@ class LossDeltaOrderer:
                  k: int = 4, variant: Literal["same", "external"] = "same", relative: bool = False,
                  external: ExternalSource | None = None, external_size: int | None = 512,
                  approximate: bool = False, seed: int = 0, rescore_every: int = 1,
-                 commit: Literal["auto", "exact", "recompute"] = "auto") -> None:
+                 commit: Literal["auto", "exact", "recompute"] = "auto", step: StepFn | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if isinstance(rescore_every, bool) or not isinstance(rescore_every, int) or rescore_every < 1:
@@ -205,6 +216,9 @@ class LossDeltaOrderer:
         if external is not None and not isinstance(external, Batch) and not callable(external):
             raise TypeError(f"external must be a Batch or a callable, got {type(external).__name__}")
         _check_optimizer(optimizer)
+        if approximate and step is not None:
+            raise ValueError("approximate=True scores gradients without a trial step, so it cannot take the "
+                             "trials through step=; pass one or the other")
         if commit == "exact" and hasattr(model, "no_sync"):
             raise ValueError("commit='exact' with a DDP model would commit unsynchronised local steps and let "
                              "the ranks diverge; use commit='auto' or 'recompute'")
@@ -213,6 +227,8 @@ class LossDeltaOrderer:
         self.external, self.external_size = external, external_size
         self.seed, self.rescore_every = seed, rescore_every
         self.recompute = commit == "recompute" or (commit == "auto" and hasattr(model, "no_sync"))
+        self.step_fn = step
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.external_batch: Batch | None = None
@@ -334,13 +350,20 @@ class LossDeltaOrderer:
         return self.loss_fn(self.model(batch.inputs), batch.targets)
 
     def _plain_step(self, batch: Batch) -> float:
-        """``zero_grad; forward; backward; step`` -- the reference step (through DDP's sync if wrapped).
+        """``zero_grad; forward; backward; step`` -- the reference step (through DDP's sync if wrapped), or the
+        loop's ``step``.
 
         Raises:
             ValueError: a non-finite loss (the step is not taken, the model keeps its state).
         """
-        self.optimizer.zero_grad()
         self._plain_buffers.save()  # BatchNorm running statistics: a non-finite forward has updated them
+        if self.step_fn is not None:
+            try:
+                return float(self.step_fn(batch))
+            except NonFiniteLoss:
+                self._plain_buffers.restore()
+                raise
+        self.optimizer.zero_grad()
         loss = self._forward_loss(batch)
         # Read before the step (the value was read after it anyway, for the log): a non-finite loss must
         # not reach the parameters. Under DDP every rank raises on its own loss, before the gradient sync.
@@ -351,6 +374,48 @@ class LossDeltaOrderer:
         loss.backward()
         self.optimizer.step()
         return value
+
+    def _trial(self, batch: Batch, j: int) -> torch.Tensor:
+        """Candidate ``j``'s trial step (gradients only when approximate); returns its detached loss.
+
+        Raises:
+            ValueError: a non-finite loss; the start state is restored first.
+        """
+        with self._trial_context():
+            if self.step_fn is not None:
+                try:
+                    return torch.as_tensor(self.step_fn(batch)).detach()
+                except NonFiniteLoss as err:
+                    self._restore_start()
+                    raise NonFiniteLoss(f"{err} (loss-delta candidate {j})") from err
+            self.optimizer.zero_grad()
+            loss = self._forward_loss(batch)
+            loss.backward()
+            if not self.approximate:
+                self.optimizer.step()
+        loss = loss.detach()
+        if not math.isfinite(float(loss)):  # float(loss) was read below for the log anyway
+            self._restore_start()
+            raise self._non_finite(f"the training loss of candidate {j}", float(loss), batch)
+        return loss
+
+    def _save_start(self) -> None:
+        self._start.save()
+        self._scaler_start = self.scaler.state_dict() if self.scaler is not None else None
+
+    def _restore_start(self) -> None:
+        self._start.restore()
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self._scaler_start)
+
+    def _save_best(self) -> None:
+        self._best.save()
+        self._scaler_best = self.scaler.state_dict() if self.scaler is not None else None
+
+    def _restore_best(self) -> None:
+        self._best.restore()
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self._scaler_best)
 
     def _score_loss(self, batch: Batch) -> torch.Tensor:
         """A score loss: current mode, no grad, running statistics untouched."""
@@ -363,7 +428,7 @@ class LossDeltaOrderer:
     def _score_and_commit(self, buffer: list[Batch]) -> tuple[int, float, list[float]]:
         n = len(buffer)
         external = self.external_batch if self.variant == "external" else None
-        self._start.save()
+        self._save_start()
         grads_e: list[torch.Tensor | None] | None = None
         before_e: torch.Tensor | None = None
         if external is not None:
@@ -376,17 +441,8 @@ class LossDeltaOrderer:
         best = -1
         for j, batch in enumerate(buffer):
             if j:
-                self._start.restore()
-            with self._trial_context():
-                self.optimizer.zero_grad()
-                loss = self._forward_loss(batch)
-                loss.backward()
-                if not self.approximate:
-                    self.optimizer.step()
-            loss = loss.detach()
-            if not math.isfinite(float(loss)):  # float(loss) was read below for the log anyway
-                self._start.restore()
-                raise self._non_finite(f"the training loss of candidate {j}", float(loss), batch)
+                self._restore_start()
+            loss = self._trial(batch, j)
             before = before_e if before_e is not None else loss
             if self.approximate:
                 drop = self._predicted_drop(grads_e)
@@ -402,11 +458,11 @@ class LossDeltaOrderer:
             if better:
                 best = j
                 if j < n - 1 and not self.recompute:
-                    self._best.save()
+                    self._save_best()
         if not any(math.isfinite(s) for s in scores):
             # Every trial step made the score non-finite (e.g. the loss after the step is nan): committing
             # any of them would poison the parameters.
-            self._start.restore()
+            self._restore_start()
             epoch, step = self._where
             raise ValueError(f"loss-delta: the scores of all {n} candidate batches are non-finite ({scores}) at "
                              f"epoch {epoch + 1} step {step + 1}: every trial step diverged; the model was left "
@@ -416,11 +472,11 @@ class LossDeltaOrderer:
 
     def _commit(self, winner: Batch, last: bool) -> None:
         if self.recompute:  # DDP: redo the winner's step with gradient sync (module docstring)
-            self._start.restore()
+            self._restore_start()
             self._plain_step(winner)
             return
         if not last:
-            self._best.restore()
+            self._restore_best()
         if self.approximate:  # gradients and BN buffers of the winner's forward are live now
             self.optimizer.step()
 

@@ -7,7 +7,7 @@ calls, in this order, for every algorithm of the recipe:
 ``training_set(dataset, ...)`` before the model: the rows the run trains on (SIGN adds its versions)
 ``attach(run)``               once the model, optimizer and budget exist: build ops, hooks, samplers
 ``ops()``                     the batch ops the loader applies, each at a :class:`Stage`
-``batch_sampler()``           the DataLoader's global batches (replication: ``batch/m`` seeds)
+``batch_order()``             the global batches of each epoch (replication: ``batch/m`` seeds)
 ``forward_loss(step)``        the whole forward and loss of a step (PatchUp mixes hidden layers)
 ``task_scale()``              factor on the task loss (the invariance objective's ``1 - alpha``)
 ``loss_terms(step)``          weighted terms added to the loss, read from the loop's forward pass
@@ -36,6 +36,7 @@ import torch
 
 from regpipe.core.batch import Batch
 from regpipe.core.op import Op
+from regpipe.sampler.epoch_order import EpochOrder
 
 __all__ = ["Algorithm", "ComposeError", "DataContext", "Resource", "RunContext", "Stage", "StepInputs", "StepReport",
            "check_compatible"]
@@ -110,6 +111,7 @@ class RunContext:
         keep_mix_parent: mixing ops must keep the unmixed rows (an algorithm ``needs_mix_parent``).
         eval_every: epochs between evaluations (``after_eval`` runs at epochs ``eval_every``,
             ``2 * eval_every``, ... and the last), so budgets counted in evaluations convert from epochs.
+        grad_scaler: the loop's gradient scaler (``--amp fp16``), for an algorithm that rolls trial steps back.
     """
 
     seed: int
@@ -125,6 +127,7 @@ class RunContext:
     validation: Callable[[], Batch]
     keep_mix_parent: bool = False
     eval_every: int = 1
+    grad_scaler: Any = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class Algorithm:
             the mixing algorithms then keep them.
         needs_teacher: ``training_set`` needs a trained model (the engine trains the baseline first when
             the algorithm's config names none).
+        replays_epoch: an owner of the step whose state saved inside an epoch continues by replaying the
+            epoch's batches from its start and skipping those it trained on (loss-delta); exact when no op
+            draws per batch. Without it, a step owner's run resumes at epoch starts.
     """
 
     name: ClassVar[str] = ""
@@ -168,6 +174,7 @@ class Algorithm:
     needs_input_grad: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     needs_mix_parent: ClassVar[bool] = False
+    replays_epoch: ClassVar[bool] = False
 
     def training_set(self, dataset: torch.utils.data.Dataset,
                      ctx: DataContext) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
@@ -181,7 +188,10 @@ class Algorithm:
     def ops(self) -> list[tuple[Stage, Op]]:
         return []
 
-    def batch_sampler(self) -> torch.utils.data.Sampler | None:
+    def batch_order(self) -> EpochOrder | torch.utils.data.Sampler | None:
+        """The global batches (index lists) of each epoch, when the algorithm owns the sampler: an
+        :class:`~regpipe.sampler.epoch_order.EpochOrder` (a function of the epoch: resumable inside an epoch),
+        or a live batch sampler iterated once per epoch (resumable at epoch starts)."""
         return None
 
     def forward_loss(self, model: torch.nn.Module, batch: Batch, loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -19,6 +19,7 @@ from regpipe.functional.saliency import saliency_from_logits
 from regpipe.hooks.invariance import InvarianceLoss
 from regpipe.hooks.saliency import SaliencyLoss
 from regpipe.ops.augment import Augment, RandomAffine, RandomBrightnessContrast, RandomFlip, Replicate
+from regpipe.sampler.epoch_order import ShuffledBatches
 
 __all__ = ["Invariance", "Replication", "Saliency", "replication_augment"]
 
@@ -45,16 +46,14 @@ class Replication(Algorithm):
         if run.batch_size % m:
             raise ValueError(f"batch_size={run.batch_size} is not divisible by replicas={m}")
         self.op = Replicate(m, replication_augment(run.seed), include_original=True)
-        seeds = run.batch_size // m
-        order = torch.utils.data.RandomSampler(range(run.num_train), num_samples=run.steps_per_epoch * seeds,
-                                               generator=torch.Generator().manual_seed(run.seed))
-        self.sampler = torch.utils.data.BatchSampler(order, seeds, drop_last=True)
+        # as many steps as the baseline, each of batch_size / m seeds: a fresh random 1/m of the set per epoch
+        self.order = ShuffledBatches(run.num_train, run.batch_size // m, run.steps_per_epoch, seed=run.seed)
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.REPLICATE, self.op)]
 
-    def batch_sampler(self) -> torch.utils.data.Sampler:
-        return self.sampler
+    def batch_order(self) -> ShuffledBatches:
+        return self.order
 
     def describe(self) -> dict[str, Any]:
         return {"m": self.config.replicas}

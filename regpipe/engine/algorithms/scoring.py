@@ -22,6 +22,7 @@ class LossDelta(Algorithm):
     (``external``: up to ``external_rows`` of the validation split). It takes every optimizer step."""
 
     owns = frozenset({Resource.STEP, Resource.BATCH_ORDER})
+    replays_epoch = True  # the orderer's state names the batches it read and which still wait
 
     def __init__(self, variant: Literal["same", "external"], config: LossDeltaConfig) -> None:
         self.name = "loss-delta" if variant == "same" else "loss-delta-external"  # type: ignore[misc]
@@ -34,14 +35,20 @@ class LossDelta(Algorithm):
         self._pending_state: dict[str, Any] | None = None
 
     def run_epoch(self, batches: Iterable[Batch], take_step: TakeStep) -> Iterator[StepReport]:
+        # Every trial and committed step is the loop's own step (its forward, autocast and gradient scaling).
+        def step(batch: Batch) -> torch.Tensor:
+            return take_step(batch)[1]
+
         if self.orderer is None:  # built on the first epoch: it re-iterates `batches` every epoch
             external_rows = None if self.external is None else min(self.config.external_rows, self.external.size)
             self.orderer = LossDeltaOrderer(
                 batches, self.run.model, self.run.loss_fn, self.run.optimizer, k=self.config.k, variant=self.variant,
-                relative=self.config.relative, external=self.external, external_size=external_rows, seed=self.run.seed)
+                relative=self.config.relative, external=self.external, external_size=external_rows, seed=self.run.seed,
+                step=step, scaler=self.run.grad_scaler)
             if self._pending_state is not None:  # a resumed run: continue the interrupted epoch where it stopped
                 self.orderer.load_state_dict(self._pending_state)
                 self._pending_state = None
+        self.orderer.step_fn = step
         for batch, info in self.orderer:
             yield batch, info.loss, {"score": info.score}
 
@@ -76,8 +83,8 @@ class LossOrder(Algorithm):
         self.sampler = LossOrderer(run.train, run.model, run.batch_size, order=self.config.order, drop_last=True,
                                    prepare=run.prepare, seed=run.seed)
 
-    def batch_sampler(self) -> torch.utils.data.Sampler:
-        return self.sampler
+    def batch_order(self) -> torch.utils.data.Sampler:
+        return self.sampler  # live: it scores with the model as the epoch runs
 
     def describe(self) -> dict[str, Any]:
         return {"order": self.config.order}
