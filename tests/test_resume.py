@@ -60,6 +60,19 @@ def test_resumed_run_equals_uninterrupted_run(recipe: str, after: int, fake_dir:
     assert not (tmp_path / "resumed" / "state.pt").exists()
 
 
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+@pytest.mark.parametrize("after", [6, 10])  # inside epoch 2 (a state at step 1 of 5), at the start of epoch 3
+def test_in_memory_resume_through_dali_and_ffcv(loader: str, after: int, fake_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[loader])
+    cfg = TrainConfig(recipe="gradual", epochs=3, seed=2, samples_per_class=4, val_per_class=2, batch_size=8,
+                      data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64, checkpoint_every=6,
+                      loader=loader, gradual=GradualConfig(k0=2, fine_tune_frac=0.3))
+    whole = train(replace(cfg, out=str(tmp_path / "whole")))
+    resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), after)
+    assert _rows(resumed) == _rows(whole)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+
+
 def test_resume_streams_the_same_crops(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "data", train_per_class=6, val_per_class=2)
     cfg = TrainConfig(recipe="sum", dataset=f"imagefolder:{root}", samples_per_class=None, epochs=2, seed=1,

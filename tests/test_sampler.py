@@ -163,6 +163,39 @@ def test_committed_step_equals_plain_step_on_winner(case: str) -> None:
     assert any(0 < w for w, _ in winners) and any(w < n - 1 for w, n in winners), winners
 
 
+def scaled_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                calls: list[int]) -> Callable[[Batch], torch.Tensor]:
+    """A training loop's step through an fp16 gradient scaler (as ``regpipe train --amp fp16`` takes it)."""
+    def step(batch: Batch) -> torch.Tensor:
+        calls.append(int(batch.source_ids[0]))
+        optimizer.zero_grad()
+        loss = soft_target_cross_entropy(model(batch.inputs), batch.targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+    return step
+
+
+def test_trials_go_through_the_given_step_and_roll_the_scaler_back() -> None:
+    model, opt = setup("sgd")
+    ref_model, ref_opt = copy.deepcopy((model, opt))
+    # growth_interval=1: every clean step doubles the scale, so the scale counts the steps that stuck
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
+    calls: list[int] = []
+    orderer = LossDeltaOrderer(make_batches(3), model, soft_target_cross_entropy, opt, k=3,
+                               step=scaled_step(model, opt, scaler, calls), scaler=scaler)
+    batch, info = next(iter(orderer))
+    assert calls == [0, 8, 16]  # one trial per candidate, through the step; the exact commit takes none more
+    assert scaler.get_scale() == 2.0 ** 9  # one step's growth, not three: the trials were rolled back
+    scaled_step(ref_model, ref_opt, ref_scaler, [])(batch)  # the loop's step on the winner, from the same start
+    assert_state_equal(model, opt, ref_model, ref_opt)
+    with pytest.raises(ValueError, match="approximate=True .* cannot take the trials through step="):
+        LossDeltaOrderer(make_batches(3), model, soft_target_cross_entropy, opt, approximate=True,
+                         step=scaled_step(model, opt, scaler, calls))
+
+
 def test_snapshot_restores_lazily_created_optimizer_state() -> None:
     for name in ("sgd", "adamw"):
         model, opt = setup(name)
