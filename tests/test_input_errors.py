@@ -166,3 +166,48 @@ def test_torch_dataset_names_a_bad_file(kind: str, tmp_path: Path) -> None:
     assert dataset[0][0].shape == (3, 32, 32)  # the good file next to it decodes
     with pytest.raises(ValueError, match=rf"^cannot decode image {bad}: "):
         dataset[1]
+
+
+# -- 2. silent results -> errors -------------------------------------------------------------------------------
+def _checkpoint(path: Path, num_classes: int = 10, nan: bool = False) -> Path:
+    """A preact-small checkpoint for 3 x 32 x 32 inputs (untrained; ``nan``: every weight NaN, as after a
+    diverged run)."""
+    from regpipe.engine.checkpoint import save_checkpoint
+    from regpipe.engine.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("preact-small", num_classes=num_classes, in_channels=3)
+    if nan:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(math.nan)
+    return save_checkpoint(path, model, "preact-small", num_classes, (3, 32, 32), (0.5,) * 3, (0.25,) * 3,
+                           {"dataset": "fashion-mnist"})
+
+
+@pytest.mark.parametrize("nan", [True, False])
+def test_eval_refuses_a_checkpoint_with_nan_weights(nan: bool, fake_dir: Path, tmp_path: Path, capsys) -> None:
+    """It used to print an accuracy (the NaN model predicts class 0 everywhere)."""
+    ckpt = _checkpoint(tmp_path / "model.pt", nan=nan)
+    code = main(["eval", "--checkpoint", str(ckpt), "--attacks", "none", "--data-dir", str(fake_dir)])
+    out, err = capsys.readouterr()
+    if nan:
+        assert code == 2 and "clean accuracy" not in out
+        assert err.startswith(f"regpipe eval: error: checkpoint {ckpt} (model 'preact-small'): parameter "
+                              "'conv1.weight' holds ") and "non-finite" in err and len(err.strip().splitlines()) == 1
+    else:  # the valid neighbour is evaluated
+        assert code == 0 and "clean accuracy" in out, err
+
+
+def test_eval_refuses_a_test_set_with_more_classes_than_the_model(tmp_path: Path, capsys) -> None:
+    """Rows of classes the model has no output for used to be scored as errors, silently."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, classes in (("train", 10), ("test", 12)):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8),
+                 labels=np.arange(24) % classes)
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    code, err = _run(["eval", "--checkpoint", str(ckpt), "--attacks", "none", "--data",
+                      f"npz:{tmp_path / 'train.npz'},{tmp_path / 'test.npz'}"], capsys)
+    assert code == 2 and "labels up to 11 (12 classes)" in err and "model has 10 classes" in err
