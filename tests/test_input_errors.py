@@ -211,3 +211,40 @@ def test_eval_refuses_a_test_set_with_more_classes_than_the_model(tmp_path: Path
     code, err = _run(["eval", "--checkpoint", str(ckpt), "--attacks", "none", "--data",
                       f"npz:{tmp_path / 'train.npz'},{tmp_path / 'test.npz'}"], capsys)
     assert code == 2 and "labels up to 11 (12 classes)" in err and "model has 10 classes" in err
+
+
+@pytest.mark.parametrize("value", [-math.inf, math.inf, math.nan])
+def test_loaders_refuse_non_finite_pixels(value: float) -> None:
+    """The pixel check read only the largest value: ``-inf`` (and NaN, depending on its place) passed."""
+    from regpipe.loaders.torch import TorchLoader
+
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    loader = TorchLoader([(x.clone(), torch.arange(4) % 2, torch.arange(4))], 2, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert torch.isfinite(next(iter(loader)).inputs).all()  # the valid neighbour
+    x[2, 1, 3, 4] = value
+    loader = TorchLoader([(x, torch.arange(4) % 2, torch.arange(4))], 2, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(ValueError, match=r"non-finite pixel values \(smallest "):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("value", [-math.inf, math.nan])
+def test_decoded_images_check_refuses_non_finite_pixels(value: float) -> None:
+    """DALI/FFCV float outputs: ``-inf`` used to be reported as "normalised already", NaN passed."""
+    from regpipe.loaders.common import check_decoded_images
+
+    x = torch.rand(2, 8, 8, 3)
+    check_decoded_images(x, "the DALI pipeline", keep_uint8=False, normalising=True)
+    x[1, 2, 3, 0] = value
+    with pytest.raises(ValueError, match=r"^the DALI pipeline: non-finite pixel values"):
+        check_decoded_images(x, "the DALI pipeline", keep_uint8=False, normalising=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_torch_loader_on_cuda_without_cuda_is_a_clear_error(device: object) -> None:
+    """It used to fail at the first batch with torch's "AssertionError: Torch not compiled with CUDA enabled"."""
+    from regpipe.loaders.torch import TorchLoader
+
+    with pytest.raises(ValueError, match=r"device '(cuda|cuda:[01])' \(device\) requested but CUDA is not available"):
+        TorchLoader([], 2, device=device)
+    assert TorchLoader([], 2, device="cpu").device == torch.device("cpu")
