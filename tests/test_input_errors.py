@@ -248,3 +248,102 @@ def test_torch_loader_on_cuda_without_cuda_is_a_clear_error(device: object) -> N
     with pytest.raises(ValueError, match=r"device '(cuda|cuda:[01])' \(device\) requested but CUDA is not available"):
         TorchLoader([], 2, device=device)
     assert TorchLoader([], 2, device="cpu").device == torch.device("cpu")
+
+
+def _run_context(model: torch.nn.Module, image_shape: tuple[int, int, int]):
+    """A :class:`RunContext` for attaching one algorithm outside a run (the callbacks are never called)."""
+    from regpipe.engine.algorithms import RunContext
+    from regpipe.functional.losses import soft_target_cross_entropy
+
+    def unused(*args: object) -> None:
+        raise AssertionError("attach read data")
+
+    return RunContext(seed=0, epochs=1, batch_size=8, steps_per_epoch=1, model=model,
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=soft_target_cross_entropy,
+                      num_train=8, train=None, prepare=unused, validation=unused, image_shape=image_shape)
+
+
+def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reading the training batches an error: a check that runs before it never meets it."""
+    import regpipe.engine.train as engine_train
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the training batches were read before the settings were checked")
+
+    monkeypatch.setattr(engine_train, "train_loader", no_data)
+
+
+@pytest.mark.parametrize("length", [32, 100])
+def test_cutout_refuses_a_hole_as_large_as_the_image(length: int) -> None:
+    """``CutOut(length=100)`` on 32 px images blanked every image: training ran at chance."""
+    from regpipe import Batch
+    from regpipe.ops.cutmix import CutOut
+
+    batch = Batch.from_labels(torch.rand(4, 3, 32, 32), torch.arange(4) % 2, num_classes=2)
+    assert CutOut(length=16).draw(batch).boxes.shape == (4, 4)  # the paper's CIFAR-10 hole is fine
+    with pytest.raises(ValueError, match=rf"CutOut length={length} is not smaller than the 32x32 images"):
+        CutOut(length=length).draw(batch)
+
+
+def test_cutout_algorithm_refuses_the_hole_when_attached() -> None:
+    from regpipe.engine.algorithms.boxes import CutOutAlgorithm
+    from regpipe.engine.config import CutOutConfig
+
+    model = torch.nn.Linear(4, 2)
+    CutOutAlgorithm(CutOutConfig(length=100)).attach(_run_context(model, (0, 0, 0)))  # no shape: checked per batch
+    CutOutAlgorithm(CutOutConfig(length=16)).attach(_run_context(model, (3, 32, 32)))
+    with pytest.raises(ValueError, match=r"CutOut length=100 is not smaller than the 32x32 images"):
+        CutOutAlgorithm(CutOutConfig(length=100)).attach(_run_context(model, (3, 32, 32)))
+
+
+@pytest.mark.xfail(strict=True, reason="needs image_shape=splits.image_shape in RunContext(...) in "
+                                       "regpipe/engine/train.py")
+def test_train_refuses_cutout_as_large_as_the_image_before_reading_data(fake_dir: Path, tmp_path: Path, capsys,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_loading(monkeypatch)
+    code, err = _run(["train", "--recipe", "cutout", "--cutout-length", "100", "--data-dir", str(fake_dir),
+                      "--out", str(tmp_path / "run"), *TINY], capsys)
+    assert code == 2 and "CutOut length=100 is not smaller than the 32x32 images" in err
+
+
+def test_patchup_hook_refuses_a_layer_without_a_feature_map() -> None:
+    """``--patchup-layers fc`` failed only at the first step that drew the layer."""
+    from regpipe.engine.models import build_model
+    from regpipe.hooks.patchup import PatchUpHook
+
+    torch.manual_seed(0)
+    model = build_model("preact-small", num_classes=10, in_channels=3).train()
+    model.layer1.eval()  # a module the caller froze stays frozen
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = PatchUpHook(model, ["conv1", "layer2"]).check_feature_maps(torch.zeros(1, 3, 32, 32))
+    assert shapes == {1: (1, 16, 32, 32), 2: (1, 32, 16, 16)}
+    with pytest.raises(ValueError, match=r"PatchUp layer 2 \('fc'\) gives a \(1, 10\) tensor; PatchUp mixes "
+                                         r"\(N, C, H, W\) feature maps"):
+        PatchUpHook(model, ["conv1", "fc"]).check_feature_maps(torch.zeros(1, 3, 32, 32))
+    # nothing changed: no BatchNorm statistics updated, every module in its mode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model.conv1.training and not model.layer1.training
+
+
+def test_patchup_algorithm_checks_its_layers_when_attached() -> None:
+    from regpipe.engine.algorithms.patchup import PatchUpAlgorithm
+    from regpipe.engine.config import PatchUpConfig
+    from regpipe.engine.models import build_model
+
+    model = build_model("preact-small", num_classes=10, in_channels=3)
+    PatchUpAlgorithm("soft", PatchUpConfig(layers=("conv1", "layer1"))).attach(_run_context(model, (3, 32, 32)))
+    with pytest.raises(ValueError, match=r"PatchUp layer 1 \('fc'\) gives a \(1, 10\) tensor"):
+        PatchUpAlgorithm("soft", PatchUpConfig(layers=("fc",))).attach(_run_context(model, (3, 32, 32)))
+    with pytest.raises(ValueError, match=r"PatchUp layer 2 \('layer2'\) gives 4x4 feature maps, smaller than its "
+                                         r"7x7 blocks"):
+        PatchUpAlgorithm("hard", PatchUpConfig(layers=("conv1", "layer2"))).attach(_run_context(model, (3, 8, 8)))
+
+
+@pytest.mark.xfail(strict=True, reason="needs image_shape=splits.image_shape in RunContext(...) in "
+                                       "regpipe/engine/train.py")
+def test_train_refuses_patchup_on_the_classifier_before_reading_data(fake_dir: Path, tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_loading(monkeypatch)
+    code, err = _run(["train", "--recipe", "patchup-soft", "--patchup-layers", "fc", "--data-dir", str(fake_dir),
+                      "--out", str(tmp_path / "run"), *TINY], capsys)
+    assert code == 2 and "PatchUp layer 1 ('fc') gives a (1, 10) tensor" in err

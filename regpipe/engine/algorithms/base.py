@@ -110,6 +110,9 @@ class RunContext:
         keep_mix_parent: mixing ops must keep the unmixed rows (an algorithm ``needs_mix_parent``).
         eval_every: epochs between evaluations (``after_eval`` runs at epochs ``eval_every``,
             ``2 * eval_every``, ... and the last), so budgets counted in evaluations convert from epochs.
+        image_shape: ``(C, H, W)`` of the training inputs the model sees, so an algorithm can check its
+            settings against it before the first step; ``(0, 0, 0)``: not given (the checks then run on the
+            first batch).
     """
 
     seed: int
@@ -125,6 +128,11 @@ class RunContext:
     validation: Callable[[], Batch]
     keep_mix_parent: bool = False
     eval_every: int = 1
+    image_shape: tuple[int, int, int] = (0, 0, 0)
+
+    def known_image_shape(self) -> tuple[int, int, int] | None:
+        """:attr:`image_shape`, or ``None`` when it was not given."""
+        return self.image_shape if all(int(v) > 0 for v in self.image_shape) else None
 
 
 @dataclass(frozen=True)
