@@ -347,3 +347,146 @@ def test_train_refuses_patchup_on_the_classifier_before_reading_data(fake_dir: P
     code, err = _run(["train", "--recipe", "patchup-soft", "--patchup-layers", "fc", "--data-dir", str(fake_dir),
                       "--out", str(tmp_path / "run"), *TINY], capsys)
     assert code == 2 and "PatchUp layer 1 ('fc') gives a (1, 10) tensor" in err
+
+
+# -- 3. errors that came after work started -------------------------------------------------------------------
+def test_output_check_tries_writing(tmp_path: Path) -> None:
+    """As root ``os.access`` says yes everywhere; writing under /proc fails only when the run ends."""
+    from regpipe.engine.validate import check_output_path, check_run_outputs
+
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    with pytest.raises(ValueError, match=r"^--out /proc/regpipe-test/run cannot be created: (cannot write in|no "
+                                         r"permission to write in) /proc"):
+        check_run_outputs("/proc/regpipe-test/run", None)
+    with pytest.raises(ValueError, match=r"^--json /proc/rows.json cannot be created"):
+        check_output_path("--json", "/proc/rows.json", "file")
+    check_run_outputs(str(tmp_path / "run"), str(tmp_path / "model.pt"))  # a writable place passes
+    assert list(tmp_path.iterdir()) == []  # and the trial file is gone
+
+
+def test_train_refuses_an_unwritable_out_before_reading_data(fake_dir: Path, capsys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import regpipe.engine.train as engine_train
+
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data was read before the output path was checked")
+
+    monkeypatch.setattr(engine_train, "prepare_data", no_data)
+    code, err = _run(["train", "--recipe", "baseline", "--data-dir", str(fake_dir), "--out", "/proc/regpipe-test/run",
+                      *TINY], capsys)
+    assert code == 2 and err.startswith("regpipe train: error: --out /proc/regpipe-test/run cannot be created")
+
+
+def test_compare_refuses_a_conflicting_recipe_before_training(fake_dir: Path, tmp_path: Path, capsys,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conflict used to be found when the recipe's turn came, after the recipes before it had trained."""
+    import regpipe.engine.train as engine_train
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a recipe trained before every recipe was checked")
+
+    monkeypatch.setattr(engine_train, "train", no_training)
+    code, err = _run(["compare", "--recipes", "baseline,sum+gradual", "--seeds", "1", "--data-dir", str(fake_dir),
+                      "--out", str(tmp_path / "cmp"), *TINY], capsys)
+    assert code == 2 and "'sum' and 'gradual' both take over the input mixing schedule" in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_write_beton_refuses_a_folder_as_out_before_reading_images(tmp_path: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ffcv")
+    import regpipe.loaders.ffcv as ffcv_adapter
+
+    def no_listing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the image folder was read before OUT was checked")
+
+    monkeypatch.setattr(ffcv_adapter, "FileIndex", no_listing)
+    (tmp_path / "existing").mkdir()
+    code, err = _run(["write-beton", str(tmp_path / "images"), str(tmp_path / "existing")], capsys)
+    assert code == 2 and f"OUT {tmp_path / 'existing'} is a directory; give a file name" in err
+    assert list((tmp_path / "existing").iterdir()) == []
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path / 'existing'} is a directory"):  # the library too
+        ffcv_adapter.write_image_folder(tmp_path / "images", tmp_path / "existing")
+
+
+@pytest.mark.parametrize("mode", ["ops", "pipeline"])
+def test_bench_refuses_a_json_path_under_a_file_before_timing(mode: str, tmp_path: Path, capsys,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import regpipe.cli.bench as bench
+    import regpipe.cli.bench_pipeline as bench_pipeline
+
+    def no_timing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("timed before --json was checked")
+
+    monkeypatch.setattr(bench, "run_bench", no_timing)
+    monkeypatch.setattr(bench_pipeline, "run_pipeline", no_timing)
+    regular = tmp_path / "file.txt"
+    regular.write_text("x")
+    argv = ["bench", "--quick"] if mode == "ops" else ["bench", "pipeline", "--data", str(tmp_path)]
+    code, err = _run([*argv, "--json", str(regular / "rows.json")], capsys)
+    assert code == 2 and f"--json {regular}/rows.json cannot be created: {regular} is a file" in err
+
+
+# -- 4. unclear errors -> clear ones ---------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_bench_pipeline_names_threads(threads: str, tmp_path: Path, capsys) -> None:
+    """``--threads -1`` was passed on to the loaders, whose error did not name the option."""
+    code, err = _run(["bench", "pipeline", "--data", str(tmp_path), "--threads", threads], capsys)
+    assert code == 2 and err.strip() == f"regpipe bench: error: --threads must be a positive integer, got {threads}"
+
+
+def test_cli_prints_a_dataloader_workers_error_as_its_original_line() -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from regpipe.cli.main import user_message
+
+    class Broken(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> None:
+            raise ValueError(f"cannot decode image /data/img{i}.jpg: broken data")
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # torch's wrapping
+    assert user_message(caught.value) == "cannot decode image /data/img0.jpg: broken data"
+    assert user_message(ValueError("plain message")) == "plain message"
+
+
+# -- 5. atomic writes ------------------------------------------------------------------------------------------
+def _half_then_killed(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
+    """Replace ``cls.name`` (a writer taking the path first) by one that writes half a file, then is killed."""
+    def half(self: object, path: object, *args: object, **kwargs: object) -> None:
+        target = self if isinstance(self, Path) else path
+        Path(target).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, name, half)
+
+
+def test_show_writes_its_png_atomically(fake_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    _half_then_killed(monkeypatch, Figure, "savefig")
+    out = tmp_path / "pictures" / "sum.png"
+    assert main(["show", "sum", "--out", str(out), "--data-dir", str(fake_dir)]) == 130
+    assert list(out.parent.iterdir()) == []  # neither a half PNG nor its temporary file
+
+
+def test_bench_writes_its_json_atomically(tmp_path: Path, monkeypatch) -> None:
+    from regpipe.cli.bench import BenchConfig, write_json
+
+    out = tmp_path / "rows.json"
+    write_json(out, [{"name": "a"}], [], BenchConfig.quick())
+    assert json.loads(out.read_text())["rows"] == [{"name": "a"}]
+    _half_then_killed(monkeypatch, Path, "write_text")
+    with pytest.raises(KeyboardInterrupt):
+        write_json(out, [{"name": "b"}], [], BenchConfig.quick())
+    monkeypatch.undo()
+    assert json.loads(out.read_text())["rows"] == [{"name": "a"}]  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]

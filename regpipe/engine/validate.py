@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,9 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
 
     The path itself, when it exists, must be of that kind (a file can be replaced); its nearest existing
     ancestor must be a directory we may write into (a regular file on the way, e.g. ``out.txt/run``,
-    or a read-only folder fail here instead of after training).
+    or a read-only folder fail here instead of after training). Writing is tried, not inferred from the
+    permission bits: ``os.access`` says yes to root everywhere, also on a read-only mount or under
+    ``/proc``, so a temporary file is created (and removed) in that folder.
 
     Args:
         option: how the user named the path (``"--out"``), for the message.
@@ -51,6 +54,9 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
         target = p if kind == "dir" else p.parent
         if not os.access(target, os.W_OK | os.X_OK):
             raise ValueError(f"{option} {p}: no permission to write in {target}")
+        failure = _try_writing(target)
+        if failure is not None:
+            raise ValueError(f"{option} {p}: cannot write in {target}: {failure}")
         return p
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -59,7 +65,21 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
         raise ValueError(f"{option} {p} cannot be created: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {p} cannot be created: no permission to write in {ancestor}")
+    failure = _try_writing(ancestor)
+    if failure is not None:
+        raise ValueError(f"{option} {p} cannot be created: cannot write in {ancestor}: {failure}")
     return p
+
+
+def _try_writing(folder: Path) -> str | None:
+    """Create and remove an empty temporary file in ``folder``; the reason it fails, or ``None``."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".regpipe-write-check-", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def check_run_outputs(out: str | None, checkpoint_out: str | None) -> None:
