@@ -490,3 +490,66 @@ def test_bench_writes_its_json_atomically(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.undo()
     assert json.loads(out.read_text())["rows"] == [{"name": "a"}]  # the old file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+def test_beton_write_removes_the_temporary_files_of_dead_writers(tmp_path: Path) -> None:
+    """A killed write left ``.X.beton.tmp-PID`` behind for good."""
+    pytest.importorskip("ffcv")
+    from regpipe.loaders.ffcv import write_beton
+
+    path = tmp_path / "train.beton"
+    dead = tmp_path / ".train.beton.tmp-2147483646"  # no such process
+    live = tmp_path / f".train.beton.tmp-{os.getppid()}"  # pytest's parent: alive, maybe still writing
+    other = tmp_path / ".val.beton.tmp-2147483646"  # another file's leftover: not this write's business
+    for leftover in (dead, live, other):
+        leftover.write_bytes(b"partial")
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_beton(path, images, torch.arange(6) % 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
+    from ffcv.reader import Reader
+
+    assert Reader(str(path)).num_samples == 6
+
+
+# -- 6. --val-resize follows --image-size ----------------------------------------------------------------------
+@pytest.mark.parametrize("image_size,expected", [(224, 256), (64, 73), (96, 110), (32, 37)])
+def test_val_resize_defaults_to_the_imagenet_ratio_of_the_image_size(image_size: int, expected: int) -> None:
+    """It was 256 whatever the image size: at 96 px validation saw the central 37 % of the image's side."""
+    from regpipe.cli.main import build_parser
+    from regpipe.cli.options import build_config
+    from regpipe.engine.config import TrainConfig
+
+    assert TrainConfig(image_size=image_size).val_resize == expected == round(image_size * 256 / 224)
+    args = build_parser().parse_args(["train", "--image-size", str(image_size)])
+    assert build_config(args).val_resize == expected
+    assert TrainConfig(image_size=image_size, val_resize=image_size).val_resize == image_size  # a given value stays
+
+
+@pytest.mark.parametrize("image_size,val_resize,needle", [
+    (96, 256, "train.val_resize=256 is 2.67 x train.image_size=96"),
+    (32, 49, "train.val_resize=49 is 1.53 x train.image_size=32"),
+    (32, 16, "train.val_resize=16 must be >= train.image_size=32"),
+])
+def test_val_resize_far_from_the_image_size_is_refused(image_size: int, val_resize: int, needle: str,
+                                                       tmp_path: Path, capsys) -> None:
+    from regpipe.engine.config import TrainConfig
+
+    TrainConfig(image_size=32, val_resize=48)  # ratio 1.5, the bound, is accepted
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        TrainConfig(image_size=image_size, val_resize=val_resize)
+    code, err = _run(["train", "--data", f"imagefolder:{tmp_path}", "--image-size", str(image_size), "--val-resize",
+                      str(val_resize), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_val_resize_validates_well_at_64_px(tmp_path: Path) -> None:
+    """A learnable folder trained and validated at --image-size 64 with the default resize (73): far above chance
+    (0.25 for 4 classes)."""
+    root = write_image_folder(tmp_path / "images", train_per_class=8, val_per_class=4)
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"imagefolder:{root}", "--image-size", "64", "--epochs", "3", "--batch-size", "8",
+                 "--recipe", "baseline", "--model", "tinymodels:pooled_linear", "--lr", "0.2", "--workers", "0",
+                 "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["val_resize"] == 73
+    assert metrics["test_accuracy"] >= 0.75, metrics["epochs"]
