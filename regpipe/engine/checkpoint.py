@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regpipe.core.files import atomic_write
 from regpipe.hooks.tap import unwrap_model
 from regpipe.engine.models import build_model
 
@@ -75,12 +75,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, num_cla
     payload = {"format": FORMAT[0], "version": FORMAT[1], "model": str(model_name), "num_classes": int(num_classes),
                "in_channels": shape[0], "image_shape": list(shape), "mean": [float(v) for v in mean],
                "std": [float(v) for v in std], "config": dict(config or {}), "state_dict": state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes: int | None = None,
