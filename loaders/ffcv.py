@@ -707,7 +707,7 @@ class _FolderImages:
             try:
                 with Image.open(path) as image:
                     row = np.array(image.convert("RGB")), int(self.index.labels[i])
-            except Exception as err:  # noqa: BLE001 - anything that escapes here hangs FFCV's parent
+            except Exception as err:  # anything escaping a worker hangs FFCV's parent
                 self.failure.record(f"cannot decode image {path}: {err}")
         if row is None:
             row = np.zeros((1, 1, 3), np.uint8), int(self.index.labels[i])
