@@ -20,6 +20,7 @@ import math
 import torch
 
 from regpipe.core.batch import Batch, MixRecord, labels_to_targets
+from regpipe.core.checks import check_device
 from regpipe.functional.normalize import normalize
 from regpipe.kernels import fused_mix, resolve_backend
 from regpipe.ops import sum_mix as _sum_mix
@@ -36,19 +37,37 @@ LOG_ENV = "REGPIPE_LOG_KERNELS"
 _sum_mix.set_uint8_mixer(fused_mix)
 
 
+def _pixel_bounds(images: torch.Tensor, where: str) -> tuple[float, float] | None:
+    """``(smallest, largest)`` value of floating host images in one reduction (``aminmax``), or ``None`` for
+    uint8, device or empty images (reading a device tensor would synchronise).
+
+    Both bounds finite means every value is (NaN propagates into both): so the one pass refuses NaN and
+    ``-inf`` pixels as well as ``+inf``, which a check of the largest value alone lets through.
+
+    Raises:
+        ValueError: a non-finite value (``where`` and the bounds are named).
+    """
+    if not images.dtype.is_floating_point or images.device.type != "cpu" or not images.numel():
+        return None
+    lo, hi = (float(v) for v in torch.aminmax(images))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{where}: non-finite pixel values (smallest {lo:g}, largest {hi:g}); images must be "
+                         "finite (check the data, or the transforms that made them)")
+    return lo, hi
+
+
 def _refuse_0_255_floats(images: torch.Tensor) -> None:
-    """Float images must be in the 0..1 pixel scale; refuse the unmistakable slip of 0..255 floats.
+    """Float images must be finite and in the 0..1 pixel scale; refuse the unmistakable slip of 0..255 floats.
 
     The bound is loose on purpose: SIGN's training rows legitimately leave ``[0, 1]`` (its iterates are
     unclamped; measured on Fashion-MNIST, mean ``|delta|`` 0.54 at K = 50 and 1.10 at K = 100 in the 0..1
     scale), while a batch of images still in ``0..255`` has a largest value near 255. Host tensors only (no
-    device synchronisation).
+    device synchronisation); one reduction.
     """
-    if images.dtype.is_floating_point and images.device.type == "cpu" and images.numel():
-        hi = float(images.max())
-        if not math.isfinite(hi) or hi > 64.0:
-            raise ValueError(f"images are floating point with a largest value of {hi:g}; floating images must be "
-                             "in the 0..1 pixel scale (divide 0..255 images by 255, or pass uint8)")
+    bounds = _pixel_bounds(images, "the loader's images")
+    if bounds is not None and bounds[1] > 64.0:
+        raise ValueError(f"images are floating point with a largest value of {bounds[1]:g}; floating images must "
+                         "be in the 0..1 pixel scale (divide 0..255 images by 255, or pass uint8)")
 
 
 def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, normalising: bool) -> None:
@@ -57,8 +76,10 @@ def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, nor
     Refused, naming ``where`` and the fix: floats when ``keep_uint8`` asks for the uint8 batch (the fused
     device stage would never run); floats with negative values when regpipe normalises (a decoded pixel is
     never negative: the pipeline normalised already, e.g. DALI's ``crop_mirror_normalize`` or FFCV's
-    ``NormalizeImage``, and a second normalisation would go unnoticed). Floats still in ``0..255`` are
-    refused by :meth:`BatchBuilder.build`. Host tensors only are read (no device synchronisation).
+    ``NormalizeImage``, and a second normalisation would go unnoticed); in the same reduction, non-finite
+    values (NaN, ``+-inf``). Floats still in ``0..255``, and non-finite values when regpipe does not
+    normalise, are refused by :meth:`BatchBuilder.build`. Host tensors only are read (no device
+    synchronisation).
     """
     if not images.dtype.is_floating_point:
         return
@@ -66,8 +87,9 @@ def check_decoded_images(images: torch.Tensor, where: str, keep_uint8: bool, nor
         raise ValueError(f"{where} gives {images.dtype} images where keep_uint8=True expects the decoded uint8 "
                          "ones: drop the pipeline's float conversion/normalisation (regpipe's device stage "
                          "converts and normalises), or pass keep_uint8=False")
-    if normalising and images.device.type == "cpu" and images.numel():
-        lo = float(images.min())
+    bounds = _pixel_bounds(images, where) if normalising else None  # else build() reads them (one reduction)
+    if bounds is not None:
+        lo = bounds[0]
         if lo < 0.0:
             raise ValueError(f"{where} gives {images.dtype} images with values down to {lo:g}, so they are "
                              "normalised already; regpipe's mean/std would normalise them twice: end the pipeline "
@@ -115,7 +137,7 @@ class BatchBuilder:
         if std is not None and any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {list(std)}")
         self.num_classes = int(num_classes)
-        self.device = torch.device(device)
+        self.device = check_device("device", device)
         self.ops = list(ops)
         self.mean = torch.tensor(mean, dtype=torch.float32) if mean is not None else None
         self.std = torch.tensor(std, dtype=torch.float32) if std is not None else None

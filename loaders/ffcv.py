@@ -22,8 +22,9 @@ pass its arrays to :func:`write_beton`.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
-import os
+import multiprocessing
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -36,6 +37,7 @@ import torch
 from numba import objmode
 
 from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.files import atomic_write, remove_stale_temporaries
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
@@ -597,12 +599,16 @@ class FfcvLoader(BuilderAdapter):
 def write_beton(path: str | Path, images: Any, labels: Any, ids: Any = None, num_workers: int = 1) -> Path:
     """Write ``(N, C, H, W)`` uint8 (or float32) images and ``(N,)`` integer labels to a ``.beton`` with fields
     ``image`` (``NDArrayField`` ``(H, W, C)``: exact, any channel count), ``label`` and ``index``
-    (``IntField``; ``ids``, default ``0..N-1``).
+    (``IntField``; ``ids``, default ``0..N-1``). Written atomically (:func:`regpipe.core.files.atomic_write`),
+    after removing what killed writes of the same file left.
 
     Raises:
         TypeError: images are not uint8/float32 or labels not integers (the wrong field type is named).
         ValueError: shapes disagree.
+        IsADirectoryError: ``path`` is a folder.
     """
+    path = Path(path)
+    _check_beton_path(path)
     images = torch.as_tensor(images)
     labels = torch.as_tensor(labels)
     if images.dtype not in (torch.uint8, torch.float32):
@@ -625,12 +631,10 @@ def write_beton(path: str | Path, images: Any, labels: Any, ids: Any = None, num
         def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
             return hwc[i], int(lab[i]), int(index[i])
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = DatasetWriter(str(path), {"image": NDArrayField(dtype=hwc.dtype, shape=hwc.shape[1:]),
-                                       "label": IntField(), "index": IntField()}, num_workers=num_workers)
-    writer.from_indexed_dataset(_Rows())
-    return path
+    fields = {"image": NDArrayField(dtype=hwc.dtype, shape=hwc.shape[1:]), "label": IntField(), "index": IntField()}
+    remove_stale_temporaries(path)
+    return atomic_write(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=num_workers)
+                        .from_indexed_dataset(_Rows()))
 
 
 def write_rows(path: str | Path, dataset: Any, num_workers: int = 1) -> Path:
@@ -652,12 +656,48 @@ def write_rows(path: str | Path, dataset: Any, num_workers: int = 1) -> Path:
     return write_beton(path, images, labels, ids=ids, num_workers=num_workers)
 
 
+class _FirstFailure:
+    """The first error met by any of FFCV's writer processes, readable by the parent.
+
+    FFCV's ``DatasetWriter`` parent waits until its shared counter of written rows reaches the dataset's
+    length; a worker that raises dies without counting its rows, so the parent waits forever. The rows
+    therefore never raise in a worker: the first failure is recorded here (a shared, locked byte buffer,
+    which FFCV's ``Process`` arguments carry to every worker under fork or spawn) and the parent raises it
+    once the writer returns.
+    """
+
+    SIZE = 4096  # bytes of message kept: a long path and its error
+
+    def __init__(self) -> None:
+        self._buffer = multiprocessing.Array(ctypes.c_char, self.SIZE)
+
+    def record(self, message: str) -> None:
+        """Keep ``message`` unless a failure was recorded already (the first one is the one reported)."""
+        with self._buffer.get_lock():
+            if not self._buffer.value:
+                self._buffer.value = message.encode()[:self.SIZE - 1]
+
+    @property
+    def message(self) -> str | None:
+        """The recorded failure, or ``None``."""
+        with self._buffer.get_lock():
+            value = self._buffer.value
+        return value.decode(errors="replace") or None
+
+
 class _FolderImages:
     """Map-style ``(RGB image (H, W, 3) uint8, label[, id])`` rows of a :class:`FileIndex`, in id order (picklable
-    for FFCV's writer)."""
+    for FFCV's writer).
+
+    A file that does not decode is recorded in :attr:`failure` (``"cannot decode image PATH: reason"``) and
+    from then on every row, in every worker, is a 1 x 1 black image without decoding anything: FFCV's parent
+    only returns once every row is written (see :class:`_FirstFailure`), so the rest of the pass is made as
+    cheap as possible; the caller raises the failure and deletes the file.
+    """
 
     def __init__(self, index: FileIndex, with_ids: bool) -> None:
         self.index, self.with_ids = index, with_ids
+        self.failure = _FirstFailure()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -665,9 +705,23 @@ class _FolderImages:
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         from PIL import Image
 
-        with Image.open(self.index.path(i)) as image:
-            row = np.array(image.convert("RGB")), int(self.index.labels[i])
+        row: tuple[Any, ...] | None = None
+        if self.failure.message is None:
+            path = self.index.path(i)
+            try:
+                with Image.open(path) as image:
+                    row = np.array(image.convert("RGB")), int(self.index.labels[i])
+            except Exception as err:  # anything escaping a worker hangs FFCV's parent
+                self.failure.record(f"cannot decode image {path}: {err}")
+        if row is None:
+            row = np.zeros((1, 1, 3), np.uint8), int(self.index.labels[i])
         return (*row, int(i)) if self.with_ids else row
+
+
+def _check_beton_path(path: Path) -> None:
+    """Refuse, before any work, a ``.beton`` path that names a folder (the final rename would fail)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the .beton file to write")
 
 
 def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_resolution: int | None = None,
@@ -679,7 +733,8 @@ def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_re
     Sample ``i`` is ``FileIndex(root).paths[i]``, so its index in the ``.beton`` is the id DALI's
     :func:`regpipe.loaders.dali.sample_ids` and the streamed training (``--data imagefolder:``) give the same
     file; labels are the sorted class folders. The file is written under a temporary name and then renamed, so
-    an interrupted write leaves no partial ``.beton`` at ``path``.
+    an interrupted write leaves no partial ``.beton`` at ``path``; the temporary files of killed writes of
+    ``path`` (their process gone) are removed first, a live writer's are kept.
 
     Args:
         root: the image folder, or its :class:`FileIndex` (possibly a subset: its rows in order).
@@ -696,7 +751,11 @@ def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_re
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: an empty folder, a bad mode, quality or resolution (the value is named).
+        IsADirectoryError: ``path`` is a folder.
+        ValueError: an empty folder, a bad mode, quality or resolution (the value is named), or an image that
+            does not decode (a corrupt or truncated file, a text file named ``.jpg``): the first one met is
+            named, the writer stops at the end of its pass (the remaining rows are not decoded) and nothing is
+            left at ``path``.
     """
     if write_mode not in ("raw", "jpg", "smart", "proportion"):
         raise ValueError(f"write_mode must be 'raw', 'jpg', 'smart' or 'proportion', got {write_mode!r}")
@@ -707,18 +766,20 @@ def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_re
         raise ValueError(f"max_resolution must be a positive integer or None, got {max_resolution!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
-    index = root if isinstance(root, FileIndex) else FileIndex(root)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_beton_path(path)
+    index = root if isinstance(root, FileIndex) else FileIndex(root)
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                      compress_probability=compress_probability), "label": IntField()}
     if index_field:
         fields["index"] = IntField()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_FolderImages(index, index_field))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rows = _FolderImages(index, index_field)
+
+    def write(tmp: Path) -> None:
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(rows)
+        if rows.failure.message is not None:
+            raise ValueError(rows.failure.message)
+
+    remove_stale_temporaries(path)  # the leftovers of a killed write of this file
+    atomic_write(path, write)
     return path, index

@@ -128,7 +128,7 @@ def test_cutout_hole_area_matches_the_exhaustive_expectation() -> None:
 
 def test_ops_replay_their_draws_and_resume_from_state() -> None:
     batch = _batch()
-    for make in (lambda: CutMix(seed=3), lambda: CutOut(seed=3), lambda: MixUp(seed=3)):
+    for make in (lambda: CutMix(seed=3), lambda: CutOut(length=6, seed=3), lambda: MixUp(seed=3)):
         a, b = make(), make()
         a(batch)
         state = a.state_dict()

@@ -196,15 +196,18 @@ _CREATED: list[torch.nn.Module] = []
 
 
 def exploding_model(num_classes: int, in_channels: int) -> torch.nn.Module:
-    """A model whose second forward pass returns NaN (to make a run fail inside the loop)."""
+    """A model whose second training forward pass returns NaN (to make a run fail inside the loop); forwards in
+    eval mode (evaluation, an algorithm's check of its layers before training) are neither counted nor spoiled."""
     from regpipe.engine.models import preact_resnet_small
 
     model = preact_resnet_small(num_classes, in_channels)
     calls = {"n": 0}
 
     def poison(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
         calls["n"] += 1
-        return output * float("nan") if calls["n"] >= 2 and module.training else output
+        return output * float("nan") if calls["n"] >= 2 else output
 
     model.linear.register_forward_hook(poison) if hasattr(model, "linear") else model.register_forward_hook(poison)
     _CREATED.append(model)

@@ -375,11 +375,11 @@ def test_interrupted_shard_write_leaves_no_temporary_file(tmp_path: Path, monkey
 
 
 def test_stale_beton_temporaries_are_recognised(tmp_path: Path) -> None:
-    from regpipe.engine.sign_dataset import _writer_gone
+    from regpipe.core.files import writer_gone
 
-    assert _writer_gone(tmp_path / f"sign_k50.beton.tmp-{os.getpid()}")  # our own leftover
-    assert not _writer_gone(tmp_path / f"sign_k50.beton.tmp-{os.getppid()}")  # a live writer
-    assert _writer_gone(tmp_path / "sign_k50.beton.tmp-2147483646")  # no such process
+    assert writer_gone(tmp_path / f"sign_k50.beton.tmp-{os.getpid()}")  # our own leftover
+    assert not writer_gone(tmp_path / f"sign_k50.beton.tmp-{os.getppid()}")  # a live writer
+    assert writer_gone(tmp_path / "sign_k50.beton.tmp-2147483646")  # no such process
 
 
 def test_compare_names_a_half_written_metrics_file(fake_dir: Path, tmp_path: Path, capsys) -> None:

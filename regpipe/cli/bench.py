@@ -40,6 +40,7 @@ import torch
 
 from regpipe.cli import bench_pipeline
 from regpipe.core.batch import Batch
+from regpipe.core.files import atomic_write
 from regpipe.functional import block_mask, soft_target_cross_entropy, sum_mix
 from regpipe.hooks import PatchUpHook
 from regpipe.kernels import available_backends, default_numba_threads, fused_group_mix, group_mix_reference
@@ -47,6 +48,7 @@ from regpipe.engine.models import preact_resnet_small
 from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
 from regpipe.engine.timing import median_ms
+from regpipe.engine.validate import check_output_path
 
 __all__ = ["BenchConfig", "run_bench", "format_table", "write_json", "bench"]
 
@@ -313,12 +315,11 @@ def _machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, rows: list[dict], notes: list[str], cfg: BenchConfig) -> None:
-    """Write ``{"machine": ..., "config": ..., "rows": [...], "notes": [...]}`` to ``path``."""
+    """Write ``{"machine": ..., "config": ..., "rows": [...], "notes": [...]}`` to ``path`` (atomically)."""
     payload = {"machine": _machine(), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in cfg.__dict__.items()},
                "rows": rows, "notes": notes}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
 
 
 def bench(device: str = "cpu", json_path: str | None = None, quick: bool = False, repeats: int | None = None,
@@ -334,7 +335,12 @@ def bench(device: str = "cpu", json_path: str | None = None, quick: bool = False
 
     Returns:
         ``(rows, notes)`` as :func:`run_bench`.
+
+    Raises:
+        ValueError: ``json_path`` cannot be written (checked before timing), bad ``repeats`` or device.
     """
+    if json_path:
+        check_output_path("--json", json_path, "file")  # before the minutes of timing, not after
     cfg = BenchConfig.quick(device) if quick else BenchConfig(device=device)
     if repeats is not None:
         if repeats < 1:

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from regpipe.core.files import atomic_write
+from regpipe.engine.validate import check_output_path
 from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop, Replicate
 from regpipe.ops.sum_mix import GradualSumMix
@@ -255,7 +257,10 @@ def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int 
     Raises:
         ValueError: a bad setting (named); FileNotFoundError: ``data`` does not exist.
     """
-    for name, value in (("batch", batch), ("copies", copies), ("size", size), ("steps", steps)):
+    counts = [("batch", batch), ("copies", copies), ("size", size), ("steps", steps)]
+    if threads is not None:  # None: torch's thread count
+        counts.append(("threads", threads))
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")
     if batch % 2:
@@ -287,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     """``regpipe bench pipeline``: print the table, optionally write the JSON rows."""
     if args.data is None:
         raise ValueError("regpipe bench pipeline needs --data DIR (an ImageNet-layout folder, or a .beton for ffcv)")
+    if args.json:
+        check_output_path("--json", args.json, "file")  # before the timing, not after
     rows = run_pipeline(args.data, args.loader, batch=args.batch, copies=args.copies, size=args.size,
                         steps=args.steps, threads=args.threads)
     print(f"{'row':<13} {'loader':<7} {'images/s':>10} {'ratio':>7}  against")
@@ -295,8 +302,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['name']:<13} {r['loader']:<7} {r['images_per_s']:>10.1f} {r['ratio']:>7.3f}  "
               f"{r['against'] or '-'}{share}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(),
-                                               "threads": args.threads or torch.get_num_threads(), "rows": rows},
-                                              indent=1))
+        payload = {"machine": platform.platform(), "processor": platform.processor(),
+                   "threads": args.threads or torch.get_num_threads(), "rows": rows}
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 from regpipe.cli.eval import number
 from regpipe.cli.options import add_train_options, build_config
 from regpipe.cli.report import compare
-from regpipe.engine.algorithms import parse_recipe
+from regpipe.engine.algorithms import build_algorithms, parse_recipe
 from regpipe.engine.distributed import resolve_device
 from regpipe.engine.robustness import EvalSettings, evaluate_run
 from regpipe.functional.attacks import ATTACKS
@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         return build_config(args, recipe=r, seed=s, out=str(folder), **keep)
 
     configs = {r: [run_config(r, s) for s in seeds] for r in recipes}
+    for cfgs in configs.values():  # a recipe whose algorithms cannot run together fails before any recipe trains
+        for cfg in cfgs:
+            build_algorithms(cfg)
     evaluate = None if settings is None else _columns(settings, args.device)
     print(compare(configs, Path(args.out), reuse=not args.rerun, evaluate=evaluate))
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from regpipe.cli import bench, compare, show, sign, train, write_beton
 from regpipe.cli import eval as eval_command
 from regpipe.engine.loop import Preempted
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "user_message"]
 
 #: Errors a bad setting, path or input file raises: printed as one line (exit 2). ``REGPIPE_DEBUG=1``
 #: shows their traceback instead. OSError covers unwritable or missing paths (the path is in the message).
@@ -55,9 +56,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("REGPIPE_DEBUG"):
             raise  # the traceback, for developers
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"regpipe {args.command}: error: {message}", file=sys.stderr)
+        print(f"regpipe {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error as printed: a ``KeyError``'s key without quotes, and for an error re-raised
+    from a torch DataLoader worker ("Caught ValueError in DataLoader worker process 0. Original Traceback
+    ...") the original error's own message, without the worker's traceback."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if not (message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    # The wrapped text is the worker's formatted traceback; its last "Name: message" line (the type possibly
+    # module-qualified) starts the original message.
+    lines = message.rstrip("\n").split("\n")
+    head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ")
+    for start in range(len(lines) - 1, 0, -1):
+        if head.match(lines[start]):
+            return head.sub("", " ".join(line.strip() for line in lines[start:]), count=1)
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,9 +63,10 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
     data.add_argument("--image-size", type=int, default=d.image_size,
                       help=f"streamed data: side of the training random-resized crop and of the validation centre "
                            f"crop (default: {d.image_size})")
-    data.add_argument("--val-resize", type=int, default=d.val_resize,
-                      help=f"streamed data: validation images' shorter side is resized to this before the centre "
-                           f"crop (default: {d.val_resize})")
+    data.add_argument("--val-resize", type=int, default=None,
+                      help="streamed data: validation images' shorter side is resized to this before the centre "
+                           "crop of --image-size; 1 to 1.5 times --image-size (default: round(image-size * 256 / "
+                           "224), ImageNet's ratio: 256 at 224, 73 at 64)")
     data.add_argument("--workers", type=int, default=d.workers,
                       help="decoding workers per process (torch DataLoader workers, DALI threads, FFCV workers); "
                            "default: 0 in memory, else the cores per process up to 8")

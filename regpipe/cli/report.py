@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from regpipe.core.files import atomic_write
 from regpipe.engine.train import write_json
 from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
@@ -110,19 +109,6 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
     return path
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path`` (never a half file)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def finished_run(cfg: Any) -> dict[str, Any] | None:
     """The metrics of a finished run of exactly ``cfg`` in ``cfg.out``, or ``None``.
 
@@ -178,6 +164,6 @@ def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
     setting = (f"{first.dataset}, samples per class: {first.samples_per_class or 'all'}, epochs: {first.epochs}, "
                f"model: {first.model}, batch size: {first.batch_size}")
     write_json(out / "compare.json", {"setting": setting, "summary": rows, "runs": runs})
-    _write_atomic(out / "compare.md", lambda tmp: tmp.write_text(f"# regpipe compare\n\n{setting}\n\n{table}\n"))
-    _write_atomic(out / "compare.png", lambda tmp: plot_compare(runs, tmp))
+    atomic_write(out / "compare.md", lambda tmp: tmp.write_text(f"# regpipe compare\n\n{setting}\n\n{table}\n"))
+    atomic_write(out / "compare.png", lambda tmp: plot_compare(runs, tmp))
     return f"{setting}\n\n{table}\n\nwritten: {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}"

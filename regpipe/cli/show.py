@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from regpipe.core.files import atomic_write
 from regpipe.engine.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from regpipe.engine.validate import check_output_path
 from regpipe.functional.sum_mix import gcc_weights, sum_mix
 
 __all__ = ["show", "mixed_grid", "draw_patchup"]
@@ -93,8 +95,7 @@ def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0, check
     fig.suptitle("Sum Augmentation: group mix for k = 1, 2, 4, 8" if what == "sum"
                  else "Gradually Cascading Sum Augmentation (k0 = 4): mixes and coefficients along t")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a killed run leaves no half PNG
     plt.close(fig)
     return out
 
@@ -140,8 +141,7 @@ def draw_patchup(plt, out: Path, data_dir: str | None, seed: int) -> Path:
         axes[layer, 0].set_ylabel(f"{name}\nu={float(1 - holes.float().mean()):.2f}, lam={float(lam):.2f}", fontsize=8)
     fig.suptitle("PatchUp (official CIFAR soft setting: gamma=0.75, block 7): channel 0 of each layer")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a killed run leaves no half PNG
     plt.close(fig)
     return out
 
@@ -166,6 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(f"regpipe-show-{args.what}.png")
+    check_output_path("--out", out, "file")  # before any data is read or model fitted
     path = show(args.what, out, data_dir=args.data_dir, seed=args.seed, checkpoint=args.checkpoint)
     print(f"wrote {path}")
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from regpipe.core.batch import Batch
+from regpipe.core.files import atomic_write
 from regpipe.engine.data import load_fashion_mnist
 from regpipe.functional.augment import inverse_warp, valid_mask
 from regpipe.functional.saliency import normalize_maps, saliency
@@ -35,8 +36,7 @@ def _panel(ax: Any, image: torch.Tensor, title: str = "", cmap: str = "gray") ->
 
 def _save(plt: Any, fig: Any, out: Path) -> Path:
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a killed run leaves no half PNG
     plt.close(fig)
     return out
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from regpipe.core.files import atomic_write
 from regpipe.engine.checkpoint import load_checkpoint
 from regpipe.engine.data import ImageArrays, load_fashion_mnist, stratified_indices
 from regpipe.functional.losses import soft_target_cross_entropy
@@ -84,7 +85,6 @@ def draw_sign(plt: Any, out: Path, data_dir: str | None, seed: int, checkpoint: 
                 ax.set_ylabel(title, fontsize=7)
     fig.suptitle(f"SIGN (eta=1, delta at the current iterate); {about}", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # a killed run leaves no half PNG
     plt.close(fig)
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from regpipe.engine.validate import check_output_path
+
 __all__ = ["register", "run"]
 
 
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from regpipe.loaders.ffcv import write_image_folder  # FFCV is the optional `ffcv` extra
 
+    check_output_path("OUT", args.out, "file")  # a folder or an unwritable place: refused before any image is read
     path, index = write_image_folder(args.root, args.out, max_resolution=args.max_resolution,
                                      jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
                                      compress_probability=args.compress_probability, num_workers=args.workers)

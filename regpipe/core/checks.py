@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "NonFiniteLoss",
     "check_dense_labels",
+    "check_device",
     "check_finite",
     "check_finite_number",
     "check_int",
@@ -258,3 +259,31 @@ def check_same_device(owner: str, **tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"{owner} tensors must be on one device, got {listed}; move them with .to(device)")
+
+
+def check_device(name: str, device: torch.device | str) -> torch.device:
+    """A CPU or CUDA device this machine has: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+
+    Without the check, a CUDA device on a machine without one fails at the first transfer with torch's
+    ``AssertionError: Torch not compiled with CUDA enabled`` (or a bare "invalid device ordinal").
+
+    Returns:
+        The ``torch.device``.
+
+    Raises:
+        ValueError: a device name torch does not know, a type other than cpu/cuda, CUDA without CUDA, or a
+            CUDA index beyond the devices present (``name`` and the value are named).
+    """
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {str(device)!r} ({name}): use cpu, cuda or cuda:N") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} ({name}) is not supported: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} ({name}) requested but CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} ({name}) requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return parsed

@@ -180,7 +180,7 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
                          prepare=plain.to_batch,
                          validation=lambda: _holdout_batch(splits, plain.to_batch, external_rows),
                          keep_mix_parent=any(a.needs_mix_parent for a in algorithms), eval_every=cfg.eval_every,
-                         grad_scaler=precision.scaler)
+                         grad_scaler=precision.scaler, image_shape=splits.image_shape)
     for alg in algorithms:
         alg.attach(context)
     # Stable sort by stage: copies are made, then mixed, then planned, whatever the order of the words.

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from regpipe.core.files import atomic_write
 from regpipe.hooks.tap import unwrap_model
 from regpipe.engine.models import build_model
 
@@ -75,12 +75,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, num_cla
     payload = {"format": FORMAT[0], "version": FORMAT[1], "model": str(model_name), "num_classes": int(num_classes),
                "in_channels": shape[0], "image_shape": list(shape), "mean": [float(v) for v in mean],
                "std": [float(v) for v in std], "config": dict(config or {}), "state_dict": state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes: int | None = None,
@@ -92,8 +87,9 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not a regpipe checkpoint, an expectation that does not match, or a state dict that
-            does not fit the architecture (missing/unexpected keys and shape mismatches are named).
+        ValueError: not a regpipe checkpoint, an expectation that does not match, a state dict that does
+            not fit the architecture (missing/unexpected keys and shape mismatches are named), or weights
+            that are not finite (the parameter is named).
     """
     path = Path(path)
     if not path.is_file():
@@ -112,10 +108,35 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes
             raise ValueError(f"checkpoint {path} was trained with {key.replace('_', ' ')} {payload[key]!r}, "
                              f"but {key.replace('_', ' ')} {want!r} was asked for")
     model = build_model(payload["model"], num_classes=payload["num_classes"], in_channels=payload["in_channels"])
-    _load_state(model, payload["state_dict"], f"checkpoint {path} (model {payload['model']!r})")
+    what = f"checkpoint {path} (model {payload['model']!r})"
+    _load_state(model, payload["state_dict"], what)
+    _check_finite_state(model, payload["state_dict"], what)
     return Checkpoint(model=model.to(device).eval(), model_name=payload["model"], num_classes=payload["num_classes"],
                       in_channels=payload["in_channels"], image_shape=tuple(payload["image_shape"]),
                       mean=tuple(payload["mean"]), std=tuple(payload["std"]), config=dict(payload["config"]))
+
+
+def _check_finite_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse a state whose weights are not finite: a model that diverged while training (NaN weights)
+    predicts one class for every input, and any accuracy measured on it would look like a result.
+
+    Parameters must be finite; buffers must not be NaN (an infinite buffer can be meant, e.g. a ``-inf``
+    attention mask, while a NaN is never a value on purpose).
+
+    Raises:
+        ValueError: the first offending entry, its kind, the count of bad values and one of them are named.
+    """
+    parameters = {name for name, _ in model.named_parameters()}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        kind = "parameter" if name in parameters else "buffer"
+        bad = ~torch.isfinite(tensor) if kind == "parameter" else torch.isnan(tensor)
+        if bool(bad.any()):
+            count, first = int(bad.sum()), tensor.flatten()[bad.flatten()][0].item()
+            raise ValueError(f"{what}: {kind} {name!r} holds {count} non-finite value(s) of {tensor.numel()} "
+                             f"(e.g. {first}); the model diverged while it was trained: retrain it (e.g. with a "
+                             "lower --lr)")
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:

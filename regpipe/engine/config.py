@@ -27,6 +27,8 @@ __all__ = [
     "SignConfig",
     "SumConfig",
     "TrainConfig",
+    "check_val_resize",
+    "default_val_resize",
 ]
 
 MixMode = Literal["group", "permute"]
@@ -230,6 +232,43 @@ class SignConfig:
             raise ValueError(f"sign.eta must be > 0, got {self.eta}")
 
 
+#: ImageNet's evaluation transform: resize the shorter side to 256, centre-crop 224.
+IMAGENET_RESIZE_RATIO = 256 / 224
+#: Bounds of ``val_resize / image_size``. Below 1 the centre crop would be larger than the resized image;
+#: above 1.5 it keeps less than (1 / 1.5)^2 = 44 % of the resized image's central square, so validation sees a
+#: different, zoomed-in task than training's crops: at ``--image-size 96`` with a resize of 256 (ratio 2.67,
+#: the old fixed default) the crop kept 14 % and accuracy fell to near chance. The usual settings lie well
+#: inside: 1 (whole image) to 1.33 (crop fraction 0.75); ImageNet's is 1.14.
+VAL_RESIZE_RATIO = (1.0, 1.5)
+
+
+def default_val_resize(image_size: int) -> int:
+    """The validation resize that follows the training size with ImageNet's ratio: ``round(image_size * 256 / 224)``
+    (256 at 224, 73 at 64)."""
+    return round(image_size * IMAGENET_RESIZE_RATIO)
+
+
+def check_val_resize(image_size: int, val_resize: int) -> None:
+    """Refuse a ``val_resize / image_size`` ratio outside :data:`VAL_RESIZE_RATIO`.
+
+    Refused, not warned about: the result of such a run is a validation accuracy that measures the wrong
+    crop, and a warning scrolls away in a long run's log while the number it spoils ends up in a table.
+
+    Raises:
+        ValueError: both values, the ratio and the bounds are named.
+    """
+    low, high = VAL_RESIZE_RATIO
+    ratio = val_resize / image_size
+    if ratio < low:
+        raise ValueError(f"train.val_resize={val_resize} must be >= train.image_size={image_size} "
+                         "(validation resizes the shorter side, then crops image_size)")
+    if ratio > high:
+        raise ValueError(f"train.val_resize={val_resize} is {ratio:.2f} x train.image_size={image_size}: the "
+                         f"validation centre crop would keep {100 / ratio ** 2:.0f} % of the resized image's "
+                         f"central square; use a ratio in [{low:g}, {high:g}] (leave --val-resize unset for "
+                         f"{default_val_resize(image_size)}, ImageNet's 256/224)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of one training run.
@@ -237,6 +276,12 @@ class TrainConfig:
     The run's own settings come first; each algorithm reads only its own dataclass (``cfg.gradual`` for
     ``gradual``...), whichever recipe is chosen, so a combined recipe such as ``gradual+invariance``
     needs no settings of its own.
+
+    ``val_resize`` (streamed data: the shorter side validation images are resized to before the centre crop of
+    ``image_size``) left ``None`` becomes :func:`default_val_resize` ``(image_size)`` at construction, so after
+    it the field always holds the number the run uses (and ``metrics.json`` records it). A given value is
+    checked by :func:`check_val_resize`. ``dataclasses.replace`` of ``image_size`` alone keeps the resolved
+    number: pass ``val_resize=None`` with it to resolve it again.
     """
 
     recipe: str = "gradual"
@@ -264,7 +309,7 @@ class TrainConfig:
     progress: bool = True
     loader: str = "torch"
     image_size: int = 224
-    val_resize: int = 256
+    val_resize: int | None = None
     workers: int | None = None
     amp: Literal["off", "bf16", "fp16"] = "off"
     resume: bool = False
@@ -290,16 +335,17 @@ class TrainConfig:
     mixup: MixUpConfig = field(default_factory=MixUpConfig)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "val_per_class", "bn_batches", "image_size", "val_resize"):
+        for name in ("epochs", "batch_size", "val_per_class", "bn_batches", "image_size"):
             _positive_int("train", name, getattr(self, name))
+        if self.val_resize is None:  # resolved here, once: every reader sees the number the run uses
+            object.__setattr__(self, "val_resize", default_val_resize(self.image_size))
+        _positive_int("train", "val_resize", self.val_resize)
         for name in ("eval_batch_size", "checkpoint_every", "eval_subset"):
             if getattr(self, name) is not None:
                 _positive_int("train", name, getattr(self, name))
         if self.workers is not None:
             _positive_int("train", "workers", self.workers, low=0)
-        if self.val_resize < self.image_size:
-            raise ValueError(f"train.val_resize={self.val_resize} must be >= train.image_size={self.image_size} "
-                             "(validation resizes the shorter side, then crops image_size)")
+        check_val_resize(self.image_size, self.val_resize)
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"train.amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
         if self.resume and self.out is None:

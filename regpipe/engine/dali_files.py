@@ -10,6 +10,7 @@ the run trains on a GPU), ``resize`` to ``size x size`` (linear, antialiased) an
 
 from __future__ import annotations
 
+import collections
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -32,14 +33,20 @@ class FileWindows:
     ``start_epoch`` (DALI asks for the next pass before the loop's epoch begins, so the feed counts itself).
     """
 
+    #: Batches remembered for :meth:`undecodable`: DALI has fed at most ``prefetch_queue_depth`` (2) batches past
+    #: the one it fails on, so the failing batch is among the last few.
+    RECENT = 4
+
     def __init__(self, dataset: ImageFolderDataset, batches: Iterable[Sequence[int]], start_epoch: int = 0) -> None:
         self.dataset, self.batches, self.next_epoch = dataset, batches, int(start_epoch)
+        self.recent: collections.deque[list[int]] = collections.deque(maxlen=self.RECENT)
 
     def fetch(self, index: Sequence[int], epoch: int) -> Feed:
         """The samples ``index`` of ``epoch`` as DALI wants them."""
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         out: Feed = ([], [], [], [], [], [])
+        self.recent.append([int(i) for i in index])
         for i in index:
             i = int(i)
             path = self.dataset.index.path(i)
@@ -47,6 +54,8 @@ class FileWindows:
             try:
                 with Image.open(io.BytesIO(data.tobytes())) as img:  # reads the header only
                     width, height = img.size
+            except UnidentifiedImageError as err:  # its message shows the in-memory buffer, not the file
+                raise ValueError(f"cannot read image {path}: not an image format Pillow recognises") from err
             except OSError as err:
                 raise ValueError(f"cannot read image {path}: {err}") from err
             box, flip = self.dataset.window(i, width, height, epoch)
@@ -61,6 +70,43 @@ class FileWindows:
         epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
         for index in self.batches:
             yield self.fetch(index, epoch)
+
+    def undecodable(self) -> str | None:
+        """``"cannot decode image PATH: reason"`` for the first file of the recently fed batches that Pillow
+        cannot decode, or ``None``.
+
+        DALI's decoders report a failure by the sample's position in its batch only ("Failed to decode
+        sample #1"), and the feed runs batches ahead, so the file is found again here, after the failure:
+        the recent batches' files are decoded with :meth:`ImageFolderDataset.load` (at most ``RECENT``
+        batches, on the error path only).
+        """
+        for index in self.recent:
+            for i in index:
+                try:
+                    self.dataset.load(i)
+                except ValueError as err:
+                    return str(err)
+        return None
+
+    def named(self, err: RuntimeError) -> Exception:
+        """The error to raise for DALI's ``err``: a ``ValueError`` naming the file that does not decode, or
+        ``err`` itself when Pillow decodes every recent file (then DALI's message is all there is)."""
+        bad = self.undecodable()
+        return err if bad is None else ValueError(f"{bad} (DALI's decoder failed on it)")
+
+
+class _FolderBatches(SizedLoader):
+    """The DALI loader's batches; a file DALI fails to decode is named (:meth:`FileWindows.undecodable`)."""
+
+    def __init__(self, inner: Any, length: int, feed: FileWindows) -> None:
+        super().__init__(inner, length)
+        self.feed = feed
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.inner
+        except RuntimeError as err:  # DALI's "Critical error in pipeline", the file not named
+            raise self.feed.named(err) from err
 
 
 def dali_folder_loader(dataset: ImageFolderDataset, batches: Iterable[Sequence[int]], num_classes: int, *,
@@ -95,6 +141,9 @@ def dali_folder_loader(dataset: ImageFolderDataset, batches: Iterable[Sequence[i
         images = fn.flip(images, horizontal=flip)
         return images, labels, ids
 
-    loader = DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], device=device, ops=ops, mean=mean,
-                        std=std, channels_last=channels_last)
-    return SizedLoader(loader, len(epochs))
+    try:  # DALI's iterator runs the first batches when it is made: a bad file may fail here already
+        loader = DaliLoader(pipe(), num_classes, ["images", "labels", "ids"], device=device, ops=ops, mean=mean,
+                            std=std, channels_last=channels_last)
+    except RuntimeError as err:
+        raise feed.named(err) from err
+    return _FolderBatches(loader, len(epochs), feed)

@@ -35,6 +35,11 @@ NUM_UNIFORMS = 4 * CROP_TRIES + 1
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 
+#: What Pillow raises on a file it cannot decode: mostly ``OSError`` (truncated data, an unknown format), but
+#: some plugins raise ``SyntaxError``, ``ValueError`` or ``EOFError`` on broken headers (and a huge image
+#: ``Image.DecompressionBombError``, added where Pillow is imported).
+DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError)
+
 
 def draw_uniforms(seed: int, epoch: int, index: int, n: int = NUM_UNIFORMS) -> np.ndarray:
     """``n`` uniforms in ``[0, 1)`` that depend only on ``(seed, epoch, index)`` (numpy's SeedSequence
@@ -158,7 +163,7 @@ class ImageFolderDataset(Dataset):
                 sx, sy = img.size[0] / width, img.size[1] / height
                 scaled = (box[0] * sx, box[1] * sy, min(box[2] * sx, img.size[0]), min(box[3] * sy, img.size[1]))
                 rgb = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR, box=scaled)
-        except OSError as err:
+        except (*DECODE_ERRORS, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot decode image {path}: {err}") from err
         if flip:
             rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from regpipe.core.checks import check_device
 from regpipe.core.op import Op
 from regpipe.core.rng import rank_seed
 from regpipe.loaders.distributed import Ranks, ranks
@@ -53,15 +54,7 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
+    return check_device("--device", name)
 
 
 def teardown(info: DistInfo) -> None:

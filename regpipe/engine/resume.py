@@ -8,58 +8,24 @@ settings, which a resumed run must share (:func:`load_state` names any that diff
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["STATE_FILE", "load_state", "remove_stale_temporaries", "save_state"]
+from regpipe.core.files import atomic_write
+
+__all__ = ["STATE_FILE", "load_state", "save_state"]
 
 #: The training-state file in the run's output folder.
 STATE_FILE = "state.pt"
 FORMAT = ("regpipe-train-state", 2)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporary files ``.NAME.tmp-PID`` that writers of ``path`` killed mid-write left beside it
-    (those of live processes are kept). Returns the removed paths."""
-    path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)$")
-    removed = []
-    if path.parent.is_dir():
-        for candidate in path.parent.iterdir():
-            match = pattern.match(candidate.name)
-            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
-                candidate.unlink(missing_ok=True)
-                removed.append(candidate)
-    return removed
-
-
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     """``torch.save`` ``state`` (plain values and tensors) to ``path`` atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"format": FORMAT[0], "version": FORMAT[1], **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"format": FORMAT[0], "version": FORMAT[1], **state}, tmp))
 
 
 def load_state(path: str | Path, config: dict[str, Any], may_differ: Iterable[str] = ()) -> dict[str, Any]:

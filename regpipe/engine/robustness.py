@@ -295,12 +295,18 @@ def evaluate_checkpoint(ckpt: Checkpoint, test: ImageArrays, settings: EvalSetti
         "attacks": {...}}, "settings"}`` (``deformed*`` and ``tta`` only when asked).
 
     Raises:
-        ValueError: the test images' shape differs from the checkpoint's.
+        ValueError: the test images' shape differs from the checkpoint's, or the test set has labels the
+            model has no output for (both class counts are named).
     """
     device = torch.device(device)
     if tuple(test.images.shape[1:]) != tuple(ckpt.image_shape):
         raise ValueError(f"the test images are {tuple(test.images.shape[1:])}, the checkpoint was trained on "
                          f"{tuple(ckpt.image_shape)} (check --shape / --data)")
+    top = int(test.labels.max()) if len(test) else -1
+    if top >= ckpt.num_classes:
+        # The model never predicts those classes: their rows would count as errors, silently.
+        raise ValueError(f"the test set has labels up to {top} ({test.num_classes} classes), the checkpoint's "
+                         f"model has {ckpt.num_classes} classes (check --data)")
     if settings.limit is not None and settings.limit < len(test):
         test = test.subset(torch.arange(settings.limit))
     say = log or (lambda line: None)

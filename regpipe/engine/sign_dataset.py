@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from regpipe.core.checks import check_finite_number, check_int
+from regpipe.core.files import writer_gone
 from regpipe.engine.checkpoint import Checkpoint, load_checkpoint
 from regpipe.engine.config import SignConfig
 from regpipe.engine.distributed import resolve_device
@@ -175,23 +176,6 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def _writer_gone(tmp: Path) -> bool:
-    """Whether the process that wrote ``NAME.tmp-PID`` is gone (or was this one): its file is a leftover.
-    Another live process's file (a rank still writing) is kept."""
-    pid = tmp.name.rsplit(".tmp-", 1)[-1]
-    if not pid.isdigit():
-        return True
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by another user
-        return False
-    return False
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -283,7 +267,7 @@ def generate(checkpoint: str | Path, out: str | Path, iters: Sequence[int] = (50
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, manifest, rank)
     for stale in out.glob("*.beton.tmp-*"):  # an interrupted .beton write of a process that is gone
-        if _writer_gone(stale):
+        if writer_gone(stale):
             stale.unlink(missing_ok=True)
     mine = list(range(rank, num_shards, world))
     todo = [s for s in mine if not (out / _shard_name(s)).exists()]

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from regpipe.core.batch import Batch
+from regpipe.core.files import remove_stale_temporaries
 from regpipe.engine import distributed
 from regpipe.engine.algorithms import Algorithm, build_algorithms
 from regpipe.engine.build import build_run
@@ -33,7 +34,7 @@ from regpipe.engine.distributed import resolve_device
 from regpipe.engine.evaluation import evaluate, evaluation_model
 from regpipe.engine.loop import Preempted, Run, close_epoch, evaluate_epoch, evaluation_due, train_one_epoch
 from regpipe.engine.models import check_model_name
-from regpipe.engine.resume import STATE_FILE, load_state, remove_stale_temporaries, save_state
+from regpipe.engine.resume import STATE_FILE, load_state, save_state
 from regpipe.engine.splits import RunData, parse_data_spec, prepare_data
 from regpipe.engine.state import TrainState
 from regpipe.engine.validate import check_run_outputs, write_json

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from regpipe.core.checks import check_dense_labels
+from regpipe.core.files import atomic_write
 
 __all__ = ["NpzArrays", "check_output_path", "check_run_outputs", "infer_num_classes", "read_json", "read_npz",
            "write_json"]
@@ -29,7 +29,9 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
 
     The path itself, when it exists, must be of that kind (a file can be replaced); its nearest existing
     ancestor must be a directory we may write into (a regular file on the way, e.g. ``out.txt/run``,
-    or a read-only folder fail here instead of after training).
+    or a read-only folder fail here instead of after training). Writing is tried, not inferred from the
+    permission bits: ``os.access`` says yes to root everywhere, also on a read-only mount or under
+    ``/proc``, so a temporary file is created (and removed) in that folder.
 
     Args:
         option: how the user named the path (``"--out"``), for the message.
@@ -53,6 +55,9 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
         target = p if kind == "dir" else p.parent
         if not os.access(target, os.W_OK | os.X_OK):
             raise ValueError(f"{option} {p}: no permission to write in {target}")
+        failure = _try_writing(target)
+        if failure is not None:
+            raise ValueError(f"{option} {p}: cannot write in {target}: {failure}")
         return p
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -61,7 +66,21 @@ def check_output_path(option: str, path: str | os.PathLike[str], kind: Literal["
         raise ValueError(f"{option} {p} cannot be created: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {p} cannot be created: no permission to write in {ancestor}")
+    failure = _try_writing(ancestor)
+    if failure is not None:
+        raise ValueError(f"{option} {p} cannot be created: cannot write in {ancestor}: {failure}")
     return p
+
+
+def _try_writing(folder: Path) -> str | None:
+    """Create and remove an empty temporary file in ``folder``; the reason it fails, or ``None``."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".regpipe-write-check-", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def check_run_outputs(out: str | None, checkpoint_out: str | None) -> None:
@@ -82,16 +101,7 @@ def check_run_outputs(out: str | None, checkpoint_out: str | None) -> None:
 def write_json(path: str | os.PathLike[str], value: Any) -> None:
     """Write ``value`` as JSON atomically: a temporary file in the same folder, then ``os.replace``, so a
     kill during the write never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(value, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:

@@ -39,7 +39,7 @@ from regpipe.functional.losses import soft_target_cross_entropy
 from regpipe.core.patchup_plan import PatchUpPlan
 from regpipe.functional.patchup import (LossKind, block_mask, box_holes, patchup_gamma, patchup_loss, patchup_mix,
                                         softmax_bce, unchanged_fraction)
-from regpipe.hooks.tap import find_module
+from regpipe.hooks.tap import find_module, unwrap_model
 
 __all__ = ["PatchUpHook", "plan_mask"]
 
@@ -124,6 +124,49 @@ class PatchUpHook:
             self._handle.remove()
             self._handle = None
         self.plan = None
+
+    # -- checking the layers before training ----------------------------------------------------
+    def check_feature_maps(self, inputs: torch.Tensor) -> dict[int, tuple[int, ...]]:
+        """Run the model once on ``inputs`` (e.g. one zero image of the training shape) and check that every
+        named layer gives an ``(N, C, H, W)`` feature map, which PatchUp mixes; so a layer such as the
+        classifier (``(N, K)``) is refused before training instead of at the step that first draws it.
+
+        The forward runs without gradients, in eval mode (BatchNorm statistics and dropout untouched), on the
+        unwrapped model (no DDP collectives) with temporary hooks; every module's mode is restored after.
+
+        Returns:
+            ``{layer index: shape of its output}``.
+
+        Raises:
+            ValueError: a layer that does not run in the forward, or that gives something other than a 4-D
+                tensor (its index, name and what it gives are named).
+        """
+        outputs: dict[int, Any] = {}
+        handles = [module.register_forward_hook(lambda m, args, out, i=i: outputs.setdefault(i, out))
+                   for i, module in self.modules.items()]
+        model = unwrap_model(self.model)
+        modes = {module: module.training for module in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in modes.items():
+                module.training = mode
+        shapes = {}
+        for index, name in sorted(self.layers.items()):
+            if index not in outputs:
+                raise ValueError(f"PatchUp layer {index} ({name!r}) does not run in the model's forward: name a "
+                                 "module the forward calls")
+            out = outputs[index]
+            if not isinstance(out, torch.Tensor) or out.dim() != 4:
+                gives = f"a {tuple(out.shape)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+                raise ValueError(f"PatchUp layer {index} ({name!r}) gives {gives}; PatchUp mixes (N, C, H, W) "
+                                 "feature maps: name a convolutional layer or block")
+            shapes[index] = tuple(out.shape)
+        return shapes
 
     # -- applying a plan -------------------------------------------------------------------------
     def set_plan(self, plan: PatchUpPlan | None) -> None:

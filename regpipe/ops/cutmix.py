@@ -183,10 +183,29 @@ class CutOut(BatchOp[CutOutParams]):
         self.fill = check_finite_number("fill", fill)
         self.keep_parent = bool(keep_parent)
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse a hole as large as the image: with ``length >= min(height, width)`` the hole centred at a
+        uniform pixel blanks most of every image (all of it once ``length // 2 >= side``), so training runs
+        at chance instead of regularising. The engine calls this before a run; :meth:`draw` on every batch.
+
+        Raises:
+            ValueError: ``length`` and the image size are named.
+        """
+        side = min(int(height), int(width))
+        if self.length >= side:
+            raise ValueError(f"CutOut length={self.length} is not smaller than the {height}x{width} images: the hole "
+                             f"would blank (nearly) every image; use a length < {side} (the paper's: about half "
+                             "the side, 16 on 32 x 32 CIFAR-10)")
+
     def draw(self, batch: Batch) -> CutOutParams:
-        """A centre per row and whether the row is cut, from ``self.rng``."""
+        """A centre per row and whether the row is cut, from ``self.rng``.
+
+        Raises:
+            ValueError: the hole is as large as the images (:meth:`check_image_size`).
+        """
         _refuse(batch, "CutOut")
         n, height, width = batch.size, *batch.inputs.shape[-2:]
+        self.check_image_size(height, width)
         rng = _numpy_rng(self, batch.device)
         cy, cx = torch.from_numpy(rng.integers(0, height, n)), torch.from_numpy(rng.integers(0, width, n))
         cut = torch.from_numpy(rng.random(n) < self.prob).long()

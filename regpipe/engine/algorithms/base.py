@@ -112,6 +112,9 @@ class RunContext:
         eval_every: epochs between evaluations (``after_eval`` runs at epochs ``eval_every``,
             ``2 * eval_every``, ... and the last), so budgets counted in evaluations convert from epochs.
         grad_scaler: the loop's gradient scaler (``--amp fp16``), for an algorithm that rolls trial steps back.
+        image_shape: ``(C, H, W)`` of the training inputs the model sees, so an algorithm can check its
+            settings against it before the first step; ``(0, 0, 0)``: not given (the checks then run on the
+            first batch).
     """
 
     seed: int
@@ -128,6 +131,11 @@ class RunContext:
     keep_mix_parent: bool = False
     eval_every: int = 1
     grad_scaler: Any = None
+    image_shape: tuple[int, int, int] = (0, 0, 0)
+
+    def known_image_shape(self) -> tuple[int, int, int] | None:
+        """:attr:`image_shape`, or ``None`` when it was not given."""
+        return self.image_shape if all(int(v) > 0 for v in self.image_shape) else None
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,13 @@ class CutOutAlgorithm(_MixStage):
     name = "cutout"
 
     def attach(self, run: RunContext) -> None:
+        """Build the op and, when the run gives its image shape, refuse a hole as large as the images before
+        the first step (:meth:`~regpipe.ops.cutmix.CutOut.check_image_size`)."""
         self.op = CutOut(length=self.config.length, prob=self.config.prob, seed=run.seed,
                          keep_parent=run.keep_mix_parent)
+        shape = run.known_image_shape()
+        if shape is not None:
+            self.op.check_image_size(shape[1], shape[2])
 
     def describe(self) -> dict[str, Any]:
         return {"cutout_length": self.config.length}

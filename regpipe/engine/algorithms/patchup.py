@@ -32,9 +32,30 @@ class PatchUpAlgorithm(Algorithm):
         self.hook: PatchUpHook | None = None
 
     def attach(self, run: RunContext) -> None:
+        """Build the op and the hook; when the run gives its image shape, check the layers before the first step
+        (:meth:`_check_layers`)."""
         layers = self.config.layers
         self.op = PatchUp(mode=self.mode, candidate_layers=tuple(range(len(layers) + 1)), seed=run.seed)
         self.hook = PatchUpHook(run.model, list(layers))
+        shape = run.known_image_shape()
+        if shape is not None:
+            self._check_layers(run.model, shape)
+
+    def _check_layers(self, model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:
+        """One forward of a zero image of ``image_shape``: every layer must give an ``(N, C, H, W)`` map
+        (:meth:`PatchUpHook.check_feature_maps`) at least as large as the layer's block.
+
+        Raises:
+            ValueError: the layer, what it gives or its map size and the block size are named.
+        """
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        shapes = self.hook.check_feature_maps(torch.zeros(1, *image_shape, device=device))
+        for index, shape in shapes.items():
+            block = self.op.block_sizes[index]
+            if block > min(shape[-2:]):
+                raise ValueError(f"PatchUp layer {index} ({self.hook.layers[index]!r}) gives {shape[-2]}x{shape[-1]} "
+                                 f"feature maps, smaller than its {block}x{block} blocks: name an earlier layer")
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.PLAN, self.op)]
