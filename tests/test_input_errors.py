@@ -265,12 +265,12 @@ def _run_context(model: torch.nn.Module, image_shape: tuple[int, int, int]):
 
 def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make reading the training batches an error: a check that runs before it never meets it."""
-    import regpipe.engine.train as engine_train
+    import regpipe.engine.build as engine_build
 
     def no_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("the training batches were read before the settings were checked")
 
-    monkeypatch.setattr(engine_train, "train_loader", no_data)
+    monkeypatch.setattr(engine_build, "train_loader", no_data)
 
 
 @pytest.mark.parametrize("length", [32, 100])
