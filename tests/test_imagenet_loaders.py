@@ -490,6 +490,56 @@ def test_ffcv_single_crop_decoder_draws_ffcvs_imagenet_crop_and_fair_flips(tmp_p
     assert torch.equal(theta[..., 1, 1] > 0, torch.ones(epochs, len(sizes), dtype=torch.bool))  # no vertical flip
 
 
+@pytest.mark.parametrize("index_field", [True, False])
+def test_ffcv_beton_train_loader_redraws_an_epochs_crops_in_a_fresh_loader(folder, tmp_path: Path,
+                                                                           index_field: bool) -> None:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+
+    from regpipe.engine.ffcv_files import beton_train_loader
+    from regpipe.loaders import EpochBatches, sampler_order
+    from regpipe.loaders.ffcv import FfcvLoader, write_image_folder
+
+    root, _ = folder
+    path, index = write_image_folder(root, tmp_path / "train.beton", index_field=index_field)
+    order = [[5, 0, 7, 2], [1, 6, 3, 4]]  # the run's index lists, the same every epoch here
+    options = dict(size=16, workers=1, device=torch.device("cpu"), ops=[], mean=[0.5] * 3, std=[0.25] * 3,
+                   channels_last=False)
+
+    def make(seed: int = 3):
+        return beton_train_loader(path, order, 2, seed=seed, **options)
+
+    first = make()
+    epoch0, epoch1 = list(first), list(first)
+    for batch, rows in zip(epoch0, order, strict=True):  # shapes, labels and ids as FFCV's own decoder gives them
+        assert batch.inputs.shape == (4, 3, 16, 16) and batch.inputs.dtype == torch.float32
+        assert batch.source_ids.tolist() == rows
+        assert torch.equal(batch.targets.argmax(1), torch.from_numpy(index.labels[rows]))
+    if index_field:  # the pipeline before: FFCV's random crop and flip (numpy's global generator)
+        pipelines = {"image": [RandomResizedCropRGBImageDecoder((16, 16)), RandomHorizontalFlip(), ToTensor()],
+                     "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
+        native = Loader(str(path), batch_size=4, num_workers=1, order=sampler_order(EpochBatches(order)),
+                        drop_last=True, pipelines=pipelines)
+        for old, new in zip(FfcvLoader(native, 2, mean=[0.5] * 3, std=[0.25] * 3), epoch0, strict=True):
+            assert old.inputs.shape == new.inputs.shape and old.inputs.dtype == new.inputs.dtype
+            assert torch.equal(old.targets, new.targets) and torch.equal(old.source_ids, new.source_ids)
+
+    def same(a: list, b: list) -> bool:
+        return all(torch.equal(x.inputs, y.inputs) and torch.equal(x.affine, y.affine)
+                   for x, y in zip(a, b, strict=True))
+
+    assert same(list(make()), epoch0)  # a second run, same seed: the same crops
+    assert not same(epoch1, epoch0)  # a new epoch: new crops (same order)
+    resumed = make()
+    resumed.set_epoch(1)  # a run resumed at epoch 1
+    assert same(list(resumed), epoch1)
+    assert not same(list(make(seed=4)), epoch0)
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer, got -1"):
+        resumed.set_epoch(-1)
+
+
 # ------------------------------------------------------------------------------------------------ torch
 
 def replicated_uint8(s: int = 16, m: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
