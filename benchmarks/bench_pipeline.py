@@ -1,8 +1,9 @@
-"""``regpipe bench pipeline`` on a synthetic ImageNet-like folder (JPEGs of varied sizes, 300-500 px), for the
-three loaders: the loader alone, with regpipe's device stage, and regpipe's replication against the same
+"""``regpipe bench pipeline`` on a synthetic ImageNet-like folder (JPEGs of varied sizes, 300-500 px by default), for
+the three loaders: the loader alone, with regpipe's device stage, and regpipe's replication against the same
 replication written natively in that loader (``regpipe/cli/bench_pipeline.py`` has the rows).
 
     .venv/bin/python benchmarks/bench_pipeline.py [--images 256] [--steps 6] [--loaders dali ffcv torch]
+        [--sides 300 500] [--size 224]
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from pathlib import Path
 import numpy as np
 
 
-def synthetic_folder(root: Path, images: int, seed: int = 0) -> Path:
-    """``images`` photos-like JPEGs (smooth colour fields + noise, quality 90, 4:2:0) in 10 class folders."""
+def synthetic_folder(root: Path, images: int, seed: int = 0, sides: tuple[int, int] = (300, 500)) -> Path:
+    """``images`` photos-like JPEGs (smooth colour fields + noise, quality 90, 4:2:0) in 10 class folders, each
+    side drawn uniformly from ``sides`` (``[low, high)`` pixels)."""
     from PIL import Image
 
+    low, high = sides
+    if not 1 <= low < high:
+        raise ValueError(f"--sides must be two sizes 1 <= LOW < HIGH, got {sides!r}")
     rng = np.random.default_rng(seed)
     for n in range(images):
-        h, w = int(rng.integers(300, 500)), int(rng.integers(300, 500))
+        h, w = int(rng.integers(low, high)), int(rng.integers(low, high))
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         base = np.stack([np.sin(yy / rng.uniform(8, 40) + c) * np.cos(xx / rng.uniform(8, 40) - c) for c in range(3)], -1)
         pixels = np.clip(128 + 90 * base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
@@ -38,15 +43,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--loaders", nargs="+", default=["dali", "ffcv", "torch"])
+    parser.add_argument("--sides", type=int, nargs=2, default=[300, 500], metavar=("LOW", "HIGH"),
+                        help="image sides drawn from [LOW, HIGH) pixels (default 300 500)")
+    parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from regpipe.cli.bench_pipeline import run_pipeline
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="regpipe-imagenet-") as tmp:
-        root = synthetic_folder(Path(tmp), args.images)
+        root = synthetic_folder(Path(tmp), args.images, sides=tuple(args.sides))
         for loader in args.loaders:
-            rows += run_pipeline(root, loader, batch=args.batch, copies=args.copies, steps=args.steps)
+            rows += run_pipeline(root, loader, batch=args.batch, copies=args.copies, size=args.size, steps=args.steps)
             for r in rows[-5:]:
                 share = f"  share {100 * r['share']:.1f} %" if "share" in r else ""
                 print(f"{r['loader']:<6} {r['name']:<12} {r['images_per_s']:>9.1f} images/s  ratio {r['ratio']:.3f}"

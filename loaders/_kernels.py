@@ -45,8 +45,8 @@ from regpipe.functional.augment import (
 )
 from regpipe.ops.augment import Augment
 
-__all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "chain_values", "chain_params",
-           "augment_params", "counter_uniforms",
+__all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "axis_aligned", "chain_values",
+           "chain_params", "augment_params", "counter_uniforms",
            "replicate_sample", "mix_rows", "warp_u8", "colour_u8"]
 
 _IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
@@ -103,6 +103,21 @@ def colour_pivot(spec: np.ndarray) -> float | None:
         return None
     pivot = colour[(colour[:, 1] == CONSTANT) & (colour[:, 2] == PIVOT)]
     return float(pivot[-1, 3]) if len(pivot) else MEAN_PIVOT
+
+
+def axis_aligned(spec: np.ndarray) -> bool:
+    """Whether an encoded chain (:func:`encode_augment`) moves pixels only by flips and crop windows, so that
+    every copy is a resize of a window inside its source, possibly mirrored: the chain draws no rotation,
+    shear, scale or shift (its matrices are ``[[+-w, 0, cx], [0, +-h, cy]]`` with the window inside the frame).
+
+    Decided from the draw tables, not the transforms' classes: rows that draw crop windows (``WINDOW``), the
+    colour slots (applied to the output pixels afterwards), and flips that are all-or-nothing (``BERNOULLI``,
+    or a ``CONSTANT`` 0 or 1); any other row makes the chain general (a warp per copy).
+    """
+    kinds, slots, values = spec[:, 1], spec[:, 2], spec[:, 3]
+    all_or_nothing = (kinds == BERNOULLI) | ((kinds == CONSTANT) & np.isin(values, (0.0, 1.0)))
+    flips = np.isin(slots, (FLIP_X, FLIP_Y)) & all_or_nothing
+    return bool(np.all((kinds == WINDOW) | np.isin(slots, _COLOUR_SLOTS) | flips))
 
 
 @numba.njit(cache=True)

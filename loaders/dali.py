@@ -37,7 +37,7 @@ from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex, lookup_id
-from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
+from regpipe.ops.augment import Augment
 
 try:  # DALI is an optional dependency (the `dali` extra)
     import nvidia.dali.fn as fn
@@ -123,12 +123,6 @@ def _roi_setup(outs, ins):
         outs[0][i][1] = 4
 
 
-def _axis_aligned(augment: Augment) -> bool:
-    """Every geometric transform of the chain is a flip or a crop window: copies are ROI resizes."""
-    return all(isinstance(t, (RandomFlip, RandomResizedCrop)) or not getattr(t, "geometric", False)
-               for t in augment.transforms)
-
-
 def _params_setup(outs, ins):
     for i in range(len(outs[0])):
         for o in (0, 2):
@@ -182,7 +176,7 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
         u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
         out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
         outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
-    if size is not None and _axis_aligned(augment):
+    if size is not None and K.axis_aligned(spec):
         # crops and flips only: each copy is DALI's own ROI resize of the decoded image (linear, antialiased, as
         # fn.random_resized_crop), the ROI read from the copy's matrix
         roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],

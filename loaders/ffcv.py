@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import multiprocessing
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -47,7 +49,7 @@ from regpipe.ops.augment import Augment
 try:  # FFCV is an optional dependency (the `ffcv` extra)
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-    from ffcv.libffcv import imdecode
+    from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -109,24 +111,117 @@ def _check_int_labels(op: str, state: State) -> None:
                         f"dtype {np.dtype(state.dtype).name if state.jit_mode else 'torch'}")
 
 
+@numba.njit
+def _pixel_edges(scale: float, shift: float, size: int) -> tuple[int, int]:
+    """The whole-pixel span ``[start, end)`` of a window along one axis of ``size`` pixels: the window of the
+    normalised map ``x_in = scale x_out + shift`` covers ``[shift - |scale|, shift + |scale|]``, i.e. pixel edges
+    ``(shift -+ |scale| + 1) size / 2``, each rounded to the nearest edge (at least one pixel, inside the axis)."""
+    half = abs(scale)
+    start = int(math.floor((shift - half + 1.0) * size / 2.0 + 0.5))
+    end = int(math.floor((shift + half + 1.0) * size / 2.0 + 0.5))
+    start = min(max(start, 0), size - 1)
+    return start, min(max(end, start + 1), size)
+
+
+@numba.njit
+def _snap_windows(theta: np.ndarray, height: int, width: int, windows: np.ndarray) -> None:
+    """Round the windows of ``M`` axis-aligned copies (``theta`` ``(M, 2, 3)``, flips and crop windows only) of a
+    ``height x width`` source to whole source pixels, in place, and write them to ``windows`` ``(M, 4)`` as
+    ``[row start, row end, column start, column end]`` (FFCV's resize reads integer windows).
+
+    A span ``[a, b)`` of ``n`` pixels is the normalised ``scale = +-(b - a) / n`` (the sign keeps the flip),
+    ``shift = (a + b) / n - 1``; edges move by at most half a pixel.
+    """
+    for j in range(theta.shape[0]):
+        r0, r1 = _pixel_edges(theta[j, 1, 1], theta[j, 1, 2], height)
+        c0, c1 = _pixel_edges(theta[j, 0, 0], theta[j, 0, 2], width)
+        windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3] = r0, r1, c0, c1
+        theta[j, 0, 0] = math.copysign((c1 - c0) / width, theta[j, 0, 0])
+        theta[j, 0, 2] = (c0 + c1) / width - 1.0
+        theta[j, 1, 1] = math.copysign((r1 - r0) / height, theta[j, 1, 1])
+        theta[j, 1, 2] = (r0 + r1) / height - 1.0
+
+
 # Not cached, like _mix_sources: numba's cache is keyed by this file only, and these embed the compiled kernels of
 # regpipe.loaders._kernels (and the draw-table layout they were built with), which may change without this file.
 @numba.njit
 def _copy_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                  spec: np.ndarray, count: int, m: int, out_h: int, out_w: int, pixel_aspect: bool,
-                 include_original: bool) -> tuple[np.ndarray, np.ndarray]:
+                 include_original: bool, snap: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(S, M, 2, 3)`` normalised output -> source matrices and ``(S, M, 3)`` colour factors of the copies of
-    samples ``indices`` whose sizes are ``heights``, ``widths`` (``K.chain_params`` per sample)."""
+    samples ``indices`` whose sizes are ``heights``, ``widths`` (``K.chain_params`` per sample; ``snap``: the
+    windows rounded to whole source pixels, :func:`_snap_windows`)."""
     s = indices.shape[0]
     theta = np.empty((s, m, 2, 3))
     photo = np.empty((s, m, 3))
     pixels = np.empty((m, 2, 3))
+    windows = np.empty((m, 4), dtype=np.int64)
     u = np.empty((m, max(count, 1)))
     for i in range(s):
         K.counter_uniforms(seed, epoch, indices[i], u)
         K.chain_params(u, spec, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original, theta[i],
                        photo[i], pixels)
+        if snap:
+            _snap_windows(theta[i], heights[i], widths[i], windows)
     return theta, photo
+
+
+_resize_crop = numba.njit(nogil=True)(resize_crop)
+
+
+@numba.njit(nogil=True)
+def _resize_window(image: np.ndarray, r0: int, r1: int, c0: int, c1: int, dst: np.ndarray) -> None:
+    """``image[r0:r1, c0:c1]`` ``(H, W, 3)`` uint8 resized into ``dst`` ``(h, w, 3)`` by FFCV's C resize (OpenCV's
+    ``INTER_AREA``, as ``ResizedCropRGBImageDecoder``).
+
+    ``INTER_AREA`` averages each output pixel's footprint (a box filter) only when both axes shrink; when one
+    grows it uses two-tap weights on both axes, which put a shrinking axis's samples off their footprints'
+    centres by up to about ``(s - 1) / 2`` source pixels (``s``: source pixels per output pixel). Such a
+    window is resized one axis at a time, the shrinking one first, so each axis samples at its footprints'
+    centres (the recorded matrix's points).
+    """
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    h, w = r1 - r0, c1 - c0
+    if h > out_h and w < out_w:
+        tmp = np.empty((out_h, w, 3), dtype=np.uint8)
+        _resize_crop(image, r0, r1, c0, c1, tmp)
+        _resize_crop(tmp, 0, out_h, 0, w, dst)
+    elif w > out_w and h < out_h:
+        tmp = np.empty((h, out_w, 3), dtype=np.uint8)
+        _resize_crop(image, r0, r1, c0, c1, tmp)
+        _resize_crop(tmp, 0, h, 0, out_w, dst)
+    else:
+        _resize_crop(image, r0, r1, c0, c1, dst)
+
+
+@numba.njit(nogil=True)
+def _mirror(image: np.ndarray, horizontal: bool, vertical: bool) -> None:
+    """Flip one ``(h, w, C)`` image in place, left-right and/or top-bottom."""
+    h, w, c = image.shape
+    if horizontal:
+        for i in range(h):
+            for j in range(w // 2):
+                for k in range(c):
+                    image[i, j, k], image[i, w - 1 - j, k] = image[i, w - 1 - j, k], image[i, j, k]
+    if vertical:
+        for i in range(h // 2):
+            for j in range(w):
+                for k in range(c):
+                    image[i, j, k], image[h - 1 - i, j, k] = image[h - 1 - i, j, k], image[i, j, k]
+
+
+@numba.njit(nogil=True)
+def _crop_copies(image: np.ndarray, theta: np.ndarray, windows: np.ndarray, photo: np.ndarray,
+                 dst: np.ndarray) -> None:
+    """``M`` axis-aligned copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)``: each copy's whole-pixel
+    window (``windows``, :func:`_snap_windows`) resized by FFCV's C resize, mirrored where its matrix ``theta``
+    flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
+    for j in range(dst.shape[0]):
+        out = dst[j]
+        _resize_window(image, windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3], out)
+        _mirror(out, theta[j, 0, 0] < 0.0, theta[j, 1, 1] < 0.0)
+        if photo[j, 0] != 1.0 or photo[j, 1] != 1.0:
+            K.colour_u8(out, photo[j, 0], photo[j, 1], photo[j, 2])
 
 
 class Replicate(_EpochOp):
@@ -160,7 +255,8 @@ class Replicate(_EpochOp):
         # K.augment_params per sample: the output frame is the image's, windows in frame fractions
         theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices,
                                     np.full(len(indices), height, np.int64), np.full(len(indices), width, np.int64),
-                                    self.spec, self.count, self.m, height, width, False, self.include_original)
+                                    self.spec, self.count, self.m, height, width, False, self.include_original,
+                                    False)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
@@ -201,15 +297,31 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
     crop per copy, not a decode.
 
     Every copy is its own random-resized crop (the chain's ``RandomResizedCrop(size=(h, w))``: windows
-    drawn as torchvision's, aspect in the source's pixels) with the rest of the chain (flip, affine,
-    brightness/contrast) composed into one bilinear warp from the decoded image (zeros outside,
-    ``align_corners=False``, rounded: :func:`regpipe.loaders._kernels.warp_u8`, the torch op's
-    ``grid_sample``). Its parameters come from counter-based uniforms of ``(seed, epoch, sample index)``
-    read through the transforms' draw tables, so :class:`FfcvLoader` rebuilds each copy's whole
-    transform (crop included) from the indices FFCV hands the decoder, and records it in ``Batch.affine``.
+    drawn as torchvision's, aspect in the source's pixels) with the rest of the chain. Its parameters come
+    from counter-based uniforms of ``(seed, epoch, sample index)`` read through the transforms' draw
+    tables, so :class:`FfcvLoader` rebuilds each copy's whole transform (crop included) from the indices
+    FFCV hands the decoder, and records it in ``Batch.affine``; the epoch is the wrapper's (it sets it at
+    each pass), so a run resumed at epoch ``e`` redraws epoch ``e``'s crops whatever the worker count.
+
+    How the pixels are made is decided once per chain (:func:`regpipe.loaders._kernels.axis_aligned`):
+
+    * crops and flips (the ImageNet recipe), with or without brightness/contrast: each copy's window is
+      rounded to whole source pixels (the recorded matrix is the rounded window: edges move by at most half
+      a source pixel against the drawn one) and resized by FFCV's own C resize, as
+      ``RandomResizedCropRGBImageDecoder`` (OpenCV ``INTER_AREA``: a box filter over each output pixel's
+      footprint when the window shrinks; when it grows, each source pixel's area spread over the output
+      pixels, which is within half a neighbour step of bilinear sampling), then mirrored in place, then the
+      colour change on the output pixels. A window that shrinks along one axis and grows along the other
+      is resized one axis at a time, where OpenCV's one-pass resize would misplace the shrunk axis's
+      samples; FFCV's decoder does resize it in one pass. Output pixel centres map to source points as
+      with ``align_corners=False``, so the recorded matrix and the pixels agree to interpolation error;
+    * any other chain (rotations, shears, scales, shifts): the whole chain composed into one bilinear warp
+      from the decoded image (zeros outside, ``align_corners=False``, rounded:
+      :func:`regpipe.loaders._kernels.warp_u8`, the torch op's ``grid_sample``; no antialiasing).
 
     Use it in place of ``RandomResizedCropRGBImageDecoder`` (it replaces that decoder and
-    ``RandomHorizontalFlip``), before ``ToTensor``, and pass the same instance to :class:`FfcvLoader`
+    ``RandomHorizontalFlip``; ``m=1`` with ``Augment([RandomResizedCrop(size=(s, s)), RandomFlip()])`` is that
+    pair with reproducible crops), before ``ToTensor``, and pass the same instance to :class:`FfcvLoader`
     (``replicate=``).
 
     Args:
@@ -217,6 +329,9 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         augment: the chain; it must hold a sized ``RandomResizedCrop`` (the copies' size).
         include_original: copy 0 is the whole image resized (identity matrix).
         seed: seed of the counter-based draws.
+
+    Attributes:
+        axis_aligned: the chain is crops and flips: copies are FFCV resizes of whole-pixel windows.
 
     Raises:
         ValueError: ``m < 1`` or a chain without a sized crop.
@@ -233,6 +348,7 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
             raise ValueError("ReplicatedCropDecoder needs the copies' size: put RandomResizedCrop(size=(h, w)) in "
                              "the chain")
         self.m, self.augment, self.include_original, self.size = m, augment, bool(include_original), size
+        self.axis_aligned = K.axis_aligned(self.spec)
 
     def source_sizes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(S,)`` heights and widths of the stored images ``indices`` (the ``.beton``'s metadata)."""
@@ -250,7 +366,7 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         heights, widths = self.source_sizes(indices)
         theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices, heights, widths,
                                     self.spec, self.count, self.m, self.size[0], self.size[1], True,
-                                    self.include_original)
+                                    self.include_original, self.axis_aligned)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
@@ -269,6 +385,7 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
             self.include_original
         out_h, out_w = self.size
         params, counter, replicate_sample = K.chain_params, K.counter_uniforms, K.replicate_sample
+        aligned, snap, crop_copies = self.axis_aligned, _snap_windows, _crop_copies
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -291,7 +408,12 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
                 photo = np.empty((m, 3))
                 pixels = np.empty((m, 2, 3))
                 params(u, spec, int(height), int(width), out_h, out_w, True, include_original, theta, photo, pixels)
-                replicate_sample(image, theta, photo, destination[dst_ix])
+                if aligned:  # crops and flips: FFCV's resize of each whole-pixel window
+                    windows = np.empty((m, 4), dtype=np.int64)
+                    snap(theta, int(height), int(width), windows)
+                    crop_copies(image, theta, windows, photo, destination[dst_ix])
+                else:
+                    replicate_sample(image, theta, photo, destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -516,6 +638,17 @@ class FfcvLoader(BuilderAdapter):
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass draws for (counts on by one per pass): a resumed run sets its epoch, so the
+        replication and the mix redraw that epoch's parameters.
+
+        Raises:
+            ValueError: a negative or non-integer epoch (named).
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = int(epoch)
 
     def to_batch(self, outputs: Sequence[Any], position: int = 0, epoch: int | None = None,
                  raw: bool = False) -> Batch:

@@ -332,6 +332,214 @@ def test_ffcv_gradual_mix_after_replication_is_fused_normalised_and_across_seeds
     assert lo - 1e-4 <= float(batch.inputs.min()) and float(batch.inputs.max()) <= hi + 1e-4
 
 
+# FFCV decoder: crop + flip chains as FFCV's own C resize of whole-pixel windows, reproducible per epoch
+
+
+@pytest.fixture(scope="module")
+def raw_beton(folder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FileIndex]:
+    """The JPEG folder's decoded pixels stored raw (no re-encoding: the pixels the decoder resizes are known)."""
+    from regpipe.loaders.ffcv import write_image_folder
+
+    root, _ = folder
+    return write_image_folder(root, tmp_path_factory.mktemp("raw") / "train.beton", write_mode="raw")
+
+
+def crop_flip_chain(colour: bool = False) -> Augment:
+    from regpipe.ops.augment import RandomBrightnessContrast
+
+    tail = [RandomBrightnessContrast(brightness=(0.7, 1.3), contrast=(0.7, 1.3))] if colour else []
+    return Augment([RandomResizedCrop(size=OUT), RandomFlip(horizontal=0.5, vertical=0.5), *tail])
+
+
+def pixel_window(theta: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """``[row start, row end, column start, column end]`` source pixel edges of an axis-aligned matrix."""
+    t = theta.double()
+    return np.array([(t[1, 2] - t[1, 1].abs() + 1) * height / 2, (t[1, 2] + t[1, 1].abs() + 1) * height / 2,
+                     (t[0, 2] - t[0, 0].abs() + 1) * width / 2, (t[0, 2] + t[0, 0].abs() + 1) * width / 2])
+
+
+def interpolation_bound(source: np.ndarray, window: np.ndarray) -> float:
+    """Largest difference allowed between FFCV's resize of ``window`` (``[r0, r1, c0, c1]``) of ``source`` to ``OUT``
+    and bilinear sampling of ``source`` at the same points, per axis with ``s`` source pixels per output pixel.
+
+    Where the window grows (``s < 1``), OpenCV's ``INTER_AREA`` spreads each source pixel over its output
+    pixels: it weighs the same two neighbours as bilinear sampling, with weights at most ``(1 - s) / 2``
+    apart, so it adds at most ``(1 - s) / 2`` of the largest step ``g`` between neighbours along that axis.
+    Where it shrinks, it averages the footprint (``s`` pixels wide): against the point sample that is
+    ``s^2 / 24`` of the largest second difference ``c`` (the box's variance ``s^2 / 12`` times ``c / 2``),
+    plus ``c / 8`` for bilinear sampling's own error between pixel centres. Plus 1 for the roundings.
+    """
+    x = source.astype(np.float64)
+    scales = (window[1] - window[0]) / OUT[0], (window[3] - window[2]) / OUT[1]
+    bound = 1.0
+    for axis, s in enumerate(scales):
+        g = np.abs(np.diff(x, axis=axis)).max()
+        c = np.abs(np.diff(x, n=2, axis=axis)).max()
+        bound += 0.5 * (1.0 - s) * g if s < 1.0 else (s * s / 24.0 + 1.0 / 8.0) * c
+    return float(bound)
+
+
+def test_ffcv_crop_flip_copies_resize_whole_pixel_windows_the_recorded_affine_describes(folder, raw_beton) -> None:
+    from regpipe.loaders import _kernels as K
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+
+    _, decoded = folder
+    path, index = raw_beton
+    decoder = ReplicatedCropDecoder(M, crop_flip_chain(), seed=5)
+    assert decoder.axis_aligned
+    loader = FfcvLoader(ffcv_loader(path, decoder), 2, replicate=decoder, keep_uint8=True)
+    flips, mixed, warp_errors = np.zeros(2), 0, []
+    for batch in loader:
+        for r in range(batch.size):
+            source = decoded[index.paths[int(batch.source_ids[r])]]
+            height, width = source.shape[:2]
+            theta = batch.affine[r]
+            assert float(theta[0, 1]) == 0.0 and float(theta[1, 0]) == 0.0
+            edges = pixel_window(theta, height, width)
+            np.testing.assert_allclose(edges, np.round(edges), atol=1e-3)  # whole source pixels
+            r0, r1, c0, c1 = np.round(edges)
+            assert 0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width
+            flips += [float(theta[0, 0]) < 0, float(theta[1, 1]) < 0]
+            mixed += (r1 - r0 > OUT[0]) != (c1 - c0 > OUT[1])  # shrinks along one axis, grows along the other
+            bound = interpolation_bound(source, edges)
+            ref, _ = sample_source(source, theta, OUT)  # grid_sample of the recorded affine
+            err = (batch.inputs[r].float() - ref).abs()
+            assert float(err.max()) <= bound and float(err.mean()) < 1.5, (r, float(err.max()), bound)
+            warped = np.empty((*OUT, 3), dtype=np.uint8)
+            K.warp_u8(np.ascontiguousarray(source), theta.double().numpy(), warped)  # the general path's pixels
+            warp_err = (batch.inputs[r].permute(1, 2, 0).float() - torch.from_numpy(warped).float()).abs()
+            assert float(warp_err.max()) <= bound + 1.0, (r, float(warp_err.max()), bound)
+            warp_errors.append(float(warp_err.mean()))
+    assert flips.min() >= 1 and mixed >= 1  # both flips and the one-axis-at-a-time resize were exercised
+    assert float(np.mean(warp_errors)) < 1.5
+
+
+def test_ffcv_crop_flip_colour_is_applied_to_the_resized_pixels(raw_beton) -> None:
+    from regpipe.functional.augment import brightness_contrast
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+
+    path, _ = raw_beton
+    # one copy: the colour transform's uniforms come after the crop's and flip's, so both draw the same windows
+    plain, coloured = (ReplicatedCropDecoder(1, crop_flip_chain(colour), seed=6) for colour in (False, True))
+    assert coloured.axis_aligned
+    a, b = (next(iter(FfcvLoader(ffcv_loader(path, d), 2, replicate=d, keep_uint8=True))) for d in (plain, coloured))
+    assert torch.equal(a.source_ids, b.source_ids) and torch.equal(a.affine, b.affine)
+    assert not torch.equal(b.photometric, torch.ones_like(b.photometric))
+    want = brightness_contrast(a.inputs, b.photometric[:, 0], b.photometric[:, 1])  # pivot: each copy's mean
+    assert int((b.inputs.int() - want.int()).abs().max()) <= 1
+
+
+def test_ffcv_rotation_chains_still_warp_each_copy(folder, raw_beton) -> None:
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+    from regpipe.ops.augment import RandomAffine
+
+    _, decoded = folder
+    path, index = raw_beton
+    decoder = ReplicatedCropDecoder(M, Augment([RandomResizedCrop(scale=(0.25, 1.0), size=OUT), RandomFlip(),
+                                               RandomAffine(degrees=20)]), seed=1)
+    assert not decoder.axis_aligned
+    batch = next(iter(FfcvLoader(ffcv_loader(path, decoder), 2, replicate=decoder, keep_uint8=True)))
+    assert float(batch.affine[:, 0, 1].abs().max()) > 0.01  # rotated
+    check_copies_map_back(batch, index, decoded)  # bilinear warp: the tolerance of the grid_sample reference
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = [np.searchsorted(np.sort(x), grid, side="right") / len(x) for x in (a, b)]
+    return float(np.abs(cdf[0] - cdf[1]).max())
+
+
+def test_ffcv_single_crop_decoder_draws_ffcvs_imagenet_crop_and_fair_flips(tmp_path: Path) -> None:
+    from ffcv.fields.rgb_image import get_random_crop
+
+    from regpipe.loaders.ffcv import ReplicatedCropDecoder, write_image_folder
+
+    sizes = ((256, 256), (240, 300), (300, 240), (270, 330))  # aspects inside [3/4, 4/3]: both fall back to all
+    make_jpeg_folder(tmp_path / "big", sizes=sizes)
+    path, index = write_image_folder(tmp_path / "big", tmp_path / "big.beton")
+    decoder = ReplicatedCropDecoder(1, Augment([RandomResizedCrop(size=(32, 32)), RandomFlip()]), seed=7)
+    ffcv_loader(path, decoder)  # the decoder reads the images' sizes from the loader
+    epochs = 1000
+    theta = torch.stack([decoder.params(np.arange(len(sizes)), epoch=e)[0] for e in range(epochs)])  # (E, 4, 2, 3)
+    hw = np.stack(decoder.source_sizes(np.arange(len(sizes))), 1)  # (4, [height, width]) from the .beton
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:  # FFCV's own draw (numpy's global generator): the reference
+        ref = np.array([[get_random_crop(h, w, (0.08, 1.0), (3 / 4, 4 / 3)) for h, w in hw] for _ in range(epochs)])
+    finally:
+        np.random.set_state(state)
+    ours = np.stack([np.stack([pixel_window(theta[e, i], *hw[i]) for i in range(len(sizes))])
+                     for e in range(epochs)])  # (E, 4, [r0, r1, c0, c1])
+    np.testing.assert_allclose(ours, np.round(ours), atol=1e-3)
+    h, w = ours[..., 1] - ours[..., 0], ours[..., 3] - ours[..., 2]
+    area = h * w / hw.prod(1)
+    # the recipe, up to the half-pixel rounding of each window edge
+    assert area.max() <= 1.0 and area.min() >= 0.08 - hw.sum(1).max() / hw.prod(1).min()
+    assert (np.abs(np.log(w / h)) <= np.log(4 / 3) + 1 / (w - 1) + 1 / (h - 1)).all()
+    ref_h, ref_w = ref[..., 2], ref[..., 3]
+    centre_y = (ours[..., 0] + ours[..., 1]) / 2 / hw[:, 0]  # window centre, fraction of the source
+    ref_centre_y = (ref[..., 0] + ref_h / 2) / hw[:, 0]
+    # two-sample KS at alpha = 0.001: 1.95 * sqrt(2 / n), n = 4000 draws each
+    critical = 1.95 * math.sqrt(2 / area.size)
+    assert ks_distance(area.ravel(), (ref_h * ref_w / hw.prod(1)).ravel()) < critical
+    assert ks_distance(np.log(w / h).ravel(), np.log(ref_w / ref_h).ravel()) < critical
+    assert ks_distance(centre_y.ravel(), ref_centre_y.ravel()) < critical
+    flipped = (theta[..., 0, 0] < 0).double().mean().item()
+    assert abs(flipped - 0.5) < 5 * math.sqrt(0.25 / area.size)  # five binomial standard deviations
+    assert torch.equal(theta[..., 1, 1] > 0, torch.ones(epochs, len(sizes), dtype=torch.bool))  # no vertical flip
+
+
+@pytest.mark.parametrize("index_field", [True, False])
+def test_ffcv_beton_train_loader_redraws_an_epochs_crops_in_a_fresh_loader(folder, tmp_path: Path,
+                                                                           index_field: bool) -> None:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+
+    from regpipe.engine.ffcv_files import beton_train_loader
+    from regpipe.loaders import EpochBatches, sampler_order
+    from regpipe.loaders.ffcv import FfcvLoader, write_image_folder
+
+    root, _ = folder
+    path, index = write_image_folder(root, tmp_path / "train.beton", index_field=index_field)
+    order = [[5, 0, 7, 2], [1, 6, 3, 4]]  # the run's index lists, the same every epoch here
+    options = dict(size=16, workers=1, device=torch.device("cpu"), ops=[], mean=[0.5] * 3, std=[0.25] * 3,
+                   channels_last=False)
+
+    def make(seed: int = 3):
+        return beton_train_loader(path, order, 2, seed=seed, **options)
+
+    first = make()
+    epoch0, epoch1 = list(first), list(first)
+    for batch, rows in zip(epoch0, order, strict=True):  # shapes, labels and ids as FFCV's own decoder gives them
+        assert batch.inputs.shape == (4, 3, 16, 16) and batch.inputs.dtype == torch.float32
+        assert batch.source_ids.tolist() == rows
+        assert torch.equal(batch.targets.argmax(1), torch.from_numpy(index.labels[rows]))
+    if index_field:  # the pipeline before: FFCV's random crop and flip (numpy's global generator)
+        pipelines = {"image": [RandomResizedCropRGBImageDecoder((16, 16)), RandomHorizontalFlip(), ToTensor()],
+                     "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
+        native = Loader(str(path), batch_size=4, num_workers=1, order=sampler_order(EpochBatches(order)),
+                        drop_last=True, pipelines=pipelines)
+        for old, new in zip(FfcvLoader(native, 2, mean=[0.5] * 3, std=[0.25] * 3), epoch0, strict=True):
+            assert old.inputs.shape == new.inputs.shape and old.inputs.dtype == new.inputs.dtype
+            assert torch.equal(old.targets, new.targets) and torch.equal(old.source_ids, new.source_ids)
+
+    def same(a: list, b: list) -> bool:
+        return all(torch.equal(x.inputs, y.inputs) and torch.equal(x.affine, y.affine)
+                   for x, y in zip(a, b, strict=True))
+
+    assert same(list(make()), epoch0)  # a second run, same seed: the same crops
+    assert not same(epoch1, epoch0)  # a new epoch: new crops (same order)
+    resumed = make()
+    resumed.set_epoch(1)  # a run resumed at epoch 1
+    assert same(list(resumed), epoch1)
+    assert not same(list(make(seed=4)), epoch0)
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer, got -1"):
+        resumed.set_epoch(-1)
+
+
 # ------------------------------------------------------------------------------------------------ torch
 
 def replicated_uint8(s: int = 16, m: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

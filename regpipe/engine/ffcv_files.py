@@ -2,12 +2,14 @@
 
 A ``.beton`` holds an ``image`` field (``RGBImageField``: JPEG or raw pixels) and a ``label`` field
 (``IntField``), optionally an ``index`` field, as FFCV's ImageNet example writes them. Training decodes with
-FFCV's ``RandomResizedCropRGBImageDecoder`` (the crop of Szegedy et al. 2015, section 6: area fraction in
-``[0.08, 1]``, aspect ratio log-uniform in ``[3/4, 4/3]``) and ``RandomHorizontalFlip``; evaluation with
-``CenterCropRGBImageDecoder`` (the centre ``size x size`` crop of the image resized so that its shorter side is
-``resize``: ``ratio = size / resize``). The order is the run's (this rank's slice of every global batch),
-given to FFCV as a traversal order, so ranks read disjoint shards. FFCV draws its crops from numpy's
-global generator in its worker threads: the order resumes exactly, the crops do not.
+regpipe's :class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder` with one copy: the random-resized crop of
+Szegedy et al. 2015, section 6 (area fraction in ``[0.08, 1]``, aspect ratio log-uniform in ``[3/4, 4/3]``)
+and a horizontal flip, resized by FFCV's own C resize as its ``RandomResizedCropRGBImageDecoder`` does, but
+drawn from counter-based uniforms of ``(seed, epoch, sample index)`` rather than numpy's global generator in
+FFCV's worker threads, so the crops of an epoch are the same in every run and a resumed run redraws them.
+Evaluation decodes with ``CenterCropRGBImageDecoder`` (the centre ``size x size`` crop of the image resized so
+that its shorter side is ``resize``: ``ratio = size / resize``). The order is the run's (this rank's slice of
+every global batch), given to FFCV as a traversal order, so ranks read disjoint shards.
 """
 
 from __future__ import annotations
@@ -106,28 +108,35 @@ def _centre_loader(path: Path, size: int, resize: int, batch_size: int, indices:
 def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes: int, *, size: int, seed: int,
                        workers: int, device: torch.device, ops: Sequence[Any], mean: Sequence[float],
                        std: Sequence[float], channels_last: bool, start_epoch: int = 0) -> Iterable:
-    """Training batches of a ``.beton`` through FFCV's random-resized-crop decoder and flip.
+    """Training batches of a ``.beton``: each image decoded and randomly resized-cropped to ``size x size`` and
+    flipped (:class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder` with one copy: the crop and flip of FFCV's
+    ``RandomResizedCropRGBImageDecoder`` + ``RandomHorizontalFlip``, drawn from ``(seed, epoch, index)``
+    instead of numpy's global generator, so a pass of epoch ``e`` is the same in every run, and a resumed
+    run starts at ``start_epoch``). The crops are recorded in ``Batch.affine``.
 
     Raises:
         ValueError: the index lists have different sizes (FFCV batches have one size).
     """
     _ffcv()
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from ffcv.transforms import ToTensor
 
-    from regpipe.loaders.ffcv import FfcvLoader
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder, WithIndices
+    from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
     ref = BetonRef(path)
     epochs = EpochBatches(batches)
+    # the ImageNet crop (area 0.08-1, aspect 3/4-4/3, as FFCV's decoder) and a horizontal flip with probability 1/2
+    decoder = ReplicatedCropDecoder(1, Augment([RandomResizedCrop(size=(size, size)), RandomFlip()]), seed=seed)
     pipelines: dict[str, Any] = {name: None for name in ref.fields}  # None: the field is not read
-    pipelines.update(image=[RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(), ToTensor()],
-                     label=[IntDecoder(), ToTensor()])
+    # the crops are keyed by each row's index: from the index field, else from the labels' WithIndices
+    pipelines.update(image=[decoder, ToTensor()],
+                     label=[IntDecoder(), ToTensor()] if ref.has_index else [IntDecoder(), WithIndices(), ToTensor()])
     if ref.has_index:
         pipelines["index"] = [IntDecoder(), ToTensor()]
     loader = ffcv_pass_loader(path, epochs, num_workers=max(1, workers), seed=seed, pipelines=pipelines)
-    return FfcvLoader(loader, num_classes, index_field="index", device=device, ops=ops, mean=mean, std=std,
-                      channels_last=channels_last, start_epoch=start_epoch)
+    return FfcvLoader(loader, num_classes, replicate=decoder, index_field="index", device=device, ops=ops, mean=mean,
+                      std=std, channels_last=channels_last, start_epoch=start_epoch)
 
 
 class _EvalBatches:
