@@ -83,6 +83,23 @@ def test_resume_streams_the_same_crops(tmp_path: Path) -> None:
     assert _rows(resumed) == _rows(whole)
 
 
+@pytest.mark.parametrize("index_field", [True, False])
+def test_beton_resume_redraws_the_interrupted_epochs_crops(index_field: bool, tmp_path: Path) -> None:
+    pytest.importorskip("ffcv")
+    from regpipe.loaders.ffcv import write_image_folder as write_beton_folder
+
+    root = write_image_folder(tmp_path / "data", train_per_class=6, val_per_class=2)
+    train_beton, val_beton = (write_beton_folder(root / split, tmp_path / f"{split}.beton", max_resolution=128,
+                                                 index_field=index_field)[0] for split in ("train", "val"))
+    cfg = TrainConfig(recipe="baseline", dataset=f"beton:{train_beton},{val_beton}", samples_per_class=None, epochs=2,
+                      seed=1, batch_size=8, image_size=24, val_resize=28, workers=1, device="cpu", progress=False,
+                      checkpoint_every=2, loader="ffcv")
+    whole = train(replace(cfg, out=str(tmp_path / "whole")))
+    resumed = _interrupted_then_resumed(replace(cfg, out=str(tmp_path / "resumed")), 5)  # inside epoch 2
+    assert _rows(resumed) == _rows(whole)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+
+
 def test_resume_refuses_other_settings(fake_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(recipe="baseline", epochs=2, samples_per_class=4, val_per_class=2, batch_size=8,
                       data_dir=str(fake_dir), device="cpu", progress=False, out=str(tmp_path / "run"))
