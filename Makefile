@@ -68,9 +68,9 @@ lint-imports: deps
 # missing from the wheel. tools/check_wheel.py builds the sdist and a wheel from it, installs the wheel into
 # a fresh venv outside the checkout (it sees .venv's packages through a .pth file: torch is not downloaded
 # again), imports every module from there, runs `regpipe --version` and a one-epoch `regpipe train`, and
-# checks that .venv was not touched.
-check-wheel: EXTRAS = dev
-check-wheel: deps dataset
+# checks that .venv was not touched. Every module is imported, so the loader extras are installed too.
+check-wheel: EXTRAS = dev,dali,ffcv
+check-wheel: loader-sysdeps deps dataset
 	$(PY) tools/check_wheel.py
 
 test: EXTRAS = dev,dali,ffcv
