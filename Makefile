@@ -78,7 +78,7 @@ test: loader-sysdeps deps dataset lint-imports check-wheel
 	$(PY) -m pytest -q $(if $(RUN_SLOW),-m "slow or not slow",)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache regpipe.egg-info
 
 # `regpipe bench` against the peers (timm, torchvision, kornia) in their own environment: torchvision
 # needs the torch build it was released with (pip resolves it; on Linux that is PyPI's CUDA build, ~5.5 GiB

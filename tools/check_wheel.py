@@ -71,7 +71,15 @@ def expected_files() -> set[str]:
 
 def build(out: Path) -> tuple[Path, Path]:
     """The sdist and the wheel built from it (``python -m build`` builds the wheel from the sdist)."""
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
+    egg_info = ROOT / "regpipe.egg-info"
+    existed = egg_info.exists()
+    try:
+        run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
+    finally:
+        # setuptools writes the sdist's metadata into the checkout; left there, Python started from the
+        # checkout would read its version instead of the installed one's after a version change
+        if not existed:
+            shutil.rmtree(egg_info, ignore_errors=True)
     sdists, wheels = sorted(out.glob("*.tar.gz")), sorted(out.glob("*.whl"))
     if len(sdists) != 1 or len(wheels) != 1:
         raise CheckFailed(f"expected one sdist and one wheel in {out}, found {[p.name for p in out.iterdir()]}")
