@@ -11,7 +11,7 @@ TORCH_REQUIREMENT ?= torch==2.13.0
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-.PHONY: demo test test-all venv deps dataset clean loader-sysdeps lint-imports
+.PHONY: demo test test-all venv deps dataset clean loader-sysdeps lint-imports check-wheel
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,12 +64,21 @@ lint-imports: deps
 	cp -r regpipe $(IMPORT_TREE)/regpipe && cp -r kernels loaders $(IMPORT_TREE)/regpipe/
 	cd $(IMPORT_TREE) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports $(abspath pyproject.toml) --no-cache
 
+# The wheel as a user gets it: the editable install above reads the checkout, so it cannot show a module
+# missing from the wheel. tools/check_wheel.py builds the sdist and a wheel from it, installs the wheel into
+# a fresh venv outside the checkout (it sees .venv's packages through a .pth file: torch is not downloaded
+# again), imports every module from there, runs `regpipe --version` and a one-epoch `regpipe train`, and
+# checks that .venv was not touched. Every module is imported, so the loader extras are installed too.
+check-wheel: EXTRAS = dev,dali,ffcv
+check-wheel: loader-sysdeps deps dataset
+	$(PY) tools/check_wheel.py
+
 test: EXTRAS = dev,dali,ffcv
-test: loader-sysdeps deps dataset lint-imports
+test: loader-sysdeps deps dataset lint-imports check-wheel
 	$(PY) -m pytest -q $(if $(RUN_SLOW),-m "slow or not slow",)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache regpipe.egg-info
 
 # `regpipe bench` against the peers (timm, torchvision, kornia) in their own environment: torchvision
 # needs the torch build it was released with (pip resolves it; on Linux that is PyPI's CUDA build, ~5.5 GiB

@@ -7,21 +7,18 @@ CPU: ``numba``; ``torch``, the eager reference, when neither is installed).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Literal
 
 import torch
+
+from regpipe.core.optional import installed
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "Backend", "available_backends", "resolve_backend", "triton_interpreting"]
 
 Backend = Literal["triton", "numba", "torch"]
 BACKENDS: tuple[str, ...] = ("triton", "numba", "torch")
 BACKEND_ENV = "REGPIPE_KERNEL_BACKEND"
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def triton_interpreting() -> bool:
@@ -38,9 +35,9 @@ def available_backends(device: torch.device | str) -> list[str]:
     ``triton`` on CUDA (or on CPU under ``TRITON_INTERPRET=1``) when Triton is installed."""
     device = torch.device(device)
     found = []
-    if _installed("triton") and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+    if installed("triton") and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         found.append("triton")
-    if device.type == "cpu" and _installed("numba"):
+    if device.type == "cpu" and installed("numba"):
         found.append("numba")
     found.append("torch")
     return found

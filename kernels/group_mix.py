@@ -41,21 +41,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from regpipe.core.optional import import_optional, require
 from regpipe.functional.normalize import normalize
 from regpipe.functional.sum_mix import check_weights, group_rows, sum_mix
 from regpipe.kernels._backend import resolve_backend
 
+# numba (a core dependency) and triton (the optional `triton` extra): when one is missing or broken here the
+# other backends still work, so the import never fails; the launch of its backend then raises require()'s
+# error, which says whether the package is missing or installed but failing to import (and why).
 try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a core dependency; the torch path still works
+    numba = import_optional("numba")
+except ImportError:
     numba = None
-
 try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is the optional `triton` extra
-    triton = None
-    tl = None
+    triton = import_optional("triton")
+    tl = import_optional("triton.language")
+except ImportError:
+    triton = tl = None
 
 __all__ = ["fused_mix", "mix_reference", "fused_group_mix", "group_mix_reference", "default_numba_threads",
            "OUT_DTYPES", "CALLS"]
@@ -195,8 +197,8 @@ if triton is not None:
 
 def _launch_triton(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
     """Set the grid and launch :func:`_group_mix_kernel` (x and out on the same device; strides checked)."""
-    if triton is None:  # resolve_backend already refuses; kept for direct callers
-        raise ImportError("the triton backend needs Triton: pip install 'regpipe[triton]'")
+    if triton is None or tl is None:  # resolve_backend refuses a missing Triton; this says why it is unusable
+        require("triton.language", needed_by="the triton kernel backend")
     _, c, h, w = x.shape
     sx_p, so_p = _pixel_stride(x), _pixel_stride(out)
     if sx_p is None:
@@ -394,8 +396,8 @@ def default_numba_threads(out_elements: int) -> int:
 def _launch_numba(x: torch.Tensor, plan: _Plan, out: torch.Tensor, num_threads: int | None = None) -> None:
     """Run :func:`_group_mix_numba` on CPU tensors ``x`` and ``out`` (``out`` contiguous or channels_last)
     with ``num_threads`` threads (``None``: :func:`default_numba_threads`)."""
-    if numba is None:  # pragma: no cover - resolve_backend already refuses
-        raise ImportError("the numba backend needs numba: pip install numba")
+    if numba is None:  # pragma: no cover - resolve_backend refuses a missing numba; this says why it is unusable
+        require("numba", needed_by="the numba kernel backend")
     c = x.shape[1]
     if x.dtype not in (torch.uint8, torch.float32):
         # The kernel reads uint8 and float32 natively (two compiled signatures, not five); float64 and

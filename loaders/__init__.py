@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch as th  # `torch` is the name of the sibling module regpipe.loaders.torch
 
+from regpipe.core.optional import require
 from regpipe.loaders.common import BatchBuilder, Op
 from regpipe.loaders.torch import TorchLoader, normalize
 
@@ -22,6 +23,8 @@ __all__ = ["TorchLoader", "normalize", "BatchBuilder", "EpochBatches", "LOADERS"
            "make_train_loader", "sampler_order"]
 
 LOADERS = ("torch", "dali", "ffcv")
+#: the optional library each loader other than torch's reads with
+_LIBRARY = {"dali": "nvidia.dali", "ffcv": "ffcv"}
 
 
 class EpochBatches:
@@ -91,7 +94,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
 
     Raises:
         ValueError: an unknown ``kind`` (the known ones are listed).
-        ImportError: the library is not installed (names the extra).
+        ImportError: the library is not installed (names the extra), or is installed but fails to import.
     """
     if kind not in LOADERS:
         raise ValueError(f"unknown loader {kind!r}; choose from {list(LOADERS)}")
@@ -103,6 +106,8 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
         return TorchLoader(DataLoader(dataset, batch_sampler=batch_sampler, generator=th.Generator().manual_seed(seed)),
                            num_classes, **common)
     threads = max(1, th.get_num_threads())
+    # the library, before any work: not installed and installed-but-broken are said apart
+    require(_LIBRARY[kind], needed_by=f"--loader {kind}")
     if kind == "dali":
         from nvidia.dali import fn, pipeline_def
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.optional import require
 from regpipe.functional.augment import affine_from_pixels
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
@@ -39,15 +40,14 @@ from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decod
 from regpipe.loaders.file_index import FileIndex, lookup_id
 from regpipe.ops.augment import Augment
 
-try:  # DALI is an optional dependency (the `dali` extra)
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali.pipeline import DataNode, Pipeline
-    from nvidia.dali.plugin.numba.fn.experimental import numba_function
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-except ImportError as _err:  # pragma: no cover - exercised only without DALI
-    raise ImportError("regpipe.loaders.dali needs NVIDIA DALI: pip install 'regpipe[dali]' "
-                      "(nvidia-dali-cuda120)") from _err
+# DALI is an optional dependency (the `dali` extra): missing, or installed but broken, is said before the
+# imports below, which then only fail on a DALI too old for them
+require("nvidia.dali", needed_by="regpipe.loaders.dali")
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali.pipeline import DataNode, Pipeline
+from nvidia.dali.plugin.numba.fn.experimental import numba_function
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 __all__ = ["DaliLoader", "Replicas", "replicate", "sample_ids", "sum_mix", "ArraySource", "REQUIRED", "OPTIONAL"]
 

@@ -40,25 +40,25 @@ from numba import objmode
 
 from regpipe.core.batch import Batch, MixRecord
 from regpipe.core.files import atomic_write, remove_stale_temporaries
+from regpipe.core.optional import require
 from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment
 
-try:  # FFCV is an optional dependency (the `ffcv` extra)
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-    from ffcv.libffcv import imdecode, resize_crop
-    from ffcv.loader import Loader
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
-    from ffcv.writer import DatasetWriter
-except ImportError as _err:  # pragma: no cover - exercised only without FFCV
-    raise ImportError("regpipe.loaders.ffcv needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
-                      "then pip install 'regpipe[ffcv]'") from _err
+# FFCV is an optional dependency (the `ffcv` extra): missing, or installed but broken, is said before the
+# imports below, which then only fail on an FFCV of another version
+require("ffcv", needed_by="regpipe.loaders.ffcv")
+from ffcv.fields import IntField, NDArrayField, RGBImageField
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.writer import DatasetWriter
 
 __all__ = ["Replicate", "ReplicatedCropDecoder", "WithIndices", "SumMixImages", "SumMixLabels", "FfcvLoader",
            "write_beton", "write_rows", "write_image_folder"]
@@ -889,6 +889,7 @@ def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_re
             does not decode (a corrupt or truncated file, a text file named ``.jpg``): the first one met is
             named, the writer stops at the end of its pass (the remaining rows are not decoded) and nothing is
             left at ``path``.
+        ImportError: Pillow is not installed, or fails to import.
     """
     if write_mode not in ("raw", "jpg", "smart", "proportion"):
         raise ValueError(f"write_mode must be 'raw', 'jpg', 'smart' or 'proportion', got {write_mode!r}")
@@ -899,6 +900,7 @@ def write_image_folder(root: str | Path | FileIndex, path: str | Path, *, max_re
         raise ValueError(f"max_resolution must be a positive integer or None, got {max_resolution!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    require("PIL", needed_by="write_image_folder")  # decodes the images: said before anything is written
     path = Path(path)
     _check_beton_path(path)
     index = root if isinstance(root, FileIndex) else FileIndex(root)

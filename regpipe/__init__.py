@@ -5,6 +5,8 @@ function), the :mod:`regpipe.functional` pure functions, the :class:`Cascade` co
 loader adapters in :mod:`regpipe.loaders`.
 """
 
+from importlib.metadata import version as _version
+
 from regpipe.core.batch import Batch, BoxRecord, MixRecord, identity_affine, labels_to_targets
 from regpipe.core.op import BatchOp
 from regpipe.engine.cascade import Cascade, CascadeEvent
@@ -23,7 +25,8 @@ from regpipe.ops import (
 from regpipe.ops.cutmix import CutMix, CutOut, MixUp
 from regpipe.sampler import LossDeltaOrderer, LossOrderer, LossSampler
 
-__version__ = "0.1.0"
+#: the installed distribution's version (pyproject.toml is its one source)
+__version__ = _version("regpipe")
 
 __all__ = [
     "Augment",

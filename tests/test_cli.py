@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,15 @@ def test_help_is_complete() -> None:
                                 text=True).stdout
     for flag in ("--recipe", "--epochs", "--seed", "--samples-per-class", "--model", "--device", "--out"):
         assert flag in train_help
+
+
+def test_version_is_pyprojects(capsys) -> None:
+    """``regpipe --version`` prints the installed distribution's version, the one pyproject.toml declares."""
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"regpipe {declared}"
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists(),

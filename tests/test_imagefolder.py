@@ -147,7 +147,7 @@ def test_bad_data_specs_and_options_are_named_before_reading(folder: Path, tmp_p
         (["--data", f"imagefolder:{folder}", "--recipe", "sign"], "not available with --data imagefolder"),
         (["--data", f"imagefolder:{folder}", "--val-resize", "16"], "val_resize=16 must be >= train.image_size=32"),
         (["--data", f"imagefolder:{folder}", "--resume"], "nothing to resume"),
-        (["--data", f"imagefolder:{folder}", "--model", "timm:resnet50"], "needs the 'timm' package"),
+        (["--data", f"imagefolder:{folder}", "--model", "timm:resnet50"], "needs 'timm', which is not installed"),
     ]
     for extra, message in cases:
         args = ["train", "--out", str(tmp_path / "o"), *SMALL, *extra]

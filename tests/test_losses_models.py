@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,12 +123,33 @@ def test_missing_model_libraries_say_what_to_install(monkeypatch: pytest.MonkeyP
 
     for name in ("torchvision", "torchvision.models", "timm"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
-    with pytest.raises(ImportError, match=r"--model timm:resnet50 needs the 'timm' package.*pip install timm"):
+    with pytest.raises(ImportError, match=r"--model timm:resnet50 needs 'timm', which is not installed: pip install timm"):
         check_model_name("timm:resnet50")
-    with pytest.raises(ImportError, match="needs the 'torchvision' package"):
+    with pytest.raises(ImportError, match="needs 'torchvision.models', which is not installed: pip install torchvision"):
         build_model("torchvision:resnet50", 10, 3)
-    with pytest.raises(ImportError, match="module 'no_such_pkg.models' is not importable"):
+    with pytest.raises(ImportError, match="needs 'no_such_pkg.models', which is not installed: install its package"):
         build_model("no_such_pkg.models:net", 10, 3)
+
+
+def test_broken_model_library_is_not_called_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchvision that is installed but fails to import (built for another torch: its operators are
+    missing) is reported with its error, not as "not installed"."""
+    from regpipe.engine.models import check_model_name
+
+    package = tmp_path / "torchvision"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (package / "models.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("torchvision", "torchvision.models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for call in (lambda: check_model_name("torchvision:resnet50"), lambda: build_model("torchvision:resnet50", 10, 3)):
+        with pytest.raises(ImportError) as info:
+            call()
+        message = str(info.value)
+        assert "installed but failed to import (RuntimeError: operator torchvision::nms does not exist)" in message
+        assert "not installed" not in message
+        assert isinstance(info.value.__cause__, RuntimeError)
 
 
 def factory_without_in_channels(num_classes: int) -> torch.nn.Module:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 
-import importlib
 import json
 import sys
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 from regpipe.cli import bench_pipeline
 from regpipe.core.batch import Batch
 from regpipe.core.files import atomic_write
+from regpipe.core.optional import require
 from regpipe.functional import block_mask, soft_target_cross_entropy, sum_mix
 from regpipe.hooks import PatchUpHook
 from regpipe.kernels import available_backends, default_numba_threads, fused_group_mix, group_mix_reference
@@ -99,11 +100,11 @@ class _Group:
 
 
 def _peer(module: str, notes: list[str], what: str) -> Any | None:
-    """Import a peer library, or note why its rows are skipped."""
+    """Import a peer library, or note why its rows are skipped (not installed, or installed but broken)."""
     try:
-        return importlib.import_module(module)
-    except Exception as err:  # ImportError, or a peer that fails to import against this torch
-        notes.append(f"{what}: skipped ({module} not importable: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        return require(module, needed_by=what)
+    except ImportError as err:
+        notes.append(f"{what}: skipped ({str(err).splitlines()[0][:240]})")
         return None
 
 
@@ -304,11 +305,13 @@ def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "processor": platform.processor() or platform.machine(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    for module in ("numba", "triton", "timm", "torchvision", "kornia"):
+    for name in ("numba", "triton", "timm", "torchvision", "kornia"):
+        # the installed distribution's version, read without importing it (a broken peer still has one;
+        # the notes say when it fails to import); None: not installed
         try:
-            info[module] = importlib.import_module(module).__version__
-        except Exception:
-            info[module] = None
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info

@@ -38,6 +38,7 @@ import torch
 
 from regpipe.core.files import atomic_write
 from regpipe.engine.validate import check_output_path
+from regpipe.core.optional import require
 from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop, Replicate
 from regpipe.ops.sum_mix import GradualSumMix
@@ -101,6 +102,10 @@ class _StageClock:
     def rate(self, steps: int, images: int) -> float:
         """Images/s of the stage over the last ``steps`` calls (the timed ones, after the warm-up)."""
         return steps * images / sum(self.seconds[-steps:])
+
+
+#: the library each --loader decodes with (the torch rows decode with Pillow)
+_LIBRARY = {"dali": "nvidia.dali", "ffcv": "ffcv", "torch": "PIL"}
 
 
 def _stage_rows(make: Callable[[], Iterable], adapter: Any, steps: int, batch: int) -> list[dict[str, Any]]:
@@ -268,16 +273,17 @@ def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int 
     root = Path(data)
     if not root.exists():
         raise FileNotFoundError(f"--data {str(root)!r} does not exist")
+    if loader not in _LIBRARY:
+        raise ValueError(f"--loader must be one of {sorted(_LIBRARY)}, got {loader!r}")
+    require(_LIBRARY[loader], needed_by=f"regpipe bench pipeline --loader {loader}")  # before any work
     threads = threads or max(1, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="regpipe-bench-") as work:
         if loader == "dali":
             rows = _dali(root, batch, copies, size, threads, steps)
         elif loader == "ffcv":
             rows = _ffcv(root, batch, copies, size, threads, steps, Path(work))
-        elif loader == "torch":
-            rows = _torch(root, batch, copies, size, threads, steps)
         else:
-            raise ValueError(f"--loader must be dali, ffcv or torch, got {loader!r}")
+            rows = _torch(root, batch, copies, size, threads, steps)
     rates = {r["name"]: r["rate"] for r in rows}
     out = [{"name": r["name"], "loader": loader, "images_per_s": round(r["rate"], 1),
             "ratio": round(r["rate"] / rates[r["against"]], 3) if "against" in r else 1.0,

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from regpipe.cli import bench, compare, show, sign, train, write_beton
 from regpipe.cli import eval as eval_command
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="regpipe",
         description="Batch-level regularizers for fast image loaders. Trains on Fashion-MNIST "
                     "(Debian's dataset-fashion-mnist) unless told otherwise.")
+    # the installed distribution's version, so it names what is installed, never a second copy of the number
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('regpipe')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (train, compare, eval_command, show, sign, bench, write_beton):
         command.register(sub)

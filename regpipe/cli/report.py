@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from regpipe.core.files import atomic_write
+from regpipe.core.optional import require
 from regpipe.engine.train import write_json
 from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
@@ -81,12 +82,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> Path:
     """Mean test accuracy per evaluated epoch for each recipe (min-max band over seeds), saved as PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("the compare plot needs matplotlib: pip install 'regpipe[plot]'") from err
+    require("matplotlib", needed_by="the compare plot").use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for recipe, metrics in runs.items():
         # the epochs every seed evaluated (--eval-every skips some; a cascade may stop a seed early)

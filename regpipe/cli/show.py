@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from regpipe.core.files import atomic_write
+from regpipe.core.optional import require
 from regpipe.engine.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from regpipe.engine.validate import check_output_path
 from regpipe.functional.sum_mix import gcc_weights, sum_mix
@@ -37,12 +38,8 @@ def mixed_grid(images: torch.Tensor, weight_rows: list[torch.Tensor], columns: i
 
 def show(what: str, out: Path, data_dir: str | None = None, seed: int = 0, checkpoint: str | None = None) -> Path:
     """Draw ``what`` (``"sum"`` or ``"gradual"``) into the PNG ``out``."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("regpipe show needs matplotlib: pip install 'regpipe[plot]'") from err
+    require("matplotlib", needed_by="regpipe show").use("Agg")
+    import matplotlib.pyplot as plt
     if what not in SHOWABLE:
         raise ValueError(f"cannot show {what!r}: choose from {', '.join(SHOWABLE)}")
     if what == "patchup":

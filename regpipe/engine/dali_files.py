@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regpipe.core.optional import require
 from regpipe.engine.datasets import ImageFolderDataset
 from regpipe.loaders import EpochBatches, SizedLoader
 
@@ -115,12 +116,11 @@ def dali_folder_loader(dataset: ImageFolderDataset, batches: Iterable[Sequence[i
     """Training batches of an image folder decoded by DALI (CPU pipeline, or ``"mixed"`` decoding on CUDA).
 
     Raises:
-        ImportError: DALI is not installed (names the extra).
+        ImportError: DALI is not installed (names the extra), or is installed but fails to import.
     """
-    try:
-        from nvidia.dali import fn, pipeline_def, types
-    except ImportError as err:
-        raise ImportError("--loader dali needs NVIDIA DALI: pip install 'regpipe[dali]' (nvidia-dali-cuda120)") from err
+    require("nvidia.dali", needed_by="--loader dali")
+    from nvidia.dali import fn, pipeline_def, types
+
     from regpipe.loaders.dali import DaliLoader
 
     epochs = EpochBatches(batches)

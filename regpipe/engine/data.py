@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from regpipe.core.optional import require
 from regpipe.engine.validate import infer_num_classes, read_npz
 
 __all__ = [
@@ -242,10 +243,8 @@ def load_image_folder(root: str | Path, size: int | tuple[int, int] | None = Non
     Args:
         size: ``(H, W)`` (int -> square) bilinear resize; ``None`` requires one common size.
     """
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise ImportError("load_image_folder needs Pillow: `pip install pillow`") from exc
+    require("PIL", needed_by="load_image_folder")
+    from PIL import Image
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from regpipe.core.optional import require
 from regpipe.loaders.file_index import FileIndex
 
 __all__ = ["ImageFolderDataset", "centre_crop_box", "draw_uniforms", "random_resized_crop_box"]
@@ -120,6 +121,7 @@ class ImageFolderDataset(Dataset):
         resize = size if resize is None else resize
         if isinstance(resize, bool) or not isinstance(resize, int) or resize < size:
             raise ValueError(f"resize must be an integer >= size={size}, got {resize!r}")
+        require("PIL", needed_by="image-folder datasets (Pillow decodes them)")  # before any file is read
         self.index, self.size, self.train, self.resize, self.seed = index, size, train, resize, seed
         self.epoch = 0
 

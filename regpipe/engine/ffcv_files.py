@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regpipe.core.optional import require
 from regpipe.engine import distributed
 from regpipe.engine.splits import DataSpec, Splits
 from regpipe.loaders import EpochBatches, ffcv_pass_loader
@@ -34,12 +35,7 @@ MAX_RESOLUTION = 512
 
 
 def _ffcv() -> Any:
-    try:
-        import ffcv
-    except ImportError as err:
-        raise ImportError("--loader ffcv needs FFCV: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
-                          "then pip install 'regpipe[ffcv]'") from err
-    return ffcv
+    return require("ffcv", needed_by="--loader ffcv")
 
 
 class BetonRef:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from regpipe.core.optional import install_hint, require
 
 __all__ = ["PreActBlock", "PreActResNet", "preact_resnet_small", "build_model", "check_model_name", "MODELS"]
 
@@ -84,19 +85,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _import(module: str, package: str, what: str) -> Any:
-    """``importlib.import_module(module)``, or an ImportError that says how to install ``package``."""
-    try:
-        return importlib.import_module(module)
-    except (ImportError, RuntimeError, OSError) as err:  # missing, or installed for another torch build
-        raise ImportError(f"--model {what} needs the {package!r} package, which is not installed here ({err}); "
-                          f"install it into this environment (pip install {package}) or use a built-in model "
-                          f"({', '.join(sorted(MODELS))})") from err
+def _import(module: str, what: str) -> Any:
+    """``module`` for ``--model what``, or an ImportError that says whether it is missing or broken here."""
+    hint = f"{install_hint(module)}, or use a built-in model ({', '.join(sorted(MODELS))})"
+    return require(module, needed_by=f"--model {what}", install=hint)
 
 
 def _torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     """``torchvision.models.<arch>(num_classes=...)``, randomly initialised (no weights are downloaded)."""
-    models = _import("torchvision.models", "torchvision", f"torchvision:{arch}")
+    models = _import("torchvision.models", f"torchvision:{arch}")
     factory = getattr(models, arch, None)
     if arch.startswith("_") or not callable(factory):
         known = models.list_models() if hasattr(models, "list_models") else \
@@ -110,7 +107,7 @@ def _torchvision(arch: str, num_classes: int, in_channels: int) -> nn.Module:
 
 def _timm(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     """``timm.create_model(arch, pretrained=False, num_classes=..., in_chans=...)``."""
-    timm = _import("timm", "timm", f"timm:{arch}")
+    timm = _import("timm", f"timm:{arch}")
     if not timm.is_model(arch):
         raise ValueError(f"timm has no model {arch!r}; e.g. {', '.join(timm.list_models()[:8])} "
                          "(timm.list_models('resnet*') lists a family)")
@@ -121,10 +118,8 @@ def _factory(name: str) -> Callable[..., nn.Module]:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ValueError(f"model {name!r}: use 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"cannot load model factory {name!r}: module {module_name!r} is not importable ({err})") from err
+    module = require(module_name, needed_by=f"model factory {name!r}",
+                     install="install its package or put its folder on PYTHONPATH")
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"cannot load model factory {name!r}: {module_name!r} has no callable {attr!r}")
@@ -153,11 +148,11 @@ def check_model_name(name: str) -> None:
                          "'package.module:factory'")
     kind, _, arch = name.partition(":")
     if kind == "torchvision":
-        models = _import("torchvision.models", "torchvision", name)
+        models = _import("torchvision.models", name)
         if arch.startswith("_") or not callable(getattr(models, arch, None)):
             raise ValueError(f"torchvision has no model {arch!r} (torchvision.models.list_models() lists them)")
     elif kind == "timm":
-        if not _import("timm", "timm", name).is_model(arch):
+        if not _import("timm", name).is_model(arch):
             raise ValueError(f"timm has no model {arch!r} (timm.list_models('resnet*') lists a family)")
     else:
         _factory(name)
@@ -173,7 +168,8 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
     Raises:
         ValueError: an unknown built-in, architecture or factory (named), or inputs the model cannot take.
-        ImportError: ``torchvision``/``timm``/the factory's module is not installed (says what to install).
+        ImportError: ``torchvision``/``timm``/the factory's module is not installed (says what to install),
+            or is installed but fails to import (the error is in the message).
         TypeError: the factory did not return a ``torch.nn.Module``.
     """
     if name in MODELS:

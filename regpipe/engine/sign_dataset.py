@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from regpipe.core.checks import check_finite_number, check_int
 from regpipe.core.files import writer_gone
+from regpipe.core.optional import import_optional
 from regpipe.engine.checkpoint import Checkpoint, load_checkpoint
 from regpipe.engine.config import SignConfig
 from regpipe.engine.distributed import resolve_device
@@ -241,6 +242,9 @@ def generate(checkpoint: str | Path, out: str | Path, iters: Sequence[int] = (50
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     check_output_path("out", out, "dir")
+    # the .beton files are written last, when FFCV is installed: an FFCV that is installed but broken
+    # fails here, before any work, rather than after every shard
+    import_optional("ffcv", needed_by=_BETON_USER)
     rank, world = rank_and_world()
     ckpt = load_checkpoint(checkpoint, model_name=model, device=device)
     dataset = dataset or ckpt.config.get("dataset", "fashion-mnist")
@@ -340,14 +344,18 @@ def load_sign_output(out: str | Path) -> SignOutput:
     return SignOutput(images, torch.from_numpy(joined["labels"]), torch.from_numpy(joined["indices"]), manifest)
 
 
+#: what the optional FFCV import is for, in its error message
+_BETON_USER = "the SIGN dataset's .beton files"
+
+
 def _write_beton(out: Path) -> list[Path]:
     """One FFCV ``.beton`` per ``K`` (fields ``image`` float ``(C, H, W)``, ``label``, ``index``), when FFCV is
-    installed; nothing otherwise. Written to a temporary name and renamed, like the shards."""
-    try:
-        from ffcv.fields import IntField, NDArrayField
-        from ffcv.writer import DatasetWriter
-    except ImportError:
+    installed; nothing otherwise (an FFCV that is installed but fails to import is an error, not skipped).
+    Written to a temporary name and renamed, like the shards."""
+    if import_optional("ffcv", needed_by=_BETON_USER) is None:
         return []
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
     data = load_sign_output(out)
     dtype = np.dtype(np.float32)  # FFCV's NDArrayDecoder runs under numba, which has no float16
     labels, indices = data.labels.numpy(), data.indices.numpy()

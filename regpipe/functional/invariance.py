@@ -68,7 +68,10 @@ def invariance_loss(acts: torch.Tensor, source_ids: torch.Tensor, eps: float = 1
                          "model does); replicate the batch first (regpipe.ops.augment.Replicate)")
     sums = torch.zeros(n_groups, d, dtype=a.dtype, device=a.device).index_add_(0, group, a)
     means = sums / counts.unsqueeze(1).to(a.dtype)
-    row_dev = (a - means[group]).square().sum(1)                      # ||a_k - mean_S||^2, (N,)
+    # index_select, not means[group]: the backward of advanced indexing accumulates the repeated rows of
+    # ``group`` with parallel atomic float adds on CPU (index_put_, accumulate=True, >1 thread), in an order
+    # that changes from run to run; index_select's backward (index_add_) adds them in row order.
+    row_dev = (a - means.index_select(0, group)).square().sum(1)      # ||a_k - mean_S||^2, (N,)
     within = torch.zeros(n_groups, dtype=a.dtype, device=a.device).index_add_(0, group, row_dev)
     within = (within / counts.to(a.dtype)).mean() / d                 # mean over seeds of the seed's variance
     total = (a - a.mean(0, keepdim=True)).square().sum(1).mean() / d  # whole-batch variance

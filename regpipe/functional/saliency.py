@@ -171,8 +171,11 @@ def saliency_consistency_loss(maps: torch.Tensor, affine: torch.Tensor, source_i
     back = inverse_warp(maps.unsqueeze(1), theta).squeeze(1)
     valid = valid_mask(theta, h, w).squeeze(1)
     mask = valid[rows] & valid[ref[rows]]
-    pred = normalize_maps(back[rows], mask, eps)
-    target = normalize_maps(back[ref[rows]], mask, eps)
+    pred = normalize_maps(back.index_select(0, rows), mask, eps)
+    # index_select, not back[ref[rows]]: a reference row repeats once per copy of its seed, and the backward
+    # of advanced indexing sums repeats with parallel atomic float adds on CPU (index_put_, accumulate=True),
+    # in an order that changes from run to run; index_select's backward (index_add_) sums them in row order.
+    target = normalize_maps(back.index_select(0, ref[rows]), mask, eps)
     per_row = ((pred - target).square() * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
     return per_row.mean()
 
