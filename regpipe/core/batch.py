@@ -151,6 +151,10 @@ class Batch:
         photometric: ``(N, 2)`` float, the brightness and contrast factors applied to each row
             (``None``: none applied, i.e. all ones).
         boxes: the :class:`BoxRecord` of a CutMix/CutOut op (with ``mixing``, the rows before it), or ``None``.
+        replicas: the rows come in contiguous groups of ``replicas`` views of one seed (in-batch replication,
+            in the loader or on the device, or a mix that kept those groups): rows ``s * replicas ..
+            (s + 1) * replicas - 1`` are views of seed ``s``. ``1``: every row is its own. Declared by whoever
+            made the copies, never guessed from ``source_ids`` (which would read them on the host).
     """
 
     inputs: torch.Tensor
@@ -161,6 +165,7 @@ class Batch:
     patchup: PatchUpPlan | None = None
     photometric: torch.Tensor | None = None
     boxes: BoxRecord | None = None
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         # Shape, dtype and device checks cost no device synchronisation. Target values (finite, >= 0, rows
@@ -200,6 +205,9 @@ class Batch:
             if not isinstance(self.patchup, PatchUpPlan):
                 raise TypeError(f"Batch.patchup must be a PatchUpPlan or None, got {type(self.patchup).__name__}")
             self.patchup.check_rows(n)  # a plan pairs the rows it was drawn for
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1 \
+                or n % self.replicas:
+            raise ValueError(f"Batch.replicas must be a positive integer dividing the {n} rows, got {self.replicas!r}")
         if self.boxes is not None:
             if not isinstance(self.boxes, BoxRecord):
                 raise TypeError(f"Batch.boxes must be a BoxRecord or None, got {type(self.boxes).__name__}")
@@ -247,6 +255,7 @@ class Batch:
 
     def rows(self, index: torch.Tensor) -> "Batch":
         """The rows ``index`` (``(M,)`` int64, repeats allowed) of every per-row field, mixing record included.
+        The selection is arbitrary, so the result declares no replica groups (``replicas=1``).
 
         Raises:
             ValueError: the batch carries a PatchUp plan (it pairs rows of the whole batch; draw it after
