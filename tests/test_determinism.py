@@ -7,7 +7,7 @@ thread runs, so the sum's order, and its last bits, change from run to run. The 
 mean, gathered once per copy) and the saliency loss (a reference row, once per copy) did this; they now
 gather with ``index_select``, whose backward (``index_add_``) adds in row order. The loss tests run the
 gradients many times at a size and a row pattern that reach the parallel path with two threads; the
-training tests run two same-seed trainings each and compare every epoch's loss exactly.
+training tests run two same-seed trainings each and compare every epoch's loss exactly, on each loader.
 """
 
 from __future__ import annotations
@@ -96,6 +96,13 @@ def test_image_folder_torch_loader_repeats(folder: Path, tmp_path: Path) -> None
 def test_image_folder_dali_loader_repeats(folder: Path, tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
     _assert_repeats(_folder_config(folder, "dali"), tmp_path)
+
+
+def test_image_folder_ffcv_loader_repeats(folder: Path, tmp_path: Path) -> None:
+    """FFCV's decoder threads crop with counter-based draws of (seed, epoch, index), not numpy's global
+    generator, so the .beton path repeats too."""
+    pytest.importorskip("ffcv")
+    _assert_repeats(replace(_folder_config(folder, "ffcv"), cache_dir=str(tmp_path / "cache")), tmp_path)
 
 
 def test_in_memory_gradual_invariance_repeats(fake_dir: Path, tmp_path: Path) -> None:
