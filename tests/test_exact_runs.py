@@ -28,6 +28,21 @@ RUN = ["--image-size", "32", "--val-resize", "36", "--batch-size", "8", "--no-pr
 KILL_INSIDE, KILL_AT_END = 4, 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_thread_count():
+    """The in-process runs use the thread count a fresh ``regpipe`` process has, as the killed subprocess
+    does (an earlier test of the session may have changed torch's: the same machine *and* thread count is
+    what makes runs repeat)."""
+    import torch
+
+    fresh = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True).stdout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(fresh)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("jpegs"), train_per_class=8, val_per_class=2)
