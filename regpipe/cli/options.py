@@ -52,8 +52,9 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
         parser.add_argument("--checkpoint-out", default=None,
                             help="also save the trained model here (a checkpoint `regpipe sign` reads)")
         parser.add_argument("--resume", action="store_true",
-                            help="continue the interrupted run in --out from its OUT/state.pt (same settings; "
-                                 "on CPU it ends with the metrics of an uninterrupted run)")
+                            help="continue the interrupted run in --out from its OUT/state.pt (same settings): on "
+                                 "the same machine and thread count it trains the per-epoch losses and ends with "
+                                 "the metrics of the uninterrupted run, on every loader")
     data = parser.add_argument_group("data")
     data.add_argument("--data", "--dataset", dest="dataset", default=d.dataset,
                       help="streamed from disk: imagefolder:ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*, the "
@@ -95,7 +96,8 @@ def add_train_options(parser: argparse.ArgumentParser, with_recipe: bool) -> Non
                           "(default: off)")
     opt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                      help="also write OUT/state.pt every N optimizer steps (it is always written at epoch ends "
-                          "and removed when the run finishes)")
+                          "and on SIGTERM, and removed when the run finishes; loss-order, and loss-delta with an "
+                          "op, resume at epoch starts only, which the run says when it starts)")
     opt.add_argument("--lr", type=float, default=d.lr, help=f"SGD-Nesterov learning rate, see --schedule (default: {d.lr})")
     opt.add_argument("--schedule", default=d.schedule, choices=["cosine", "plateau"],
                      help="learning-rate schedule: cosine decay to 0 over the epochs (default), or plateau: "
