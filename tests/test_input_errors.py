@@ -549,3 +549,18 @@ def test_default_val_resize_validates_well_at_64_px(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["val_resize"] == 73
     assert metrics["test_accuracy"] >= 0.75, metrics["epochs"]
+
+
+def test_a_corrupt_state_is_refused_before_a_teacher_trains(fake_dir: Path, tmp_path: Path, capsys,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sign --resume`` with a corrupt ``state.pt`` failed only after the baseline teacher had trained."""
+    import regpipe.engine.build as engine_build
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.pt").write_bytes(b"not a state")
+    monkeypatch.setattr(engine_build, "prepare_data", lambda *a, **k: pytest.fail("data was read first"))
+    code, err = _run(["train", "--recipe", "sign", "--resume", "--data-dir", str(fake_dir), "--out", str(out),
+                      *TINY], capsys)
+    assert code == 2 and f"{out / 'state.pt'} is not a readable regpipe training state" in err
+    assert not (out / "teacher.pt").exists()
