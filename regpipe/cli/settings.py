@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import tyro
+# tyro's own rule for dataclasses (not re-exported by tyro.constructors): the config dataclasses are built by
+# it, with only the constructor wrapped (see _refusals_reraised).
+from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
 from regpipe.engine.config import TrainConfig, config_from_dict, config_yaml, load_yaml
 
@@ -65,6 +68,34 @@ class Command(Generic[Options]):
             return cfg
         return replace(cfg, sum=replace(cfg.sum, mode=self.mix_mode), cascade=replace(cfg.cascade, mode=self.mix_mode),
                        gradual=replace(cfg.gradual, mode=self.mix_mode))
+
+
+class _RefusedSetting(Exception):
+    """A config dataclass refused a value while tyro built it; carries the ValueError (as ``__cause__``).
+
+    Not a ValueError on purpose: tyro turns a nested constructor's ValueError into its own multi-line error
+    box and exits, while regpipe reports a refused setting as one line (``regpipe train: error: ...``).
+    """
+
+
+def _refusals_reraised(registry: tyro.constructors.ConstructorRegistry) -> None:
+    """The config dataclasses are built as tyro builds dataclasses, but their ValueErrors pass through tyro."""
+
+    @registry.struct_rule
+    def rule(info: tyro.constructors.StructTypeInfo) -> tyro.constructors.StructConstructorSpec | None:
+        if not (is_dataclass(info.type) and info.type.__module__ == TrainConfig.__module__):
+            return None
+        spec = dataclass_rule(info)
+        if spec is None:
+            return None
+
+        def instantiate(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return info.type(*args, **kwargs)
+            except ValueError as err:
+                raise _RefusedSetting(str(err)) from err
+
+        return replace(spec, instantiate=instantiate)
 
 
 def _comma_lists(registry: tyro.constructors.ConstructorRegistry) -> None:
@@ -144,7 +175,11 @@ def parse_command(argv: Sequence[str], *, prog: str, description: str, out: str,
     settings, options = _defaults(path, options_type, TrainConfig(out=out))
     registry = tyro.constructors.ConstructorRegistry()
     _comma_lists(registry)
-    return tyro.cli(Command[options_type], args=list(argv), prog=prog, description=description,  # type: ignore[valid-type]
-                    default=Command(settings=settings, options=options), registry=registry)
+    _refusals_reraised(registry)
+    try:
+        return tyro.cli(Command[options_type], args=list(argv), prog=prog,  # type: ignore[valid-type]
+                        description=description, default=Command(settings=settings, options=options), registry=registry)
+    except _RefusedSetting as refused:
+        raise refused.__cause__ from None  # the dataclass's own ValueError, which names the setting
 
 
