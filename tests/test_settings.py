@@ -171,7 +171,7 @@ def test_flags_override_the_file_and_unset_resolved_settings_follow_them(tmp_pat
     path = tmp_path / "settings.yaml"
     path.write_text("epochs: 3\nsum: {k: 3}\n")
     cfg = parse_train(["--config", str(path), "--epochs", "5", "--image-size", "64"])
-    assert (cfg.epochs, cfg.sum.k, cfg.val_resize) == (5, 3, 73)
+    assert (cfg.epochs, cfg.sum.k, cfg.val_resize, cfg.out) == (5, 3, 73, "runs/train")  # out: train's default
     assert parse_train(["--epochs", "5", "--config", str(path)]).epochs == 5  # flags win wherever they stand
 
 

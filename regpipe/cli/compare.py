@@ -13,7 +13,7 @@ import tyro
 from regpipe.cli.eval import number
 from regpipe.cli.report import compare
 from regpipe.cli.settings import parse_command
-from regpipe.engine.algorithms import parse_recipe
+from regpipe.engine.algorithms import RECIPE_WORDS, parse_recipe
 from regpipe.engine.config import TrainConfig
 from regpipe.engine.config_checks import check_config
 from regpipe.engine.distributed import resolve_device
@@ -28,7 +28,7 @@ __all__ = ["CompareOptions", "DESCRIPTION", "compare_command", "register", "run"
 DESCRIPTION = ("Run recipes on the same seeds, every run with the same settings (flags or --config FILE.yaml, "
                "e.g. a run's OUT/config.yaml; its recipe and seed give the defaults of --recipes and "
                "--first-seed); write OUT/RECIPE/seedS/ per run, OUT/compare.json, OUT/compare.md (mean ± std test "
-               "error) and OUT/compare.png.")
+               f"error) and OUT/compare.png. Recipe words: {', '.join(sorted(RECIPE_WORDS))}.")
 
 
 def _fraction(tokens: list[str]) -> float:

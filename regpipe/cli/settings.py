@@ -5,8 +5,8 @@ made by `tyro <https://brentyi.github.io/tyro/>`_: ``--batch-size``, ``--sum.k``
 (a nested dataclass's fields under its name), booleans as ``--resume`` / ``--no-resume``, lists as ``4,2,1``
 or ``4 2 1``; the help text is each class's ``Attributes:`` entry, and the flags the CLI had before it was
 generated (``--k0``, ``--inv-alpha``, ``--data``...) are aliases declared on the fields. A command adds its
-own options as one more dataclass (:class:`TrainCommand`, and ``CompareOptions`` in
-:mod:`regpipe.cli.compare`).
+own options as one more dataclass, flattened into the same command line (:class:`NoOptions` for ``train``,
+``CompareOptions`` in :mod:`regpipe.cli.compare`): :class:`Command` holds both.
 
 ``--config FILE.yaml`` reads settings from a YAML file with the fields' names as keys (what
 ``--print-config`` prints and every run writes to ``OUT/config.yaml``); flags override the file.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -31,7 +32,7 @@ __all__ = ["Command", "NoOptions", "as_default", "parse_command"]
 Options = TypeVar("Options")
 
 #: TrainConfig fields resolved at construction from other fields, and the value that asks for it.
-RESOLVED = {"val_resize": None, "samples_per_class": "auto"}
+RESOLVED = MappingProxyType({"val_resize": None, "samples_per_class": "auto"})
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,15 @@ def _config_file(argv: Sequence[str]) -> str | None:
 
 
 def _defaults(path: str | None, options_type: type, base: TrainConfig) -> tuple[TrainConfig, Any]:
-    """The settings and options a config file gives (``base`` and the options' defaults without one)."""
+    """The settings and options a config file gives (``base`` and the options' defaults without one; a file
+    without ``out`` keeps ``base.out``, the command's default folder)."""
     if path is None:
         return as_default(base), options_type()
     data = load_yaml(path)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping of settings (key: value lines), got {type(data).__name__}")
     own = {f.name for f in fields(options_type)}
-    settings = config_from_dict({k: v for k, v in data.items() if k not in own}, path)
+    settings = config_from_dict({"out": base.out, **{k: v for k, v in data.items() if k not in own}}, path)
     options = config_from_dict({k: v for k, v in data.items() if k in own}, path, options_type)
     return as_default(settings, set(data)), options
 

@@ -52,5 +52,5 @@ def train_command(argv: Sequence[str]) -> int:
     print(epoch_table(metrics))
     print(f"\nrecipe={metrics['recipe']} seed={metrics['seed']} final test accuracy "
           f"{metrics['test_accuracy']:.4f} ({metrics['train_seconds']:.0f} s on {metrics['device']}); "
-          f"metrics in {Path(cfg.out) / 'metrics.json'}")
+          + (f"metrics in {Path(cfg.out) / 'metrics.json'}" if cfg.out is not None else "--out None: nothing written"))
     return 0

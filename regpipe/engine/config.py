@@ -401,13 +401,13 @@ class TrainConfig:
     :func:`~regpipe.engine.config_checks.check_config`, which :func:`~regpipe.engine.train.train` runs first.
 
     Attributes:
-        recipe: '+'-joined algorithm words, e.g. gradual+invariance (the words are listed by
-            `regpipe train --help`).
+        recipe: '+'-joined algorithm words, e.g. gradual+invariance (the words are listed above, in the
+            command's description).
         epochs: epoch budget.
         seed: seed of the data subset, the initialisation, the batch order and the ops' draws, in [0, 2**63).
         samples_per_class: in-memory data: a stratified, seeded training subset of this many images per
-            class; 0 or None: every image; auto: 100 in memory, every image for imagefolder:/beton: data
-            (where it must stay auto or None).
+            class; 0 or None: every image; auto: 100 in memory, every image for imagefolder:/beton: data,
+            where it must stay auto or None.
         model: preact-small, preact-resnet18, torchvision:NAME (e.g. torchvision:resnet50), timm:NAME (e.g.
             timm:resnet50), or package.module:factory (called with num_classes= and in_channels= when it
             takes it).
@@ -417,8 +417,8 @@ class TrainConfig:
             layout) | beton:TRAIN.beton,VAL.beton (FFCV, with --loader ffcv); in memory: fashion-mnist |
             npz:DIR (train.npz, test.npz) | npz:TRAIN.npz,TEST.npz | folder:ROOT (ROOT/train, ROOT/test: a
             sub-folder per class).
-        data_dir: folder with the Fashion-MNIST idx .gz files (None: $REGPIPE_DATA_DIR or
-            /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).
+        data_dir: folder with the Fashion-MNIST idx .gz files (None: the folder named by the environment
+            variable REGPIPE_DATA_DIR, else the one of Debian's dataset-fashion-mnist package).
         shape: cifar: 3x32x32 (pad + repeat channel); native: as stored (1x28x28).
         batch_size: global batch: summed over the torchrun processes, each loads batch-size/N.
         eval_batch_size: evaluation batch per process (None: batch-size/N).
@@ -429,8 +429,8 @@ class TrainConfig:
         val_per_class: held-out validation samples per class, for the cascade's and the plateau schedule's
             decisions.
         checkpoint_out: also save the trained model here (a checkpoint `regpipe sign` and `regpipe eval` read).
-        bn_recalibration: evaluate mixed phases with BatchNorm statistics re-estimated on clean batches
-            (--no-bn-recalibration: as trained).
+        bn_recalibration: evaluate mixed phases with BatchNorm statistics re-estimated on clean batches;
+            with --no-bn-recalibration, as trained.
         bn_batches: clean batches the BatchNorm statistics are re-estimated on.
         tta_draws: also report test accuracy with test-time sum augmentation (k=2) over this many draws (0: off).
         channels_last: channels_last inputs and model.
@@ -442,8 +442,8 @@ class TrainConfig:
             the same batches and run the recipe's ops on the device.
         image_size: streamed data: side of the training random-resized crop and of the validation centre crop.
         val_resize: streamed data: validation images' shorter side is resized to this before the centre crop
-            of image-size; 1 to 1.5 times image-size (None: round(image-size * 256 / 224), ImageNet's ratio:
-            256 at 224, 73 at 64).
+            of image-size; 1 to 1.5 times image-size (None: round(image-size * 256 / 224), ImageNet's
+            ratio, which gives 256 at 224 and 73 at 64).
         workers: decoding workers per process (torch DataLoader workers, DALI threads, FFCV workers); None: 0
             in memory, else the cores per process up to 8.
         amp: mixed precision: autocast forward and loss in bfloat16, or float16 with loss scaling.
@@ -452,10 +452,10 @@ class TrainConfig:
         checkpoint_every: also write OUT/state.pt every N optimizer steps (it is always written at epoch ends
             and removed when the run finishes).
         cache_dir: where --data imagefolder:... converted for --loader ffcv is kept between runs (None:
-            $XDG_CACHE_HOME/regpipe or ~/.cache/regpipe).
+            the regpipe folder of XDG_CACHE_HOME, else of ~/.cache).
         schedule: learning-rate schedule: cosine decay to 0 over the epochs, or plateau: multiply the lr by
-            plateau-factor when the validation accuracy has not improved for plateau-patience evaluations
-            (Simionescu 2020: reduce when learning stagnates).
+            plateau-factor when the validation accuracy has not improved for plateau-patience evaluations,
+            after Simionescu 2020: reduce when learning stagnates.
         plateau_factor: plateau: lr multiplier at each reduction, in (0, 1).
         plateau_patience: plateau: evaluations without improvement before a reduction.
         eval_every: evaluate every N epochs (epochs N, 2N, ... and always the last); the plateau schedule and

@@ -16,6 +16,7 @@ import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from regpipe.core.optional import require
@@ -24,8 +25,8 @@ from regpipe.engine.config import TrainConfig, config_to_dict, config_yaml
 __all__ = ["EpochLogger", "TensorBoardLogger", "WandbLogger", "check_logger", "epoch_scalars", "open_logger"]
 
 #: The module each logger imports and how to install it.
-LOGGER_MODULES = {"tensorboard": ("torch.utils.tensorboard", "pip install 'regpipe[tensorboard]'"),
-                  "wandb": ("wandb", "pip install 'regpipe[wandb]'")}
+LOGGER_MODULES = MappingProxyType({"tensorboard": ("torch.utils.tensorboard", "pip install 'regpipe[tensorboard]'"),
+                                   "wandb": ("wandb", "pip install 'regpipe[wandb]'")})
 
 
 class EpochLogger(Protocol):
