@@ -46,6 +46,20 @@ def test_tensorboard_holds_each_epoch_row(fake_dir: Path, tmp_path: Path) -> Non
         assert [value for _, value in points] == pytest.approx([value for _, value in logged], rel=1e-6), key
 
 
+def test_a_run_trained_again_into_its_folder_replaces_its_curves(fake_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    rows = []
+    for lr in ("0.1", "0.02"):
+        assert main(["train", "--recipe", "baseline", "--lr", lr, "--logger", "tensorboard", "--data-dir",
+                     str(fake_dir), "--out", str(out), *TINY]) == 0
+        rows.append([(row["epoch"], row["lr"]) for row in _rows(out)])
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2 and rows[0] != rows[1]
+    logged = _scalars(out)["lr"]
+    assert [step for step, _ in logged] == [step for step, _ in rows[1]]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in rows[1]], rel=1e-6)
+
+
 def test_compare_logs_each_run_under_its_name(fake_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer

@@ -401,8 +401,8 @@ class TrainConfig:
     :func:`~regpipe.engine.config_checks.check_config`, which :func:`~regpipe.engine.train.train` runs first.
 
     Attributes:
-        recipe: '+'-joined algorithm words, e.g. gradual+invariance (the words are listed above, in the
-            command's description).
+        recipe: '+'-joined algorithm words, e.g. gradual+invariance (the words, RECIPE_WORDS of
+            regpipe.engine.algorithms, are listed in the command's description).
         epochs: epoch budget.
         seed: seed of the data subset, the initialisation, the batch order and the ops' draws, in [0, 2**63).
         samples_per_class: in-memory data: a stratified, seeded training subset of this many images per
@@ -536,9 +536,9 @@ class TrainConfig:
         for name in ("eval_batch_size", "checkpoint_every", "eval_subset", "samples_per_class"):
             if getattr(self, name) is not None:
                 _positive_int("train", name, getattr(self, name))
-        for name in ("workers", "tta_draws"):
-            if getattr(self, name) is not None:
-                _positive_int("train", name, getattr(self, name), low=0)
+        _positive_int("train", "tta_draws", self.tta_draws, low=0)
+        if self.workers is not None:
+            _positive_int("train", "workers", self.workers, low=0)
         for name in ("lr", "momentum", "weight_decay"):
             _finite("train", name, getattr(self, name), 0.0)
         if self.lr <= 0:
@@ -561,7 +561,6 @@ class TrainConfig:
             object.__setattr__(self, "samples_per_class", None if streamed else SMALL_DATA_PER_CLASS)
         elif self.samples_per_class == 0 and not isinstance(self.samples_per_class, bool):
             object.__setattr__(self, "samples_per_class", None)
-
 
 
 Config = TypeVar("Config")

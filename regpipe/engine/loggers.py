@@ -67,9 +67,10 @@ def check_logger(cfg: TrainConfig) -> None:
 class TensorBoardLogger:
     """Scalars into TensorBoard event files in ``log_dir`` (:class:`torch.utils.tensorboard.SummaryWriter`).
 
-    A resumed run passes ``first_epoch``, the 1-based epoch it logs first: TensorBoard then discards the
-    earlier process's events at that step and later (``purge_step``), so an epoch logged before a kill and
-    trained again is not shown twice.
+    ``first_epoch`` is the 1-based epoch this process logs first (1, or a resumed run's): TensorBoard discards
+    the events of earlier processes in ``log_dir`` at that step and later (``purge_step``), so an epoch logged
+    before a kill and trained again is not shown twice, and a run trained again into the same folder
+    replaces the earlier curves instead of drawing over them.
     """
 
     log_dir: str
@@ -79,8 +80,7 @@ class TensorBoardLogger:
     def __post_init__(self) -> None:
         tensorboard = require("torch.utils.tensorboard", needed_by="--logger tensorboard",
                               install=LOGGER_MODULES["tensorboard"][1])
-        self.writer = tensorboard.SummaryWriter(log_dir=self.log_dir,
-                                                purge_step=self.first_epoch if self.first_epoch > 1 else None)
+        self.writer = tensorboard.SummaryWriter(log_dir=self.log_dir, purge_step=self.first_epoch)
         # The settings beside the curves (TEXT tab), indented so TensorBoard's markdown keeps the lines.
         self.writer.add_text("config", "\n".join("    " + line for line in self.config_yaml.splitlines()),
                              global_step=self.first_epoch)
