@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
@@ -106,6 +108,27 @@ def test_every_setting_has_a_flag_that_sets_it_alone() -> None:
         parsed = parse_train([_flag(path), *_tokens(_flag(path), value)])
         assert config_to_dict(parsed) == _expected(path, value), path
     assert len({_flag(path) for path, _, _ in leaves}) == len(leaves)
+
+
+def test_every_setting_has_its_help_written_once_in_its_class() -> None:
+    """The help of each flag is its field's entry in its dataclass's ``Attributes:`` section, which tyro reads:
+    every field has one, no entry names a field that does not exist, and the entries reach ``--help``."""
+    import docstring_parser
+
+    from regpipe.cli.compare import CompareOptions
+    from regpipe.cli.settings import Command
+
+    hints = typing.get_type_hints(TrainConfig)
+    classes = {TrainConfig, CompareOptions, Command} | {hints[f.name] for f in fields(TrainConfig)
+                                                       if is_dataclass(hints[f.name])}
+    assert len(classes) == 16
+    for cls in classes:
+        documented = {p.arg_name: p.description for p in docstring_parser.parse(cls.__doc__).params}
+        assert set(documented) == {f.name for f in fields(cls)}, cls.__name__
+        assert all(text and text.strip() for text in documented.values()), cls.__name__
+    shown = subprocess.run([sys.executable, "-m", "regpipe", "train", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "copies per seed (m) of the" in shown and "loss-delta-external: held-out validation rows" in shown
 
 
 @pytest.mark.parametrize("flag", sorted(OLD_FLAGS))

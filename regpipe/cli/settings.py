@@ -45,6 +45,8 @@ class Command(Generic[Options]):
     """A command line: the run's settings, the command's own options, and how the settings are given.
 
     Attributes:
+        settings: the run's settings, flags without a prefix (--batch-size, --sum.k).
+        options: the command's own options, flags without a prefix.
         config: a YAML file of settings, keys as --print-config prints them (e.g. OUT/config.yaml of an
             earlier run); flags override its values.
         print_config: print the resolved settings as YAML (a file --config reads) and exit without training.
