@@ -10,14 +10,15 @@ import os
 import signal
 import sys
 
-from regpipe.cli.main import build_parser
-from regpipe.cli.options import build_config
+from regpipe.cli.train import parse_train
 from regpipe.engine.train import train
 
 
 def main() -> None:
     after = int(sys.argv[1])
-    args = build_parser().parse_args(sys.argv[2:])
+    if sys.argv[2] != "train":
+        raise SystemExit(f"usage: {__doc__}")
+    cfg = parse_train(sys.argv[3:])
     seen = {"steps": 0}
 
     def kill(epoch: int, batch: object) -> None:
@@ -25,7 +26,7 @@ def main() -> None:
         if seen["steps"] == after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(build_config(args), observe=kill)
+    train(cfg, observe=kill)
 
 
 if __name__ == "__main__":

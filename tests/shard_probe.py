@@ -11,16 +11,17 @@ import os
 import sys
 from pathlib import Path
 
-from regpipe.cli.main import build_parser
-from regpipe.cli.options import build_config
+from regpipe.cli.train import parse_train
 from regpipe.engine.train import train
 
 
 def main() -> None:
     dest = Path(sys.argv[1])
-    args = build_parser().parse_args(sys.argv[2:])
+    if sys.argv[2] != "train":
+        raise SystemExit(f"usage: {__doc__}")
+    cfg = parse_train(sys.argv[3:])
     seen: dict[int, list[int]] = {}
-    train(build_config(args), observe=lambda epoch, batch: seen.setdefault(epoch, []).extend(
+    train(cfg, observe=lambda epoch, batch: seen.setdefault(epoch, []).extend(
         batch.source_ids.tolist()))
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))

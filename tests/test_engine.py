@@ -259,14 +259,16 @@ def test_precision_scales_fp16_losses_only() -> None:
 
 
 def test_run_settings_are_checked_when_built() -> None:
+    from regpipe.engine.config_checks import check_config
+
     with pytest.raises(ValueError, match="train.eval_batch_size must be an integer >= 1, got 0"):
         TrainConfig(eval_batch_size=0)
     with pytest.raises(ValueError, match="train.checkpoint_every must be an integer >= 1, got -2"):
         TrainConfig(checkpoint_every=-2)
     with pytest.raises(ValueError, match="train.amp must be 'off', 'bf16' or 'fp16', got 'fp32'"):
         TrainConfig(amp="fp32")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="train.resume needs train.out"):
-        TrainConfig(resume=True)
+    with pytest.raises(ValueError, match="train.resume needs train.out"):  # a cross-field check
+        check_config(TrainConfig(resume=True))
     assert TrainConfig().eval_batch_size is None  # per process: the training batch's share
 
 

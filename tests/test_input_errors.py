@@ -511,13 +511,11 @@ def test_beton_write_removes_the_temporary_files_of_dead_writers(tmp_path: Path)
 @pytest.mark.parametrize("image_size,expected", [(224, 256), (64, 73), (96, 110), (32, 37)])
 def test_val_resize_defaults_to_the_imagenet_ratio_of_the_image_size(image_size: int, expected: int) -> None:
     """It was 256 whatever the image size: at 96 px validation saw the central 37 % of the image's side."""
-    from regpipe.cli.main import build_parser
-    from regpipe.cli.options import build_config
+    from regpipe.cli.train import parse_train
     from regpipe.engine.config import TrainConfig
 
     assert TrainConfig(image_size=image_size).val_resize == expected == round(image_size * 256 / 224)
-    args = build_parser().parse_args(["train", "--image-size", str(image_size)])
-    assert build_config(args).val_resize == expected
+    assert parse_train(["--image-size", str(image_size)]).val_resize == expected
     assert TrainConfig(image_size=image_size, val_resize=image_size).val_resize == image_size  # a given value stays
 
 
@@ -529,10 +527,11 @@ def test_val_resize_defaults_to_the_imagenet_ratio_of_the_image_size(image_size:
 def test_val_resize_far_from_the_image_size_is_refused(image_size: int, val_resize: int, needle: str,
                                                        tmp_path: Path, capsys) -> None:
     from regpipe.engine.config import TrainConfig
+    from regpipe.engine.config_checks import check_config
 
-    TrainConfig(image_size=32, val_resize=48)  # ratio 1.5, the bound, is accepted
+    check_config(TrainConfig(image_size=32, val_resize=48))  # ratio 1.5, the bound, is accepted
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
-        TrainConfig(image_size=image_size, val_resize=val_resize)
+        check_config(TrainConfig(image_size=image_size, val_resize=val_resize))
     code, err = _run(["train", "--data", f"imagefolder:{tmp_path}", "--image-size", str(image_size), "--val-resize",
                       str(val_resize), "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

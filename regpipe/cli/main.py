@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train` and `compare` parse their own arguments (generated from the config dataclasses by tyro): their
+    # subparsers take none, so every argument after the command's name is left over and handed to them.
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "settings_command", False):
+        args.settings_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 2

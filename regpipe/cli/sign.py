@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from regpipe.cli.options import int_list
 from regpipe.engine.sign_dataset import generate, rank_device
 
 __all__ = ["register", "run"]
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``50,100`` -> ``(50, 100)``."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
 def register(sub: argparse._SubParsersAction) -> None:

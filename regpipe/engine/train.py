@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,15 @@ from regpipe.engine import distributed
 from regpipe.engine.algorithms import Algorithm, build_algorithms
 from regpipe.engine.build import build_run
 from regpipe.engine.checkpoint import save_checkpoint
-from regpipe.engine.config import TrainConfig
+from regpipe.engine.config import TrainConfig, write_config
+from regpipe.engine.config_checks import check_config
 from regpipe.engine.distributed import resolve_device
 from regpipe.engine.evaluation import evaluate, evaluation_model
+from regpipe.engine.loggers import open_logger
 from regpipe.engine.loop import Preempted, Run, close_epoch, evaluate_epoch, evaluation_due, train_one_epoch
 from regpipe.engine.models import check_model_name
 from regpipe.engine.resume import STATE_FILE, load_state, save_state
-from regpipe.engine.splits import RunData, parse_data_spec, prepare_data
+from regpipe.engine.splits import RunData, prepare_data
 from regpipe.engine.state import TrainState
 from regpipe.engine.validate import check_run_outputs, write_json
 from regpipe.ops.tta import TestTimeSumAugmentation
@@ -43,31 +45,18 @@ from regpipe.ops.tta import TestTimeSumAugmentation
 __all__ = ["Preempted", "RunData", "TrainConfig", "prepare_data", "train", "write_json"]
 
 #: Run settings a resumed run may change (they do not change what it computes).
-RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "workers", "out", "checkpoint_out", "cache_dir")
-#: Recipe words that read the training set as in-memory arrays.
-IN_MEMORY_ONLY = ("sign", "loss-order")
+RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "workers", "out", "checkpoint_out", "cache_dir",
+                     "logger")
+#: The run's settings as YAML in OUT: `regpipe train --config OUT/config.yaml --out NEW` repeats the run.
+CONFIG_FILE = "config.yaml"
 
 
 def _check_run(cfg: TrainConfig, algorithms: list[Algorithm]) -> dict[str, Any] | None:
-    """Refuse what cannot run before anything is read: output paths that are files, a streamed dataset
-    with an algorithm that needs the arrays, a state to resume that is missing, unreadable or written by
-    other settings. Returns the state to resume (``None`` for a fresh run)."""
+    """Refuse what cannot run before anything is read (the settings themselves are checked by
+    :func:`check_config` before): output paths that are files, an unknown model, a state to resume that is
+    missing, unreadable or written by other settings. Returns the state to resume (``None`` for a fresh run)."""
     check_run_outputs(cfg.out, cfg.checkpoint_out)
     check_model_name(cfg.model)
-    spec = parse_data_spec(cfg.dataset)
-    if spec is not None:
-        refused = [a.name for a in algorithms if a.name in IN_MEMORY_ONLY]
-        if refused:
-            raise ValueError(f"recipe {cfg.recipe!r}: {refused} read the whole training set in memory; they are "
-                             f"not available with --data {spec.kind}:... (use an in-memory dataset)")
-        if spec.kind == "beton" and cfg.schedule == "plateau":
-            raise ValueError("--schedule plateau decides from a held-out validation set, which --data beton:... "
-                             "does not carve; use --schedule cosine or --data imagefolder:ROOT")
-        if spec.kind == "beton" and cfg.eval_subset is not None:
-            raise ValueError("--eval-subset is not available with --data beton:... (FFCV reads the whole file); "
-                             "use --eval-every to evaluate less often")
-        if spec.kind == "beton" and cfg.loader != "ffcv":
-            raise ValueError(f"--data beton:... is read by FFCV: add --loader ffcv (got --loader {cfg.loader})")
     if cfg.out is not None:
         remove_stale_temporaries(Path(cfg.out) / STATE_FILE)  # left by a run killed while writing its state
     if not cfg.resume:
@@ -123,6 +112,7 @@ def train(cfg: TrainConfig, observe: Callable[[int, Batch], None] | None = None)
         FileNotFoundError: missing data, or ``--resume`` without a saved state.
         Preempted: SIGTERM arrived; the state was written (where the recipe can resume there).
     """
+    check_config(cfg)
     algorithms = build_algorithms(cfg)
     saved = _check_run(cfg, algorithms)
     device = resolve_device(cfg.device)
@@ -131,6 +121,8 @@ def train(cfg: TrainConfig, observe: Callable[[int, Batch], None] | None = None)
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     try:
+        if cfg.out is not None and info.is_main:  # the file starts the run afresh: --resume is added by hand
+            write_config(replace(cfg, resume=False), Path(cfg.out) / CONFIG_FILE)
         with tempfile.TemporaryDirectory(prefix="regpipe-") as scratch:  # removed however the run ends
             run, state = build_run(cfg, algorithms, device, info, Path(scratch), train, saved)
             with StopSignal(info).installed() as stop:
@@ -160,6 +152,7 @@ def _train_epochs(run: Run, state: TrainState, observe: Callable[[int, Batch], N
     checkpoint = _checkpointer(run)
     bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=state.epoch * run.steps_per_epoch + state.step,
                desc=f"{cfg.recipe} seed {cfg.seed}", disable=not cfg.progress or not run.info.is_main, unit="step")
+    logger = open_logger(cfg, run.info.is_main, first_epoch=state.epoch + 1)
     try:
         while state.epoch < cfg.epochs and not state.stopped:
             row = train_one_epoch(run, state, observe=observe, checkpoint=checkpoint, stop_requested=stop,
@@ -167,6 +160,8 @@ def _train_epochs(run: Run, state: TrainState, observe: Callable[[int, Batch], N
             epoch_state = dict(state.totals.describe)
             test_acc, val_acc = evaluate_epoch(run, state) if evaluation_due(cfg, state.epoch) else (None, None)
             row = close_epoch(run, state, row, test_acc, val_acc)
+            if logger is not None:
+                logger.log_epoch(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc="-" if test_acc is None else f"{test_acc:.4f}",
                             img_s=f"{row['images_per_s']:.0f}", **epoch_state)
             if state.epoch < cfg.epochs and not state.stopped:
@@ -176,6 +171,8 @@ def _train_epochs(run: Run, state: TrainState, observe: Callable[[int, Batch], N
                     raise Preempted(state.epoch, 0, saved=checkpoint is not None, where=f"{cfg.out}/{STATE_FILE}")
     finally:
         bar.close()
+        if logger is not None:
+            logger.close()
     return finish(run, state, time.perf_counter() - started)
 
 

@@ -1,0 +1,59 @@
+"""The checks that relate several settings of a run, in one place.
+
+Each config dataclass checks its own fields when it is built (:mod:`regpipe.engine.config`); what depends on
+two settings or more (the recipe and the data, the data and the loader, the schedule and the data...) is
+checked here, by :func:`check_config`, which :func:`~regpipe.engine.train.train` runs first and
+``regpipe compare`` runs for every run before the first one trains. It reads no data and touches no file.
+"""
+
+from __future__ import annotations
+
+from regpipe.engine.algorithms import build_algorithms
+from regpipe.engine.config import TrainConfig, check_val_resize
+from regpipe.engine.loggers import check_logger
+from regpipe.engine.splits import parse_data_spec
+
+__all__ = ["IN_MEMORY_ONLY", "check_config"]
+
+#: Recipe words that read the training set as in-memory arrays.
+IN_MEMORY_ONLY = ("sign", "loss-order")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot run together, before any work.
+
+    Raises:
+        ValueError: the settings are named, with what to change; :class:`~regpipe.engine.algorithms.ComposeError`
+            (a ValueError) for recipe words whose algorithms cannot run together; an unknown recipe word.
+        ImportError: the logger's package is missing.
+    """
+    check_val_resize(cfg.image_size, cfg.val_resize)
+    if cfg.resume and cfg.out is None:
+        raise ValueError("train.resume needs train.out: the folder whose state.pt the run resumes from")
+    if not any(k >= cfg.cascade.stop_at for k in cfg.cascade.stages):
+        raise ValueError(f"cascade.stop_at={cfg.cascade.stop_at} leaves none of the stages {cfg.cascade.stages}")
+    algorithms = build_algorithms(cfg)  # unknown words, and algorithms that take over the same resource
+    check_logger(cfg)
+    spec = parse_data_spec(cfg.dataset)
+    if spec is None:
+        return
+    if cfg.samples_per_class is not None:
+        raise ValueError(f"train.samples_per_class={cfg.samples_per_class} is a small-data option, off for "
+                         f"{spec.kind} data: leave it unset (auto) to train on every image")
+    refused = [a.name for a in algorithms if a.name in IN_MEMORY_ONLY]
+    if refused:
+        raise ValueError(f"recipe {cfg.recipe!r}: {refused} read the whole training set in memory; they are "
+                         f"not available with --data {spec.kind}:... (use an in-memory dataset)")
+    if spec.kind != "beton":
+        return
+    if cfg.schedule == "plateau":
+        raise ValueError("--schedule plateau decides from a held-out validation set, which --data beton:... "
+                         "does not carve; use --schedule cosine or --data imagefolder:ROOT")
+    if any(a.needs_validation or a.name == "loss-delta-external" for a in algorithms):
+        raise ValueError(f"recipe {cfg.recipe!r} decides from a held-out validation set, which --data beton:... "
+                         "does not carve; use --data imagefolder:ROOT")
+    if cfg.eval_subset is not None:
+        raise ValueError("--eval-subset is not available with --data beton:... (FFCV reads the whole file); "
+                         "use --eval-every to evaluate less often")
+    if cfg.loader != "ffcv":
+        raise ValueError(f"--data beton:... is read by FFCV: add --loader ffcv (got --loader {cfg.loader})")
