@@ -1,15 +1,18 @@
-"""``regpipe compare``: several recipes on the same seeds, one table of mean ± std test error."""
+"""``regpipe compare``: several recipes on the same seeds, one table of mean ± std test error; each run in this
+process, or as its own job (``--launcher local|submitit``, :mod:`regpipe.cli.launch`)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from regpipe.cli.eval import number
+from regpipe.cli.launch import JobsFailed, add_launcher_options, check_launcher_options, launch
 from regpipe.cli.options import add_train_options, build_config
-from regpipe.cli.report import compare
+from regpipe.cli.report import check_compare_outputs, compare
 from regpipe.engine.algorithms import build_algorithms, parse_recipe
 from regpipe.engine.distributed import resolve_device
 from regpipe.engine.robustness import EvalSettings, evaluate_run
@@ -42,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--eval reads the first N test images only (default: all); the clean test error "
                         "column always reads the whole test split")
     add_train_options(p, with_recipe=False)
+    add_launcher_options(p)
     p.set_defaults(func=run)
 
 
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     settings = _eval_settings(args)
+    check_launcher_options(args)
     seeds = [args.first_seed + s for s in range(args.seeds)]
 
     def run_config(r: str, s: int) -> Any:
@@ -92,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     for cfgs in configs.values():  # a recipe whose algorithms cannot run together fails before any recipe trains
         for cfg in cfgs:
             build_algorithms(cfg)
+    check_compare_outputs(configs, Path(args.out))  # before any job starts
     evaluate = None if settings is None else _columns(settings, args.device)
-    print(compare(configs, Path(args.out), reuse=not args.rerun, evaluate=evaluate))
+    try:
+        launched = launch(args, configs, settings)
+    except JobsFailed as err:
+        print(f"regpipe compare: {err}", file=sys.stderr)
+        return 1
+    # a launcher's runs are finished in OUT now (--rerun trained them again): compare reads them back
+    print(compare(configs, Path(args.out), reuse=not args.rerun or launched > 0, evaluate=evaluate))
     return 0

@@ -13,7 +13,8 @@ from regpipe.core.optional import require
 from regpipe.engine.train import write_json
 from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
-__all__ = ["epoch_table", "summarize", "markdown_table", "compare", "plot_compare"]
+__all__ = ["check_compare_outputs", "compare", "epoch_table", "finished_run", "markdown_table", "plot_compare",
+           "summarize"]
 
 
 def epoch_table(metrics: Mapping[str, Any]) -> str:
@@ -133,6 +134,14 @@ def finished_run(cfg: Any) -> dict[str, Any] | None:
     return metrics
 
 
+def check_compare_outputs(configs: Mapping[str, Sequence[Any]], out: Path) -> None:
+    """Refuse, before any run trains, an ``--out`` that is a file and run outputs that cannot be written (named)."""
+    check_output_path("--out", out, "dir")
+    for cfgs in configs.values():
+        for cfg in cfgs:
+            check_run_outputs(cfg.out, cfg.checkpoint_out)
+
+
 def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
             evaluate: Callable[[Any], Mapping[str, float]] | None = None) -> str:
     """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table.
@@ -143,10 +152,7 @@ def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
     """
     from regpipe.engine.train import train  # looked up at call time (tests replace it)
 
-    check_output_path("--out", out, "dir")
-    for cfgs in configs.values():
-        for cfg in cfgs:
-            check_run_outputs(cfg.out, cfg.checkpoint_out)
+    check_compare_outputs(configs, out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in configs}
     evaluations: dict[str, list[dict[str, float]]] | None = None if evaluate is None else {r: [] for r in configs}
