@@ -19,6 +19,7 @@ import lightning as L  # noqa: E402
 from lightning_modules import Classifier, loaders, trainer  # noqa: E402
 from regpipe.engine.cascade import Cascade  # noqa: E402
 from regpipe.engine.config import CascadeConfig, GradualConfig, InvarianceConfig, ReplicationConfig  # noqa: E402
+from regpipe.core.optional import install_hint  # noqa: E402
 from regpipe.engine.distributed import rank_seed  # noqa: E402
 from regpipe.integrations.lightning import RegpipeCallback  # noqa: E402
 
@@ -88,6 +89,44 @@ def test_cascade_switches_stages_on_validation_as_the_controller_decides(tmp_pat
     assert all(s["rows"] == 8 // s["k"] for s in model.seen)  # group mode: 8 rows -> 8/k mixed rows
 
 
+class BatchNormProbe(L.Callback):
+    """The first BatchNorm's running mean as validation sees it, the expected clean re-estimate (the per-channel
+    mean of the first conv's output over the clean training images, which the 8 batches of an epoch hold), and
+    the running mean before and after the validation."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images, self.during, self.expected, self.before, self.after = images, [], [], [], []
+
+    def bn(self, module: L.LightningModule) -> torch.nn.BatchNorm2d:
+        return module.net.layer1[1]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == trainer.num_training_batches - 1:
+            self.before.append(self.bn(pl_module).running_mean.clone())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self.during.append(self.bn(pl_module).running_mean.clone())
+            with torch.no_grad():
+                self.expected.append(pl_module.net.layer1[0](self.images.float() / 255).mean(dim=(0, 2, 3)))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.after.append(self.bn(pl_module).running_mean.clone())
+
+
+def test_validation_while_mixing_reads_batchnorm_statistics_of_clean_batches(tmp_path: Path) -> None:
+    train, val = loaders(batch_size=8)
+    probe = BatchNormProbe(train.dataset.tensors[0])
+    model = Classifier(RegpipeCallback("gradual", num_classes=4, gradual=GradualConfig(k0=2)))
+    trainer(str(tmp_path), max_epochs=2, callbacks=[probe]).fit(model, train, val)
+    assert len(probe.during) == 2
+    # epoch 1's validation: t = 0.5, the inputs mixed: statistics re-estimated on the clean batches seen
+    torch.testing.assert_close(probe.during[0], probe.expected[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(probe.before[0], probe.during[0], atol=1e-3)  # not the statistics of mixed rows
+    for before, after in zip(probe.before, probe.after):  # training goes on with its own statistics
+        assert torch.equal(before, after)
+
+
 def test_a_resumed_fit_continues_with_the_same_algorithm_state(tmp_path: Path) -> None:
     def run(root: Path, ckpt: str | None = None) -> tuple[Classifier, L.Trainer]:
         checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, filename="{epoch}", save_top_k=-1)
@@ -144,6 +183,9 @@ def test_bad_settings_are_named_before_any_work() -> None:
         RegpipeCallback("gradual", num_classes=0)
     with pytest.raises(ValueError, match="std must be positive"):
         RegpipeCallback("gradual", num_classes=4, mean=[0.5], std=[0.0])
+    with pytest.raises(ValueError, match="bn_batches must be an integer >= 0"):
+        RegpipeCallback("gradual", num_classes=4, bn_batches=-1)
+    assert install_hint("lightning.pytorch") == "pip install 'regpipe[lightning]'"  # the extra, when it is missing
 
 
 def test_ddp_on_two_cpu_processes(tmp_path: Path) -> None:

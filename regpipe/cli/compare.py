@@ -21,7 +21,7 @@ from regpipe.functional.attacks import ATTACKS
 #: What ``--eval`` may add as columns: an attack's accuracy, or the mean over the deformed test sets.
 EVAL_COLUMNS = (*ATTACKS, "deformed")
 
-__all__ = ["register", "run"]
+__all__ = ["evaluation_columns", "register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +63,8 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings | None:
                         deformed="deformed" in columns, seed=0, limit=args.eval_limit)
 
 
-def _columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
+def evaluation_columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
+    """``cfg -> {column: accuracy}`` of a finished run's checkpoint (as ``regpipe eval``; cached in ``cfg.out/eval.json``)."""
     def evaluate(cfg: Any) -> dict[str, float]:
         result = evaluate_run(cfg, settings, resolve_device(device))  # kept in cfg.out/eval.json
         columns = {name: rec["accuracy"] for name, rec in result["attacks"].items()}
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         for cfg in cfgs:
             build_algorithms(cfg)
     check_compare_outputs(configs, Path(args.out))  # before any job starts
-    evaluate = None if settings is None else _columns(settings, args.device)
+    evaluate = None if settings is None else evaluation_columns(settings, args.device)
     try:
         launched = launch(args, configs, settings)
     except JobsFailed as err:
