@@ -26,8 +26,9 @@ def test_demo_trains_both_runs_names_them_and_writes_the_picture(fake_dir: Path,
     assert "regpipe demo: baseline vs invariance, 1 epochs each, seed 0" in printed
     assert "| baseline | 1 |" in printed and "| invariance | 1 |" in printed  # the table names both runs
     assert "- clean test accuracy: " in printed and "- FGSM 8/255 accuracy: " in printed
-    assert f"picture (test accuracy per epoch, both runs): {out / 'compare.png'}" in printed
-    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"picture (both runs' test accuracy per epoch, and their clean and FGSM accuracy): {out / 'demo.png'}" \
+        in printed
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "compare.json").read_text())["summary"]
     assert [r["recipe"] for r in summary] == ["baseline", "invariance"]
     # the same budget: the same optimizer steps and training rows (replication draws batch/m seeds a step)

@@ -135,7 +135,7 @@ def launch(args: argparse.Namespace, configs: dict[str, list[TrainConfig]], sett
         return 0
     todo = pending(configs, args.rerun)
     say(f"{len(todo)} of {sum(len(c) for c in configs.values())} runs to train with --launcher {args.launcher}"
-        + (f", {args.jobs} at a time" if len(todo) > 1 else ""))
+        + (f", {args.jobs} at a time" if args.launcher == "local" and len(todo) > 1 else ""))
     if not todo:
         return 0
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.launcher == "local" else 0

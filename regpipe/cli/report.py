@@ -14,7 +14,7 @@ from regpipe.engine.train import write_json
 from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
 __all__ = ["check_compare_outputs", "compare", "epoch_table", "finished_run", "markdown_table", "plot_compare",
-           "summarize"]
+           "plot_curves", "summarize"]
 
 
 def epoch_table(metrics: Mapping[str, Any]) -> str:
@@ -86,6 +86,16 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
     require("matplotlib", needed_by="the compare plot").use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_curves(ax, runs)
+    ax.set_title("regpipe compare (mean over seeds, band = min..max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(ax: Any, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Draw each recipe's mean test accuracy per evaluated epoch (min-max band over seeds) on a matplotlib axis."""
     for recipe, metrics in runs.items():
         # the epochs every seed evaluated (--eval-every skips some; a cascade may stop a seed early)
         by_epoch = [{e["epoch"]: e["test_accuracy"] for e in m["epochs"] if "test_accuracy" in e} for m in metrics]
@@ -98,13 +108,8 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
                         [max(c[i] for c in curves) for i in range(length)], alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
-    ax.set_title("regpipe compare (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def finished_run(cfg: Any) -> dict[str, Any] | None:
