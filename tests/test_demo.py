@@ -48,7 +48,8 @@ def test_verdict_says_who_is_ahead_and_whether_the_claim_shows() -> None:
     lines = verdict([row("baseline", 0.75, 0.22), row("sum", 0.752, 0.215)], replicates=False)
     assert lines[0].startswith("clean test accuracy: no clear difference (sum 75.2 % vs baseline 75.0 %")
     assert lines[1].startswith("FGSM 8/255 accuracy: no clear difference")
-    assert lines[2] == "at this budget sum shows no FGSM gain over the baseline: the robustness claim does not show here"
+    assert lines[2] == ("at this budget sum shows no FGSM gain over the baseline: the robustness claim does not "
+                        "show here")
     assert not any("trails" in line for line in lines)
 
 

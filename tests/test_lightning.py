@@ -167,8 +167,8 @@ def test_a_checkpoint_of_another_recipe_or_without_regpipe_is_refused(tmp_path: 
         RegpipeCallback("sum", num_classes=4).load_state_dict(saved["callbacks"][key])
 
 
-@pytest.mark.parametrize(("recipe", "named"), [("loss-delta", "the optimizer step"), ("loss-order", "the order of batches"),
-                                               ("sign", "the training set")])
+@pytest.mark.parametrize(("recipe", "named"), [("loss-delta", "the optimizer step"),
+                                               ("loss-order", "the order of batches"), ("sign", "the training set")])
 def test_recipes_that_take_over_lightnings_loop_are_refused_when_built(recipe: str, named: str) -> None:
     with pytest.raises(ValueError, match=f"'{recipe}' takes over {named}"):
         RegpipeCallback(recipe, num_classes=4)

@@ -64,7 +64,8 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings | None:
 
 
 def evaluation_columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
-    """``cfg -> {column: accuracy}`` of a finished run's checkpoint (as ``regpipe eval``; cached in ``cfg.out/eval.json``)."""
+    """``cfg -> {column: accuracy}`` of a finished run's checkpoint, as ``regpipe eval`` (cached in
+    ``cfg.out/eval.json``)."""
     def evaluate(cfg: Any) -> dict[str, float]:
         result = evaluate_run(cfg, settings, resolve_device(device))  # kept in cfg.out/eval.json
         columns = {name: rec["accuracy"] for name, rec in result["attacks"].items()}

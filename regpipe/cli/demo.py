@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train the baseline and one regpipe method (default: invariance) side by side "
                                    "on the same budget, attack both with FGSM, print which is ahead on clean and "
                                    "on FGSM accuracy, and write OUT/compare.png with both test-accuracy curves.")
-    p.add_argument("--method", default=DEMO_METHOD, help=f"the recipe set against the baseline (default: {DEMO_METHOD})")
+    p.add_argument("--method", default=DEMO_METHOD,
+                   help=f"the recipe set against the baseline (default: {DEMO_METHOD})")
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"epochs of both runs (default: {DEMO_EPOCHS})")
     p.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

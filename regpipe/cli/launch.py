@@ -94,7 +94,8 @@ def add_launcher_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm-time", type=int, default=None, metavar="MINUTES",
                        help="submitit: time limit per job in minutes (default: 240)")
     group.add_argument("--slurm-cpus", type=int, default=None, help="submitit: CPUs per job (default: Slurm's)")
-    group.add_argument("--slurm-mem-gb", type=int, default=None, help="submitit: memory per job in GB (default: Slurm's)")
+    group.add_argument("--slurm-mem-gb", type=int, default=None,
+                       help="submitit: memory per job in GB (default: Slurm's)")
     group.add_argument("--slurm-cluster", default=None, choices=["auto", "slurm", "local"],
                        help="submitit: where the jobs run (default auto: Slurm when sbatch is found, else local "
                             "subprocesses)")
