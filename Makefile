@@ -36,8 +36,10 @@ dataset:
 	       "or put the four idx .gz files in a folder and pass DEMO_ARGS='--data-dir DIR'"; \
 	fi
 
+# The main job: the baseline and the invariance recipe side by side on the same budget, clean and FGSM accuracy,
+# a verdict and runs/demo/compare.png (`regpipe demo --help`; e.g. DEMO_ARGS="--method saliency --epochs 20").
 demo: deps dataset
-	$(VENV)/bin/regpipe train $(DEMO_ARGS)
+	$(VENV)/bin/regpipe demo $(DEMO_ARGS)
 
 # FFCV 1.0.2 builds from source: its setup.py asks pkg-config for opencv4 and libturbojpeg. As root this
 # installs them with apt; otherwise it says what to install (the FFCV build then fails, naming them).

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
 from regpipe.cli.eval import number
-from regpipe.cli.report import compare
+from regpipe.cli.launch import JobsFailed, check_launcher_options, launch
+from regpipe.cli.report import check_compare_outputs, compare
 from regpipe.cli.settings import parse_command
 from regpipe.engine.algorithms import RECIPE_WORDS, parse_recipe
 from regpipe.engine.config import TrainConfig
@@ -23,7 +26,7 @@ from regpipe.functional.attacks import ATTACKS
 #: What ``--eval`` may add as columns: an attack's accuracy, or the mean over the deformed test sets.
 EVAL_COLUMNS = (*ATTACKS, "deformed")
 
-__all__ = ["CompareOptions", "DESCRIPTION", "compare_command", "register", "run"]
+__all__ = ["CompareOptions", "DESCRIPTION", "compare_command", "evaluation_columns", "register", "run"]
 
 DESCRIPTION = ("Run recipes on the same seeds, every run with the same settings (flags or --config FILE.yaml, "
                "e.g. a run's OUT/config.yaml; its recipe and seed give the defaults of --recipes and "
@@ -61,6 +64,18 @@ class CompareOptions:
         eval_steps: iterations of the --eval attacks BIM, MIM and PGD.
         eval_limit: --eval reads the first N test images only (None: all); the clean test error column always
             reads the whole test split.
+        launcher: inline: train every run in this process, one after another; local: each run in its own
+            process on this machine, --jobs at a time; submitit: each run a Slurm job (submitit; local
+            subprocesses where Slurm is absent). Results land in --out either way, and a rerun trains only what
+            has not finished.
+        jobs: runs at a time: local processes, or the Slurm job array's parallelism.
+        slurm_partition: submitit: the Slurm partition.
+        slurm_gpus: submitit: GPUs per job (None: 0).
+        slurm_time: submitit: time limit per job in minutes (None: 240).
+        slurm_cpus: submitit: CPUs per job (None: Slurm's default).
+        slurm_mem_gb: submitit: memory per job in GB (None: Slurm's default).
+        slurm_cluster: submitit: where the jobs run (None or auto: Slurm when sbatch is found, else local
+            subprocesses).
     """
 
     recipes: str | None = None
@@ -71,6 +86,14 @@ class CompareOptions:
     eval_eps: Fraction = 8 / 255
     eval_steps: int = 10
     eval_limit: int | None = None
+    launcher: Literal["inline", "local", "submitit"] = "inline"
+    jobs: int = 1
+    slurm_partition: str | None = None
+    slurm_gpus: int | None = None
+    slurm_time: int | None = None
+    slurm_cpus: int | None = None
+    slurm_mem_gb: int | None = None
+    slurm_cluster: Literal["auto", "slurm", "local"] | None = None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +122,9 @@ def _eval_settings(options: CompareOptions) -> EvalSettings | None:
                         steps=options.eval_steps, deformed="deformed" in columns, seed=0, limit=options.eval_limit)
 
 
-def _columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
+def evaluation_columns(settings: EvalSettings, device: str) -> Callable[[Any], dict[str, float]]:
+    """``cfg -> {column: accuracy}`` of a finished run's checkpoint, as ``regpipe eval`` (cached in
+    ``cfg.out/eval.json``)."""
     def evaluate(cfg: Any) -> dict[str, float]:
         result = evaluate_run(cfg, settings, resolve_device(device))  # kept in cfg.out/eval.json
         columns = {name: rec["accuracy"] for name, rec in result["attacks"].items()}
@@ -156,6 +181,16 @@ def compare_command(argv: Sequence[str]) -> int:
     for cfgs in configs.values():  # settings that cannot run (together) fail before any recipe trains
         for run_cfg in cfgs:
             check_config(run_cfg)
-    evaluate = None if settings is None else _columns(settings, cfg.device)
-    print(compare(configs, out, reuse=not options.rerun, evaluate=evaluate))
+    # the launcher reads its options, and where the runs go and are evaluated
+    launch_args = SimpleNamespace(**asdict(options), out=str(out), device=cfg.device)
+    check_launcher_options(launch_args)
+    check_compare_outputs(configs, out)  # before any job starts
+    evaluate = None if settings is None else evaluation_columns(settings, cfg.device)
+    try:
+        launched = launch(launch_args, configs, settings)
+    except JobsFailed as err:
+        print(f"regpipe compare: {err}", file=sys.stderr)
+        return 1
+    # a launcher's runs are finished in OUT now (--rerun trained them again): compare reads them back
+    print(compare(configs, out, reuse=not options.rerun or launched > 0, evaluate=evaluate))
     return 0

@@ -1,4 +1,5 @@
-"""The ``regpipe`` command: ``train`` (the main job), ``compare``, ``show``, ``sign`` and ``bench``.
+"""The ``regpipe`` command: ``train``, ``compare``, ``demo`` (the main job, ``make demo``), ``eval``, ``show``,
+``sign``, ``bench`` and ``write-beton``.
 
 Each subcommand lives in its own module with a ``register(subparsers)`` and a ``run(args)``.
 """
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from regpipe.cli import bench, compare, show, sign, train, write_beton
+from regpipe.cli import bench, compare, demo, show, sign, train, write_beton
 from regpipe.cli import eval as eval_command
 from regpipe.engine.loop import Preempted
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the installed distribution's version, so it names what is installed, never a second copy of the number
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('regpipe')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (train, compare, eval_command, show, sign, bench, write_beton):
+    for command in (train, compare, demo, eval_command, show, sign, bench, write_beton):
         command.register(sub)
     return parser
 

@@ -13,7 +13,8 @@ from regpipe.core.optional import require
 from regpipe.engine.train import write_json
 from regpipe.engine.validate import check_output_path, check_run_outputs, read_json
 
-__all__ = ["epoch_table", "summarize", "markdown_table", "compare", "plot_compare"]
+__all__ = ["check_compare_outputs", "compare", "epoch_table", "finished_run", "markdown_table", "plot_compare",
+           "plot_curves", "summarize"]
 
 
 def epoch_table(metrics: Mapping[str, Any]) -> str:
@@ -85,6 +86,16 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
     require("matplotlib", needed_by="the compare plot").use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_curves(ax, runs)
+    ax.set_title("regpipe compare (mean over seeds, band = min..max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(ax: Any, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Draw each recipe's mean test accuracy per evaluated epoch (min-max band over seeds) on a matplotlib axis."""
     for recipe, metrics in runs.items():
         # the epochs every seed evaluated (--eval-every skips some; a cascade may stop a seed early)
         by_epoch = [{e["epoch"]: e["test_accuracy"] for e in m["epochs"] if "test_accuracy" in e} for m in metrics]
@@ -97,13 +108,8 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) ->
                         [max(c[i] for c in curves) for i in range(length)], alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
-    ax.set_title("regpipe compare (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def finished_run(cfg: Any) -> dict[str, Any] | None:
@@ -133,6 +139,14 @@ def finished_run(cfg: Any) -> dict[str, Any] | None:
     return metrics
 
 
+def check_compare_outputs(configs: Mapping[str, Sequence[Any]], out: Path) -> None:
+    """Refuse, before any run trains, an ``--out`` that is a file and run outputs that cannot be written (named)."""
+    check_output_path("--out", out, "dir")
+    for cfgs in configs.values():
+        for cfg in cfgs:
+            check_run_outputs(cfg.out, cfg.checkpoint_out)
+
+
 def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
             evaluate: Callable[[Any], Mapping[str, float]] | None = None) -> str:
     """Train every config (recipe -> one config per seed), write compare.json/.md/.png; return the table.
@@ -143,10 +157,7 @@ def compare(configs: Mapping[str, Sequence[Any]], out: Path, reuse: bool = True,
     """
     from regpipe.engine.train import train  # looked up at call time (tests replace it)
 
-    check_output_path("--out", out, "dir")
-    for cfgs in configs.values():
-        for cfg in cfgs:
-            check_run_outputs(cfg.out, cfg.checkpoint_out)
+    check_compare_outputs(configs, out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {recipe: [] for recipe in configs}
     evaluations: dict[str, list[dict[str, float]]] | None = None if evaluate is None else {r: [] for r in configs}

@@ -24,6 +24,8 @@ INSTALL = MappingProxyType({
     "ffcv": "apt-get install libturbojpeg0-dev libopencv-dev pkg-config, then pip install 'regpipe[ffcv]'",
     "triton": "pip install 'regpipe[triton]'",
     "numba": "pip install numba",
+    "lightning": "pip install 'regpipe[lightning]'",
+    "submitit": "pip install 'regpipe[slurm]'",
 })
 
 

@@ -19,7 +19,7 @@ import torch
 
 from regpipe.core.batch import Batch
 from regpipe.engine import distributed
-from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext
+from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext, staged_ops
 from regpipe.engine.config import TrainConfig
 from regpipe.engine.data import ArrayDataset, ImageArrays
 from regpipe.engine.loading import clean_loader, default_workers, eval_loader, train_loader
@@ -180,10 +180,7 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
                          grad_scaler=precision.scaler, image_shape=splits.image_shape)
     for alg in algorithms:
         alg.attach(context)
-    # Stable sort by stage: copies are made, then mixed, then planned, whatever the order of the words.
-    staged = sorted(((stage, i, op) for i, alg in enumerate(algorithms) for stage, op in alg.ops()),
-                    key=lambda t: (t[0], t[1]))
-    ops = [op for _, _, op in staged]
+    ops = staged_ops(algorithms)  # copies are made, then mixed, then planned, whatever the order of the words
     if info.rank > 0:
         distributed.reseed_ops(ops, cfg.seed, info.rank)  # ranks draw their own op parameters (before a restore)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from regpipe.engine.splits import Splits
 from regpipe.engine.state import EpochTotals, TrainState
 
 __all__ = ["Preempted", "ResumeMode", "Run", "close_epoch", "describe", "evaluate_epoch", "evaluation_due", "loss_of",
-           "owner", "train_one_epoch", "train_step"]
+           "owner", "step_loss", "train_one_epoch", "train_step"]
 
 #: How a state saved inside an epoch continues: ``"skip"`` the batches already trained on (the data order is
 #: recomputed), ``"replay"`` the epoch from its start (the step owner skips what it trained on: loss-delta),
@@ -122,27 +122,37 @@ def describe(algorithms: Iterable[Algorithm], recipe: str) -> dict[str, Any]:
     return state
 
 
-def loss_of(run: Run, state: TrainState, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The step's loss on ``batch`` under the run's autocast: the forward owner's (PatchUp), or the task loss
-    scaled by the algorithms' ``task_scale`` plus their ``loss_terms``; and the terms for the log."""
-    algorithms = run.algorithms
+def step_loss(algorithms: Sequence[Algorithm], model: torch.nn.Module, batch: Batch,
+              loss_fn: LossFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's loss on ``batch`` (after the ops): the forward owner's (PatchUp), or
+    ``prod_a task_scale_a * loss_fn(model(x), targets) + sum_a sum(loss_terms_a)``; and the terms for the log
+    (each term and, when there are terms, ``task``: the task loss before the scale), detached.
+
+    The one place a step's loss is made: the loop (:func:`loss_of`) and the Lightning integration
+    (:mod:`regpipe.integrations.lightning`) both call it, so a recipe trains the same objective in either.
+    """
     forward_owner = owner(algorithms, Resource.FORWARD)
+    if forward_owner is not None:
+        return forward_owner.forward_loss(model, batch, loss_fn)
+    needs_input_grad = any(a.needs_input_grad for a in algorithms)
+    x = batch.inputs.detach().requires_grad_(True) if needs_input_grad else batch.inputs
+    logits = model(x)
+    task = loss_fn(logits, batch.targets)
+    step = StepInputs(model=model, batch=batch, inputs=x, logits=logits, loss_fn=loss_fn)
+    total, log = math.prod(a.task_scale() for a in algorithms) * task, {}
+    for alg in algorithms:
+        for name, term in alg.loss_terms(step).items():
+            total = total + term
+            log[name] = term.detach()
+    if log:
+        log["task"] = task.detach()
+    return total, log
+
+
+def loss_of(run: Run, state: TrainState, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The step's loss on ``batch`` under the run's autocast (:func:`step_loss`)."""
     with state.precision.autocast():
-        if forward_owner is not None:
-            return forward_owner.forward_loss(run.model, batch, run.loss_fn)
-        needs_input_grad = any(a.needs_input_grad for a in algorithms)
-        x = batch.inputs.detach().requires_grad_(True) if needs_input_grad else batch.inputs
-        logits = run.model(x)
-        task = run.loss_fn(logits, batch.targets)
-        step = StepInputs(model=run.model, batch=batch, inputs=x, logits=logits, loss_fn=run.loss_fn)
-        total, log = math.prod(a.task_scale() for a in algorithms) * task, {}
-        for alg in algorithms:
-            for name, term in alg.loss_terms(step).items():
-                total = total + term
-                log[name] = term.detach()
-        if log:
-            log["task"] = task.detach()
-        return total, log
+        return step_loss(run.algorithms, run.model, batch, run.loss_fn)
 
 
 def train_step(run: Run, state: TrainState, batch: Batch) -> StepReport:

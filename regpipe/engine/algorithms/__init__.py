@@ -19,6 +19,7 @@ from regpipe.engine.algorithms.base import (
     StepInputs,
     StepReport,
     check_compatible,
+    staged_ops,
 )
 from regpipe.engine.algorithms.boxes import CutMixAlgorithm, CutOutAlgorithm, MixUpAlgorithm
 from regpipe.engine.algorithms.consistency import Invariance, Replication, Saliency, replication_augment
@@ -42,6 +43,7 @@ __all__ = [
     "check_compatible",
     "parse_recipe",
     "replication_augment",
+    "staged_ops",
 ]
 
 Factory = Callable[[TrainConfig], Algorithm]

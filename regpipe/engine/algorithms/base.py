@@ -39,7 +39,7 @@ from regpipe.core.op import Op
 from regpipe.sampler.epoch_order import EpochOrder
 
 __all__ = ["Algorithm", "ComposeError", "DataContext", "Resource", "RunContext", "Stage", "StepInputs", "StepReport",
-           "check_compatible"]
+           "check_compatible", "staged_ops"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One optimizer step as an epoch reports it: the batch, its loss and extra per-step log values.
@@ -240,6 +240,14 @@ class Algorithm:
 
     def close(self) -> None:
         return None
+
+
+def staged_ops(algorithms: Sequence[Algorithm]) -> list[Op]:
+    """Every algorithm's ops in :class:`Stage` order (copies are made, then mixed, then planned), in recipe
+    order within a stage: a stable sort, so ``gradual+invariance`` and ``invariance+gradual`` run the same chain."""
+    staged = sorted(((stage, i, op) for i, alg in enumerate(algorithms) for stage, op in alg.ops()),
+                    key=lambda t: (t[0], t[1]))
+    return [op for _, _, op in staged]
 
 
 def check_compatible(algorithms: Sequence[Algorithm]) -> None:
