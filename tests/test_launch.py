@@ -4,6 +4,7 @@ one ``--out`` that compare's resume logic reads back."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,7 @@ import pytest
 import regpipe.cli.launch
 import regpipe.engine.train
 from regpipe.cli import main
-from regpipe.cli.main import build_parser
-from regpipe.cli.options import build_config
+from regpipe.engine.config import read_config
 from regpipe.engine.train import train
 
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
@@ -43,7 +43,7 @@ def test_submitit_local_executor_runs_each_recipe_and_seed_as_a_job_then_reuses_
     assert [(row["recipe"], row["seeds"]) for row in summary] == [("baseline", [0, 1]), ("sum", [0, 1])]
 
     # a job trains what the same run trains in this process (the reference): same losses, same accuracy
-    reference = train(build_config(build_parser().parse_args(argv), recipe="sum", seed=1, out=None))
+    reference = train(replace(read_config(out / "sum" / "seed1" / "config.yaml"), out=None))
     job = json.loads((out / "sum" / "seed1" / "metrics.json").read_text())
     assert job["test_accuracy"] == reference["test_accuracy"]
     assert [e["train_loss"] for e in job["epochs"]] == [e["train_loss"] for e in reference["epochs"]]

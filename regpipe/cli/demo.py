@@ -24,7 +24,7 @@ from regpipe.cli.report import compare, plot_curves
 from regpipe.core.files import atomic_write
 from regpipe.core.optional import require
 from regpipe.engine.algorithms import build_algorithms, parse_recipe
-from regpipe.engine.config import TrainConfig
+from regpipe.engine.config import SMALL_DATA_PER_CLASS, TrainConfig
 from regpipe.engine.robustness import EvalSettings
 
 __all__ = ["DEMO_EPOCHS", "DEMO_METHOD", "plot_demo", "register", "run", "verdict"]
@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST idx .gz files (default: $REGPIPE_DATA_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
-    p.add_argument("--samples-per-class", type=int, default=TrainConfig.samples_per_class,
-                   help=f"training images per class (default: {TrainConfig.samples_per_class})")
+    p.add_argument("--samples-per-class", type=int, default=SMALL_DATA_PER_CLASS,
+                   help=f"training images per class (default: {SMALL_DATA_PER_CLASS})")
     p.add_argument("--val-per-class", type=int, default=TrainConfig.val_per_class,
                    help=f"held-out validation images per class (default: {TrainConfig.val_per_class})")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
