@@ -1,50 +1,49 @@
-"""Fused uint8 -> normalised k-group weighted sum: the batch mix of (Gradually Cascading) Sum Augmentation.
+"""The fused mix: uint8 (or 0..1 float) -> per-channel normalisation -> any mixing plan -> dtype and layout.
 
-Sum Augmentation (Simionescu, "Deep Learning Training Procedure Augmentations", 2020, section 3.3)
-replaces a batch of ``N`` rows by ``N / k`` weighted sums of rows taken one from each of ``k`` sum
-groups; its gradual variant (section 3.5) uses the GCC weights of
-:func:`regpipe.functional.gcc_weights` instead of ``1/k``. This module does that mix and the loader's
-per-channel normalisation in one pass over the batch: it reads the uint8 (or float) images of the
-groups whose weight is not zero, normalises per channel, forms the group-mode weighted sum and writes
-it in float32, float16 or bfloat16, NCHW or channels_last::
+Every mixing op of regpipe draws a :class:`~regpipe.core.mix_plan.MixPlan`: output row ``i`` sums rows
+``s[i, g]`` of the batch with weights ``w[i, g]`` (group and permutation Sum Augmentation, Simionescu 2020,
+"Deep Learning Training Procedure Augmentations", sections 3.3 and 3.5; MixUp, Zhang et al. 2018; partners
+across seeds after replication). This module executes a plan on the loader's uint8 batch and normalises in
+the same pass, writing float32, float16 or bfloat16, NCHW or channels_last::
 
-    out[i, c] = sum_{g: w_g != 0} w_g * (x[g*n + i, c] * s - mean[c]) / std[c]      n = N // k
+    out[i, c] = sum_g w[i, g] * (x[s[i, g], c] * q - mean[c]) / std[c]
+              = (q / std[c]) * sum_g w[i, g] x[s[i, g], c]  -  (mean[c] / std[c]) * sum_g w[i, g]
 
-with ``s = 1/255`` for uint8 input and ``s = 1`` for float input (already in 0..1). Normalising is
-affine, so this is ``sum_g (w_g s / std[c]) * x[g*n + i, c] - (sum_g w_g) mean[c] / std[c]``: the
-kernels multiply-add a ``(k_active, C)`` coefficient table and subtract a ``(C,)`` bias (``sum_g w_g``
-is 1 up to rounding, but the bias uses the actual sum so that the result equals normalise-then-mix),
-accumulating in float32 and rounding once at the store.
+with ``q = 1/255`` for uint8 input and ``q = 1`` for float input (already in 0..1). The kernels accumulate
+``sum_g w x`` in float32, then scale and shift once per channel and round once at the store (the bias uses
+the row's actual weight sum, so the result equals normalise-then-mix). Columns whose host weight
+(``plan.column_weights``) is zero are not read (the GCC weights of the gradual schedule reach zero one
+group at a time).
+
+It is the one compiled path, with two backends of the same kernel: Triton (CUDA; CPU tensors under
+``TRITON_INTERPRET=1`` for the tests) and numba (CPU, parallel over rows x pixel chunks). Its reference is
+the composite ``mix_rows(normalize(x))`` (:func:`regpipe.functional.sum_mix.mix_rows`, the one torch
+implementation of the row sum), which is also the ``torch`` backend. The launcher reads no device value on
+the host: the plan's rows and weights stay on the device and are read by the kernel itself, and the
+per-channel table ``(q / std, mean / std)`` is uploaded once per device by the :class:`FusedMix` that owns it.
 
 Layouts. The input is a ``(N, C, H, W)`` tensor, either contiguous (NCHW) or channels_last (NHWC
 memory). A loader that yields plain ``(N, H, W, C)`` tensors passes ``images.permute(0, 3, 1, 2)``:
 that is a channels_last ``(N, C, H, W)`` view of the same memory, no copy. Other strides are copied
-to contiguous first. The output is allocated in ``memory_format`` (``torch.contiguous_format`` or
-``torch.channels_last``).
+to contiguous first. The output is allocated in ``memory_format``.
 
-What is here (one kernel per module): the Triton kernel and its launcher (CUDA, or CPU tensors under
-``TRITON_INTERPRET=1``), the numba kernel (CPU, parallel over rows x pixel chunks), the torch
-reference (the eager composite: :func:`regpipe.functional.normalize` then
-:func:`regpipe.functional.sum_mix`; also the fallback), the input checks and the dispatch
-(:func:`kernels._backend.resolve_backend`: ``backend=`` argument, ``$REGPIPE_KERNEL_BACKEND``, device).
-
-Targets are not mixed here: ``(N, K)`` soft targets are tiny; mix them with
-:func:`regpipe.functional.sum_mix` (same weights, same group mode).
+Targets are not mixed here: ``(N, K)`` soft targets are tiny; :func:`~regpipe.ops.sum_mix.mix_batch` mixes
+them with :func:`~regpipe.functional.sum_mix.mix_rows` and the same plan.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from regpipe.core.mix_plan import MixPlan
 from regpipe.core.optional import import_optional, require
 from regpipe.functional.normalize import normalize
-from regpipe.functional.sum_mix import check_weights, group_rows, sum_mix
-from regpipe.kernels._backend import resolve_backend
+from regpipe.functional.sum_mix import mix_rows
+from regpipe.kernels._backend import BACKENDS, resolve_backend
 
 # numba (a core dependency) and triton (the optional `triton` extra): when one is missing or broken here the
 # other backends still work, so the import never fails; the launch of its backend then raises require()'s
@@ -59,11 +58,7 @@ try:
 except ImportError:
     triton = tl = None
 
-__all__ = ["fused_mix", "mix_reference", "fused_group_mix", "group_mix_reference", "default_numba_threads",
-           "OUT_DTYPES", "CALLS"]
-
-#: calls of :func:`fused_mix` (and :func:`fused_group_mix`) per backend that ran, e.g. ``CALLS["numba"]``
-CALLS: Counter = Counter()
+__all__ = ["FusedMix", "fused_mix", "default_numba_threads", "OUT_DTYPES"]
 
 OUT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 _IN_DTYPES = (torch.uint8, torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -71,24 +66,30 @@ _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------
-# Input checks and the coefficient table (shared by every backend)
+# Checks (host values only: shapes, dtypes, devices, the normalisation)
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Plan:
-    """What a backend needs: ``n`` output rows, the ``(n, k_active)`` input rows each output row reads (the
-    columns of the active, non-zero-weight components), and the ``(k_active, C)`` coefficients / ``(C,)``
-    bias (float64 on the host; the kernels use float32)."""
+def _check_normalisation(mean: Sequence[float] | torch.Tensor,
+                         std: Sequence[float] | torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean``/``std`` as host floats: one value per channel each, finite, ``std > 0`` (checked once, when the
+    executor is made)."""
+    values = []
+    for name, v in (("mean", mean), ("std", std)):
+        flat = torch.as_tensor(v, dtype=torch.float64).detach().cpu().flatten().tolist()
+        if not flat:
+            raise ValueError(f"{name} must hold one value per channel, got none")
+        values.append(tuple(float(f) for f in flat))
+    mean_t, std_t = values
+    if len(mean_t) != len(std_t):
+        raise ValueError(f"mean/std must have one value per channel each, got {len(mean_t)} and {len(std_t)}")
+    if not all(math.isfinite(v) for v in mean_t + std_t):
+        raise ValueError(f"mean/std must be finite, got {list(mean_t)} and {list(std_t)}")
+    if any(v <= 0 for v in std_t):
+        raise ValueError(f"std must be positive, got {list(std_t)}")
+    return mean_t, std_t
 
-    n: int
-    rows: np.ndarray
-    coef: np.ndarray
-    bias: np.ndarray
 
-
-def _check(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch.Tensor | Sequence[float],
-           std: torch.Tensor | Sequence[float], out_dtype: torch.dtype, memory_format: torch.memory_format,
-           drop_remainder: bool, grouped: bool = True) -> tuple[list[float], torch.Tensor, torch.Tensor, int]:
+def _check_input(x: torch.Tensor, plan: MixPlan, channels: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -98,33 +99,24 @@ def _check(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch
         raise TypeError(f"x must be uint8 (0..255) or floating point (0..1), got {x.dtype}")
     # Float input is not range-checked here: a check reads the whole batch (min, max, isfinite), three times
     # the kernel's own single pass. The loaders refuse 0..255 floats where a batch enters (BatchBuilder).
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
-    if memory_format not in _MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format!r}")
-    w = check_weights(weights)
-    n = group_rows(x.shape[0], len(w), drop_remainder) if grouped else x.shape[0]
-    c = x.shape[1]
-    mean_t = torch.as_tensor(mean, dtype=torch.float64).detach().cpu().flatten()
-    std_t = torch.as_tensor(std, dtype=torch.float64).detach().cpu().flatten()
-    if mean_t.numel() != c or std_t.numel() != c:
-        raise ValueError(f"mean/std must have one value per channel: C={c}, got {mean_t.numel()} and {std_t.numel()}")
-    if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()):
-        raise ValueError(f"mean/std must be finite, got {mean_t.tolist()} and {std_t.tolist()}")
-    if (std_t <= 0).any():
-        raise ValueError(f"std must be positive, got {std_t.tolist()}")
-    return w, mean_t, std_t, n
+    if x.shape[1] != channels:
+        raise ValueError(f"mean/std must have one value per channel: C={x.shape[1]}, got {channels}")
+    if not isinstance(plan, MixPlan):
+        raise TypeError(f"plan must be a MixPlan, got {type(plan).__name__}")
+    if plan.device != x.device:
+        raise ValueError(f"the plan is on {plan.device}, x on {x.device}")
+    plan.check_rows(x.shape[0])  # host plans only: reading a device plan would synchronise
 
 
-def _plan(x: torch.Tensor, w: list[float], mean: torch.Tensor, std: torch.Tensor, n: int) -> _Plan:
-    active = [g for g, wg in enumerate(w) if wg != 0.0]  # zero-weight groups are never read
-    scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    wa = np.array([w[g] for g in active], dtype=np.float64)
-    inv_std = 1.0 / std.numpy()
-    coef = wa[:, None] * (scale * inv_std)[None, :]
-    bias = wa.sum() * mean.numpy() * inv_std
-    rows = np.arange(len(w) * n, dtype=np.int64).reshape(len(w), n).T[:, active]  # group mode: row g*n + i
-    return _Plan(n=n, rows=np.ascontiguousarray(rows), coef=coef, bias=bias)
+def _active(plan: MixPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N_out, k_active)`` rows and float32 weights of the columns an executor must read (zero host weights
+    dropped), as views when the active columns are a prefix (the gradual schedule's) and without reading any
+    device value."""
+    active = plan.active_columns()
+    if active == list(range(len(active))):
+        return plan.sources[:, :len(active)], plan.weights[:, :len(active)].float()
+    return (torch.stack([plan.sources[:, g] for g in active], 1),
+            torch.stack([plan.weights[:, g] for g in active], 1).float())
 
 
 def _pixel_stride(x: torch.Tensor) -> int | None:
@@ -138,45 +130,21 @@ def _pixel_stride(x: torch.Tensor) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Torch reference (the eager composite) -- also the fallback backend
-# --------------------------------------------------------------------------------------------------
-
-def group_mix_reference(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch.Tensor | Sequence[float],
-                        std: torch.Tensor | Sequence[float], *, out_dtype: torch.dtype = torch.float32,
-                        memory_format: torch.memory_format = torch.contiguous_format,
-                        drop_remainder: bool = False) -> torch.Tensor:
-    """The eager composite the kernels are tested against: normalise, then the group-mode weighted sum.
-
-    ``normalize(x, mean, std)`` in float32 (the whole batch, as a loader does), then
-    ``sum_mix(..., weights)`` in float32 (zero-weight groups skipped), then one cast to ``out_dtype``
-    and ``memory_format``.
-
-    Args, Returns: as :func:`fused_group_mix`.
-    """
-    w, mean_t, std_t, n = _check(x, weights, mean, std, out_dtype, memory_format, drop_remainder)
-    xs = x[: n * len(w)]
-    xn = normalize(xs, mean_t.float(), std_t.float(), dtype=torch.float32)
-    dummy_targets = xn.new_zeros(xn.shape[0], 1)  # sum_mix mixes targets too; the kernel is for images only
-    mixed, _ = sum_mix(xn, dummy_targets, w, drop_remainder=drop_remainder)
-    return mixed.to(dtype=out_dtype, memory_format=memory_format)
-
-
-# --------------------------------------------------------------------------------------------------
 # Triton kernel (CUDA; CPU tensors under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------------
 
 if triton is not None:
 
     @triton.jit
-    def _group_mix_kernel(x_ptr, rows_ptr, coef_ptr, out_ptr, C, P,
-                          sx_n, sx_c, sx_p, so_n, so_c, so_p,
-                          K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _mix_kernel(x_ptr, rows_ptr, w_ptr, table_ptr, out_ptr, C, P, sr_n, sr_k, sw_n, sw_k,
+                    sx_n, sx_c, sx_p, so_n, so_c, so_p,
+                    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program: output row ``program_id(1)``, all channels, ``BLOCK_P`` pixels of the merged H*W axis.
 
-        ``coef_ptr`` holds the ``(K, C)`` coefficients followed by the ``(C,)`` bias (float32);
-        ``rows_ptr`` the ``(n, K)`` input rows of each output row's ``K`` active components (int64). Strides are in
-        elements; NCHW has ``sx_p == 1``, channels_last ``sx_c == 1`` (Triton specialises strides equal
-        to 1, so both layouts get contiguous vector loads)."""
+        ``rows_ptr``/``w_ptr``: the plan's ``(N_out, K)`` int64 rows and float32 weights (strides ``sr_*``,
+        ``sw_*``); ``table_ptr``: ``(2, C)`` float32 ``[q / std, mean / std]``. Strides are in elements; NCHW has
+        ``sx_p == 1``, channels_last ``sx_c == 1`` (Triton specialises strides equal to 1, so both layouts get
+        contiguous vector loads)."""
         i = tl.program_id(1)
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.arange(0, BLOCK_C)
@@ -184,19 +152,23 @@ if triton is not None:
         mask = c_ok[:, None] & (offs_p < P)[None, :]
         in_offs = offs_c[:, None] * sx_c + offs_p[None, :] * sx_p
         acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        total = 0.0
         for j in tl.static_range(K):
-            row = tl.load(rows_ptr + i * K + j)  # int64: row * sx_n does not overflow at ImageNet batch sizes
-            a = tl.load(coef_ptr + j * C + offs_c, mask=c_ok, other=0.0)
+            row = tl.load(rows_ptr + i * sr_n + j * sr_k)  # int64: row * sx_n does not overflow at ImageNet sizes
+            w = tl.load(w_ptr + i * sw_n + j * sw_k)
             v = tl.load(x_ptr + row * sx_n + in_offs, mask=mask, other=0).to(tl.float32)
-            acc += v * a[:, None]
-        b = tl.load(coef_ptr + K * C + offs_c, mask=c_ok, other=0.0)
-        acc -= b[:, None]
+            acc += v * w
+            total += w
+        a = tl.load(table_ptr + offs_c, mask=c_ok, other=0.0)
+        b = tl.load(table_ptr + C + offs_c, mask=c_ok, other=0.0)
+        acc = acc * a[:, None] - total * b[:, None]
         out_offs = i.to(tl.int64) * so_n + offs_c[:, None] * so_c + offs_p[None, :] * so_p
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_triton(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
-    """Set the grid and launch :func:`_group_mix_kernel` (x and out on the same device; strides checked)."""
+def _launch_triton(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                   out: torch.Tensor) -> None:
+    """Set the grid and launch :func:`_mix_kernel` (every tensor on ``x``'s device; nothing read here)."""
     if triton is None or tl is None:  # resolve_backend refuses a missing Triton; this says why it is unusable
         require("triton.language", needed_by="the triton kernel backend")
     _, c, h, w = x.shape
@@ -205,16 +177,13 @@ def _launch_triton(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
         x = x.contiguous()
         sx_p = 1
     assert so_p is not None  # out is allocated contiguous or channels_last
-    k = plan.rows.shape[1]
-    starts = torch.from_numpy(plan.rows).to(x.device, non_blocking=True)
-    table = torch.from_numpy(np.concatenate([plan.coef.ravel(), plan.bias]).astype(np.float32)).to(
-        x.device, non_blocking=True)
     block_c = triton.next_power_of_2(c)
     # 4096 elements (16 KiB of float32 accumulators) per program: a BLOCK_P of 1024 pixels for C = 3/4.
     block_p = max(16, min(1024, triton.next_power_of_2(h * w), 4096 // block_c))
-    grid = (triton.cdiv(h * w, block_p), plan.n)
-    _group_mix_kernel[grid](x, starts, table, out, c, h * w, x.stride(0), x.stride(1), sx_p,
-                            out.stride(0), out.stride(1), so_p, K=k, BLOCK_C=block_c, BLOCK_P=block_p)
+    grid = (triton.cdiv(h * w, block_p), out.shape[0])
+    _mix_kernel[grid](x, rows, weights, table, out, c, h * w, rows.stride(0), rows.stride(1),
+                      weights.stride(0), weights.stride(1), x.stride(0), x.stride(1), sx_p,
+                      out.stride(0), out.stride(1), so_p, K=rows.shape[1], BLOCK_C=block_c, BLOCK_P=block_p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +191,7 @@ def _launch_triton(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 
 # Pixels per task: the task's C * 2048 float32 values (24 KiB for C = 3: the output run or the scratch)
-# stay in the 48 KiB L1 while the k groups are added in; 64x3x224x224 gives 32 rows x 25 chunks = 800 tasks.
+# stay in the 48 KiB L1 while the k rows are added in; 64x3x224x224 gives 32 rows x 25 chunks = 800 tasks.
 _CHUNK = 2048
 
 if numba is not None:
@@ -272,48 +241,51 @@ if numba is not None:
     # k = 2 mix of 64x3x224x224 (2 threads): the wrap-around check blocks vectorisation.
 
     @numba.njit(cache=True)
-    def _mix_run(dst: np.ndarray, x: np.ndarray, rows: np.ndarray, i: int, x0: int, m: int, coef: np.ndarray,
-                 c: int, b: float, coef_rep: np.ndarray, b_rep: np.ndarray, rep: bool) -> None:
-        """``dst[:m] = sum_j a_j * x[rows[i, j], x0:x0 + m] - b`` with ``a_j = coef[j, c]`` or, when ``rep``,
-        elementwise ``coef_rep[j, :m]`` and ``b_rep[:m]`` (the first group assigns, the others add)."""
+    def _mix_run(dst: np.ndarray, x: np.ndarray, rows: np.ndarray, weights: np.ndarray, i: int, x0: int, m: int,
+                 a: float, b: float, a_rep: np.ndarray, b_rep: np.ndarray, rep: bool) -> None:
+        """``dst[:m] = (sum_j w[i, j] x[rows[i, j], x0:x0 + m]) * a - (sum_j w[i, j]) * b`` with scalars ``a, b``
+        or, when ``rep``, the elementwise ``a_rep[:m]``, ``b_rep[:m]`` (interleaved channels); the first row
+        assigns, the others add, the last scales and shifts."""
         out = dst[:m]
-        for j in range(rows.shape[1]):
+        k = rows.shape[1]
+        total = np.float32(0.0)
+        for j in range(k):
+            total += weights[i, j]
+        for j in range(k):
+            w = weights[i, j]
             src = x[rows[i, j], x0:x0 + m]
-            if rep:
-                a_rep = coef_rep[j, :m]
-                if j == 0:
-                    b_run = b_rep[:m]
-                    for t in range(m):
-                        out[t] = a_rep[t] * np.float32(src[t]) - b_run[t]
-                else:
-                    for t in range(m):
-                        out[t] += a_rep[t] * np.float32(src[t])
+            if j == 0:
+                for t in range(m):
+                    out[t] = w * np.float32(src[t])
             else:
-                a = coef[j, c]
-                if j == 0:
-                    for t in range(m):
-                        out[t] = a * np.float32(src[t]) - b
-                else:
-                    for t in range(m):
-                        out[t] += a * np.float32(src[t])
+                for t in range(m):
+                    out[t] += w * np.float32(src[t])
+        if rep:
+            a_run, b_run = a_rep[:m], b_rep[:m]
+            for t in range(m):
+                out[t] = out[t] * a_run[t] - total * b_run[t]
+        else:
+            shift = total * b
+            for t in range(m):
+                out[t] = out[t] * a - shift
 
     @numba.njit(parallel=True, cache=True)
-    def _group_mix_numba(x: np.ndarray, rows: np.ndarray, coef: np.ndarray, bias: np.ndarray,
-                         coef_rep: np.ndarray, bias_rep: np.ndarray, out: np.ndarray, channels: int,
-                         in_planar: bool, out_planar: bool, out_mode: int) -> None:
-        """``out (n, C*P)`` <- mixed rows of ``x (N, C*P)``; each row planar (C, P) or interleaved (P, C).
+    def _mix_numba(x: np.ndarray, rows: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   a_rep: np.ndarray, b_rep: np.ndarray, out: np.ndarray, channels: int, in_planar: bool,
+                   out_planar: bool, out_mode: int) -> None:
+        """``out (N_out, C*P)`` <- mixed rows of ``x (N, C*P)``; each row planar (C, P) or interleaved (P, C).
 
         Tasks are (output row, chunk of pixels) over ``prange``. A float32 output in the input's layout is
-        written directly (a scalar coefficient per channel for planar rows; for interleaved rows
-        ``coef_rep``/``bias_rep``, the per-channel values repeated along the chunk, so every inner loop is
-        a contiguous multiply-add). Otherwise the task mixes into a float32 scratch laid out like the input,
+        written directly (a scalar scale and shift per channel for planar rows; for interleaved rows
+        ``a_rep``/``b_rep``, the per-channel values repeated along the chunk, so every inner loop is a
+        contiguous multiply-add). Otherwise the task mixes into a float32 scratch laid out like the input,
         rounds it to half bits if asked (``out_mode`` 1 = float16, 2 = bfloat16) and writes it in the
         output's layout.
         """
         n = out.shape[0]
         c_count = channels
         p_count = x.shape[1] // c_count
-        chunk = coef_rep.shape[1] // c_count
+        chunk = a_rep.shape[0] // c_count
         n_chunks = (p_count + chunk - 1) // chunk
         direct = out_mode == 0 and in_planar == out_planar
         for task in numba.prange(n * n_chunks):
@@ -323,20 +295,19 @@ if numba is not None:
             if direct:
                 if in_planar:
                     for c in range(c_count):
-                        _mix_run(out[i, c * p_count + p0:], x, rows, i, c * p_count + p0, m, coef, c, bias[c],
-                                 coef_rep, bias_rep, False)
+                        _mix_run(out[i, c * p_count + p0:], x, rows, weights, i, c * p_count + p0, m, a[c], b[c],
+                                 a_rep, b_rep, False)
                 else:
-                    _mix_run(out[i, p0 * c_count:], x, rows, i, p0 * c_count, m * c_count, coef, 0, bias[0],
-                             coef_rep, bias_rep, True)
+                    _mix_run(out[i, p0 * c_count:], x, rows, weights, i, p0 * c_count, m * c_count, a[0], b[0],
+                             a_rep, b_rep, True)
                 continue
             s = np.empty(c_count * chunk, dtype=np.float32)
             u = np.empty(c_count * chunk, dtype=np.uint32)  # the half bits (a uint32 array: one loop type)
             if in_planar:  # scratch (C, chunk)
                 for c in range(c_count):
-                    _mix_run(s[c * chunk:], x, rows, i, c * p_count + p0, m, coef, c, bias[c],
-                             coef_rep, bias_rep, False)
+                    _mix_run(s[c * chunk:], x, rows, weights, i, c * p_count + p0, m, a[c], b[c], a_rep, b_rep, False)
             else:  # scratch (chunk, C)
-                _mix_run(s, x, rows, i, p0 * c_count, m * c_count, coef, 0, bias[0], coef_rep, bias_rep, True)
+                _mix_run(s, x, rows, weights, i, p0 * c_count, m * c_count, a[0], b[0], a_rep, b_rep, True)
             bits = s.view(np.uint32)
             if out_mode == 1:
                 for t in range(bits.shape[0]):
@@ -393,9 +364,12 @@ def default_numba_threads(out_elements: int) -> int:
     return max(1, min(torch.get_num_threads(), limit, out_elements // _MIN_ELEMENTS_PER_THREAD))
 
 
-def _launch_numba(x: torch.Tensor, plan: _Plan, out: torch.Tensor, num_threads: int | None = None) -> None:
-    """Run :func:`_group_mix_numba` on CPU tensors ``x`` and ``out`` (``out`` contiguous or channels_last)
-    with ``num_threads`` threads (``None``: :func:`default_numba_threads`)."""
+def _launch_numba(x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, table: np.ndarray,
+                  out: torch.Tensor, num_threads: int | None = None) -> None:
+    """Run :func:`_mix_numba` on CPU tensors with ``num_threads`` threads (``None``: :func:`default_numba_threads`).
+
+    ``table``: ``(2, C * _CHUNK)`` float32, ``[q / std, mean / std]`` repeated along a chunk (its first ``C``
+    columns are the per-channel values)."""
     if numba is None:  # pragma: no cover - resolve_backend refuses a missing numba; this says why it is unusable
         require("numba", needed_by="the numba kernel backend")
     c = x.shape[1]
@@ -410,184 +384,151 @@ def _launch_numba(x: torch.Tensor, plan: _Plan, out: torch.Tensor, num_threads: 
     else:
         x, in_planar = x.contiguous(), True
     out_planar = out.is_contiguous()
-    coef = plan.coef.astype(np.float32)
-    bias = plan.bias.astype(np.float32)
-    if in_planar:  # unused by the planar branch; typed placeholders of the right shape class
-        coef_rep, bias_rep = np.zeros((coef.shape[0], c * _CHUNK), np.float32), np.zeros(c * _CHUNK, np.float32)
-    else:
-        coef_rep, bias_rep = np.ascontiguousarray(np.tile(coef, (1, _CHUNK))), np.ascontiguousarray(np.tile(bias, _CHUNK))
-    args = (_as_numpy(_flat_rows(x.detach(), in_planar)), plan.rows, coef, bias,
-            coef_rep, bias_rep, _as_numpy(_flat_rows(out, out_planar)), c, in_planar, out_planar, _OUT_MODE[out.dtype])
+    # CPU memory: these numpy arrays are views of the tensors, no copy (and no device to synchronise with)
+    args = (_as_numpy(_flat_rows(x.detach(), in_planar)), rows.contiguous().numpy(), weights.contiguous().numpy(),
+            table[0, :c], table[1, :c], table[0], table[1], _as_numpy(_flat_rows(out, out_planar)), c,
+            in_planar, out_planar, _OUT_MODE[out.dtype])
     if num_threads is None:
         num_threads = default_numba_threads(out.numel())
     previous = numba.get_num_threads()  # numba's setting is per calling thread; restore it
     if num_threads == previous:
-        _group_mix_numba(*args)
+        _mix_numba(*args)
         return
     numba.set_num_threads(num_threads)
     try:
-        _group_mix_numba(*args)
+        _mix_numba(*args)
     finally:
         numba.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------
-# Public entry point: checks + dispatch
+# The executor: checks, the per-device tables, dispatch
 # --------------------------------------------------------------------------------------------------
 
-def fused_group_mix(x: torch.Tensor, weights: torch.Tensor | Sequence[float], mean: torch.Tensor | Sequence[float],
-                    std: torch.Tensor | Sequence[float], *, out_dtype: torch.dtype = torch.float32,
-                    memory_format: torch.memory_format = torch.contiguous_format, drop_remainder: bool = False,
-                    backend: str | None = None, num_threads: int | None = None) -> torch.Tensor:
-    """uint8 (or 0..1 float) batch -> normalised group-mode weighted sum, in one pass.
+class FusedMix:
+    """Executes mixing plans on image batches: ``FusedMix(mean, std)(x, plan)`` -> the normalised mix, one pass.
 
-    ``out[i] = sum_g weights[g] * (x[g*n + i] / 255 - mean) / std`` with ``n = N // k``; groups whose
-    weight is 0 are not read. Same result as :func:`group_mix_reference` (normalise, then
-    :func:`regpipe.functional.sum_mix`) up to float32 rounding.
+    ``out[i] = sum_g w[i, g] * (x[s[i, g]] * q - mean) / std`` (module docstring), the same as the torch
+    reference ``mix_rows(normalize(x, mean, std), plan)`` up to float32 rounding. An executor is made once
+    (e.g. by a loader's :class:`~regpipe.loaders.common.BatchBuilder`) and called per batch: it checks and
+    keeps the normalisation, uploads its per-channel table once per device and input kind, and reads nothing
+    back from the device per call.
 
     Args:
-        x: ``(N, C, H, W)`` uint8 in 0..255, or float32/float64/float16/bfloat16 in 0..1; contiguous or
-            channels_last (an NHWC ``(N, H, W, C)`` batch as ``images.permute(0, 3, 1, 2)``).
-        weights: ``(k,)`` non-negative, summing to 1; ``k`` must divide ``N`` unless ``drop_remainder``.
-        mean, std: ``(C,)`` per-channel normalisation in the 0..1 scale; ``std > 0``.
+        mean, std: ``(C,)`` per-channel normalisation in the 0..1 scale; ``std > 0`` (``mean = 0, std = 1/255``
+            keeps 0..255 values; ``mean = 0, std = 1`` mixes 0..1 or already normalised floats as they are).
         out_dtype: float32 (default), float16 or bfloat16 (accumulation is float32 in every case).
         memory_format: of the output: ``torch.contiguous_format`` (NCHW) or ``torch.channels_last``.
-        drop_remainder: ignore the last ``N % k`` rows instead of raising.
         backend: ``"triton"``, ``"numba"``, ``"torch"``, or ``None`` for ``$REGPIPE_KERNEL_BACKEND`` or the
-            device default (CUDA: triton, CPU: numba, else torch).
+            device default (CUDA: triton, CPU: numba, else torch), resolved per call from the input's device.
         num_threads: numba backend only: threads of the parallel loop (default:
             :func:`default_numba_threads`: one per 2**22 output elements, at most torch's
             ``get_num_threads()``). The mix is memory-bound; see the note at ``_MIN_ELEMENTS_PER_THREAD``.
 
-    Returns:
-        ``(N // k, C, H, W)`` tensor of ``out_dtype`` in ``memory_format``, on ``x``'s device.
-
     Raises:
-        TypeError: ``x`` is not a tensor of a supported dtype, or ``out_dtype`` is not a float output dtype.
-        ValueError: bad shape, weights, mean/std, memory format, or backend (the value is named).
+        TypeError: ``out_dtype`` is not a float output dtype.
+        ValueError: bad mean/std, memory format, backend name or thread count (the value is named).
 
     Example:
         >>> import torch
-        >>> from regpipe.kernels import fused_group_mix
-        >>> x = torch.randint(0, 256, (8, 3, 5, 7), dtype=torch.uint8)
-        >>> out = fused_group_mix(x, [0.75, 0.25], mean=[0.5] * 3, std=[0.25] * 3, out_dtype=torch.bfloat16)
+        >>> from regpipe.core.mix_plan import MixPlan
+        >>> from regpipe.kernels import FusedMix
+        >>> x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
+        >>> plan = MixPlan.uniform(torch.tensor([[0, 2], [1, 3]]), (0.75, 0.25))
+        >>> out = FusedMix([0.5] * 3, [0.25] * 3, out_dtype=torch.bfloat16)(x, plan)
         >>> out.shape, out.dtype
-        (torch.Size([4, 3, 5, 7]), torch.bfloat16)
+        (torch.Size([2, 3, 5, 7]), torch.bfloat16)
     """
-    w, mean_t, std_t, n = _check(x, weights, mean, std, out_dtype, memory_format, drop_remainder)
-    if num_threads is not None:
-        limit = numba.config.NUMBA_NUM_THREADS if numba is not None else 1
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= limit:
-            raise ValueError(f"num_threads must be an integer in [1, {limit}] (NUMBA_NUM_THREADS), got {num_threads!r}")
-    chosen = resolve_backend(x.device, backend)
-    CALLS[chosen] += 1
-    if chosen == "torch":
-        return group_mix_reference(x, w, mean_t, std_t, out_dtype=out_dtype, memory_format=memory_format,
-                                   drop_remainder=drop_remainder)
-    return _launch(x, _plan(x, w, mean_t, std_t, n), chosen, out_dtype, memory_format, num_threads)
 
+    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, *,
+                 out_dtype: torch.dtype = torch.float32, memory_format: torch.memory_format = torch.contiguous_format,
+                 backend: str | None = None, num_threads: int | None = None) -> None:
+        self.mean, self.std = _check_normalisation(mean, std)
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
+        if memory_format not in _MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got "
+                             f"{memory_format!r}")
+        if num_threads is not None:
+            limit = numba.config.NUMBA_NUM_THREADS if numba is not None else 1
+            if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= limit:
+                raise ValueError(f"num_threads must be an integer in [1, {limit}] (NUMBA_NUM_THREADS), got "
+                                 f"{num_threads!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        self.out_dtype, self.memory_format = out_dtype, memory_format
+        self.backend, self.num_threads = backend, num_threads
+        self._tables: dict[tuple[str, bool], torch.Tensor | np.ndarray] = {}
 
-def _launch(x: torch.Tensor, plan: _Plan, chosen: str, out_dtype: torch.dtype, memory_format: torch.memory_format,
-            num_threads: int | None) -> torch.Tensor:
-    """The ``(plan.n, C, H, W)`` output of ``plan`` on ``x``, computed by the ``chosen`` compiled backend."""
-    out = torch.empty((plan.n, *x.shape[1:]), dtype=out_dtype, device=x.device, memory_format=memory_format)
-    if out.numel() == 0:
+    def resolve(self, device: torch.device | str) -> str:
+        """The backend a call on ``device`` runs (see ``backend``)."""
+        return resolve_backend(device, self.backend)
+
+    def _table(self, device: torch.device, uint8: bool, chosen: str) -> torch.Tensor | np.ndarray:
+        """``(2, C)`` float32 ``[q / std, mean / std]`` on ``device`` (numba: ``(2, C * _CHUNK)``, repeated along a
+        chunk), made and uploaded once per device, input kind and backend."""
+        key = (f"{device}:{chosen}", uint8)
+        table = self._tables.get(key)
+        if table is None:
+            q = 1.0 / 255.0 if uint8 else 1.0
+            values = np.array([[q / s for s in self.std], [m / s for m, s in zip(self.mean, self.std)]],
+                              dtype=np.float32)
+            if chosen == "numba":
+                table = np.ascontiguousarray(np.tile(values, (1, _CHUNK)))
+            else:  # non-blocking: a blocking host -> device copy would wait for the device's queue
+                table = torch.from_numpy(values).to(device, non_blocking=True)
+            self._tables[key] = table
+        return table
+
+    def reference(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """The eager composite the kernels are tested against (and the ``torch`` backend): ``normalize`` in
+        float32, :func:`~regpipe.functional.sum_mix.mix_rows` in float32, one cast to ``out_dtype`` and
+        ``memory_format``."""
+        _check_input(x, plan, len(self.mean))
+        mean = torch.tensor(self.mean, dtype=torch.float32).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std, dtype=torch.float32).to(x.device, non_blocking=True)
+        xn = normalize(x, mean, std, dtype=torch.float32)
+        return mix_rows(xn, plan).to(dtype=self.out_dtype, memory_format=self.memory_format)
+
+    def __call__(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """``(N, C, H, W)`` uint8 (0..255) or float (0..1), contiguous or channels_last, and a plan on its device
+        -> ``(plan.rows_out, C, H, W)`` of ``out_dtype`` in ``memory_format`` on ``x``'s device.
+
+        Raises:
+            TypeError, ValueError: a bad input (named); a host plan reading rows outside the batch.
+        """
+        _check_input(x, plan, len(self.mean))
+        chosen = self.resolve(x.device)
+        if chosen == "torch":
+            return self.reference(x, plan)
+        out = torch.empty((plan.rows_out, *x.shape[1:]), dtype=self.out_dtype, device=x.device,
+                          memory_format=self.memory_format)
+        if out.numel() == 0:
+            return out
+        rows, weights = _active(plan)
+        table = self._table(x.device, x.dtype == torch.uint8, chosen)
+        if chosen == "triton":
+            _launch_triton(x, rows, weights, table, out)
+        else:
+            _launch_numba(x, rows, weights, table, out, self.num_threads)
         return out
-    if chosen == "triton":
-        _launch_triton(x, plan, out)
-    else:
-        _launch_numba(x, plan, out, num_threads)
-    return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Any row table: group, permutation and across-seed modes
-# --------------------------------------------------------------------------------------------------
-
-def _check_sources(sources: torch.Tensor, n_rows: int, k: int) -> np.ndarray:
-    if not isinstance(sources, torch.Tensor) or sources.dtype != torch.int64 or sources.dim() != 2:
-        raise TypeError(f"sources must be a (N_out, k) int64 tensor, got "
-                        f"{getattr(sources, 'dtype', type(sources).__name__)} {tuple(getattr(sources, 'shape', ()))}")
-    if sources.shape[1] != k:
-        raise ValueError(f"sources has {sources.shape[1]} columns for {k} weights")
-    table = sources.detach().cpu().numpy()
-    if table.size and (table.min() < 0 or table.max() >= n_rows):
-        bad = int(table.min()) if table.min() < 0 else int(table.max())
-        raise ValueError(f"sources holds row {bad}, outside the batch's {n_rows} rows")
-    return table
-
-
-def mix_reference(x: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor | Sequence[float],
-                  mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float], *,
-                  out_dtype: torch.dtype = torch.float32,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """The eager composite :func:`fused_mix` is tested against: ``normalize`` (float32), then
-    ``out[i] = sum_{g: w_g != 0} w_g * xn[sources[i, g]]`` in float32, then one cast.
-
-    Args, Returns: as :func:`fused_mix`.
-    """
-    w, mean_t, std_t, _ = _check(x, weights, mean, std, out_dtype, memory_format, False, grouped=False)
-    table = torch.from_numpy(_check_sources(sources, x.shape[0], len(w))).to(x.device)
-    xn = normalize(x, mean_t.float(), std_t.float(), dtype=torch.float32)
-    out = None
-    for g, wg in enumerate(w):
-        if wg == 0.0:
-            continue
-        part = xn.index_select(0, table[:, g]) * wg
-        out = part if out is None else out.add_(part)
-    return out.to(dtype=out_dtype, memory_format=memory_format)
-
-
-def fused_mix(x: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor | Sequence[float],
-              mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float], *,
-              out_dtype: torch.dtype = torch.float32, memory_format: torch.memory_format = torch.contiguous_format,
-              backend: str | None = None, num_threads: int | None = None) -> torch.Tensor:
-    """uint8 (or 0..1 float) batch -> per-channel normalisation -> weighted sum of any rows, in one pass.
-
-    The loader's device stage for (Gradually Cascading) Sum Augmentation (Simionescu 2020, sections 3.3
-    and 3.5) in every mode::
-
-        out[i, c] = sum_{g: w_g != 0} w_g * (x[sources[i, g], c] * s - mean[c]) / std[c]
-
-    with ``s = 1/255`` for uint8 and 1 for float input: group mode is ``sources[i, g] = g * n + i``
-    (:func:`fused_group_mix`), permutation mode ``sources[i, 0] = i``, ``sources[i, g] = pi_g(i)``, and
-    mixing after replication any table whose partners come from other seeds. Rows of zero weight are
-    never read (the GCC weights of the gradual schedule reach zero one group at a time).
-
-    Args:
-        x: ``(N, C, H, W)`` uint8 or 0..1 float, contiguous or channels_last.
-        sources: ``(N_out, k)`` int64 rows of ``x`` (any device; read on the host).
-        weights: ``(k,)`` non-negative, summing to 1.
-        mean, std: ``(C,)`` in the 0..1 scale (``mean = 0, std = 1/255`` keeps 0..255 values).
-        out_dtype: float32, float16 or bfloat16 (float32 accumulation).
-        memory_format: of the output.
-        backend: ``"triton"``, ``"numba"``, ``"torch"`` or ``None`` (``$REGPIPE_KERNEL_BACKEND``, then by device).
-        num_threads: numba threads (default :func:`default_numba_threads`).
-
-    Returns:
-        ``(N_out, C, H, W)`` of ``out_dtype`` in ``memory_format`` on ``x``'s device.
-
-    Raises:
-        TypeError, ValueError: as :func:`fused_group_mix`; ``sources`` of the wrong type, width or range (named).
+def fused_mix(x: torch.Tensor, plan: MixPlan, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor, *, out_dtype: torch.dtype = torch.float32,
+              memory_format: torch.memory_format = torch.contiguous_format, backend: str | None = None,
+              num_threads: int | None = None) -> torch.Tensor:
+    """One call of :class:`FusedMix` (for a single batch; a loop over batches keeps one executor, which uploads
+    its per-channel table once).
 
     Example:
         >>> import torch
+        >>> from regpipe.core.mix_plan import MixPlan
         >>> from regpipe.kernels import fused_mix
         >>> x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
-        >>> rows = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1]])
-        >>> fused_mix(x, rows, [0.5, 0.5], mean=[0.5] * 3, std=[0.25] * 3).shape
+        >>> plan = MixPlan.uniform(torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1]]), (0.5, 0.5))
+        >>> fused_mix(x, plan, mean=[0.5] * 3, std=[0.25] * 3).shape
         torch.Size([4, 3, 5, 7])
     """
-    w, mean_t, std_t, _ = _check(x, weights, mean, std, out_dtype, memory_format, False, grouped=False)
-    table = _check_sources(sources, x.shape[0], len(w))
-    chosen = resolve_backend(x.device, backend)
-    CALLS[chosen] += 1
-    if chosen == "torch":
-        return mix_reference(x, sources, w, mean_t, std_t, out_dtype=out_dtype, memory_format=memory_format)
-    active = [g for g, wg in enumerate(w) if wg != 0.0]
-    scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    wa = np.array([w[g] for g in active], dtype=np.float64)
-    inv_std = 1.0 / std_t.numpy()
-    plan = _Plan(n=table.shape[0], rows=np.ascontiguousarray(table[:, active]),
-                 coef=wa[:, None] * (scale * inv_std)[None, :], bias=wa.sum() * mean_t.numpy() * inv_std)
-    return _launch(x, plan, chosen, out_dtype, memory_format, num_threads)
+    return FusedMix(mean, std, out_dtype=out_dtype, memory_format=memory_format, backend=backend,
+                    num_threads=num_threads)(x, plan)
