@@ -485,9 +485,12 @@ class FusedMix:
         float32, :func:`~regpipe.functional.sum_mix.mix_rows` in float32, one cast to ``out_dtype`` and
         ``memory_format``."""
         _check_input(x, plan, len(self.mean))
-        mean = torch.tensor(self.mean, dtype=torch.float32).to(x.device, non_blocking=True)
-        std = torch.tensor(self.std, dtype=torch.float32).to(x.device, non_blocking=True)
-        xn = normalize(x, mean, std, dtype=torch.float32)
+        key = (f"{x.device}:torch", False)
+        stats = self._tables.get(key)
+        if stats is None:  # (2, C) mean and std, uploaded once per device like the kernels' table
+            stats = self._tables[key] = torch.tensor([self.mean, self.std], dtype=torch.float32).to(
+                x.device, non_blocking=True)
+        xn = normalize(x, stats[0], stats[1], dtype=torch.float32)
         return mix_rows(xn, plan).to(dtype=self.out_dtype, memory_format=self.memory_format)
 
     def __call__(self, x: torch.Tensor, plan: MixPlan) -> torch.Tensor:

@@ -314,6 +314,9 @@ def test_the_channel_table_is_made_once_per_device_and_input_kind() -> None:
     executor(x, plan)
     executor(x.float() / 255, plan)
     assert executor._tables[("cpu:numba", True)] is table and len(executor._tables) == 2
+    executor.reference(x, plan)
+    executor.reference(x, plan)
+    assert len(executor._tables) == 3  # the reference's statistics, once
 
 
 X = torch.zeros(4, 3, 5, 5, dtype=torch.uint8)
