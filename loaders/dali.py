@@ -271,8 +271,8 @@ class DaliLoader(BuilderAdapter):
 
     Per DALI batch: images ``(S, H, W, C)`` (or ``(S, M, H, W, C)`` from :func:`replicate`) become
     ``(S*M, C, H, W)`` rows (seed-contiguous, declared as ``Batch.replicas = M``, so the mixing ops pair copies
-    across seeds and the invariance loss finds each sample's copies), labels and ids are repeated per copy, recorded pixel
-    matrices are converted with ``affine_from_pixels``; then the shared builder moves, normalises and
+    across seeds and the invariance loss finds each sample's copies), labels and ids are repeated per copy,
+    recorded pixel matrices are converted with ``affine_from_pixels``; then the shared builder moves, normalises and
     checks as :class:`~regpipe.loaders.torch.TorchLoader` does (same errors for the same bad input)
     and runs ``ops`` on the tensors DALI handed over (CUDA tensors from a GPU pipeline, CPU ones
     otherwise; ``device`` is where the batch ends up).

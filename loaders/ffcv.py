@@ -156,8 +156,8 @@ def _mirror(image: np.ndarray, horizontal: bool, vertical: bool) -> None:
 def _crop_copies(image: np.ndarray, theta: np.ndarray, windows: np.ndarray, photo: np.ndarray,
                  dst: np.ndarray) -> None:
     """``M`` axis-aligned copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)``: each copy's whole-pixel
-    window (``windows``, :func:`regpipe.loaders._kernels.snap_windows`) resized by FFCV's C resize, mirrored where its matrix ``theta``
-    flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
+    window (``windows``, :func:`regpipe.loaders._kernels.snap_windows`) resized by FFCV's C resize, mirrored where
+    its matrix ``theta`` flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
     for j in range(dst.shape[0]):
         out = dst[j]
         _resize_window(image, windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3], out)

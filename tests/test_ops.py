@@ -136,7 +136,8 @@ def test_gradual_t_follows_steps_then_fine_tunes_clean() -> None:
         out = op.apply(b, plan)
         if step < 10:
             torch.testing.assert_close(out.mixing.weights[0], gcc_weights(4, step / 10))
-            torch.testing.assert_close(torch.tensor(plan.column_weights, dtype=torch.float32), gcc_weights(4, step / 10))
+            weights = torch.tensor(plan.column_weights, dtype=torch.float32)
+            torch.testing.assert_close(weights, gcc_weights(4, step / 10))
             assert out.size == 2
         else:
             assert plan.identity and plan.column_weights == (1.0,) and out is b  # clean and whole (fine-tune)
