@@ -94,7 +94,7 @@ def test_ops_keep_the_groups_only_when_asked(make, keep: bool) -> None:
     out = make(keep)(batch)
     record = out.mixing
     seeds_of = record.source_ids                                                 # (N_out, k) dataset ids
-    assert all(len(set(row)) == row_len for row in seeds_of.tolist() for row_len in [len(row)])
+    assert all(len(set(row)) == len(row) for row in seeds_of.tolist())          # k different seeds per row
     assert out.replicas == (4 if keep else 1)
     if keep:  # each output group: m views (copy j) of one mixture, same weights
         grouped = seeds_of.view(-1, 4, seeds_of.shape[1])
