@@ -2,7 +2,7 @@
 
 Rows (median over repeats of the interleaved cases, ``regpipe.engine.timing.median_ms``: CUDA synchronised
 around each call, after warm-up):
-  * bandwidth: the fused uint8 -> normalised k=4 group mix (``regpipe.kernels.fused_group_mix``, Triton) of a
+  * bandwidth: the fused uint8 -> normalised k=4 group mix (``regpipe.kernels.FusedMix``, Triton) of a
     ``(256, 3, 224, 224)`` batch against a device copy of the same bytes (``clone`` of the uint8 batch and of
     its float32 conversion); GB/s counts the bytes each call reads and writes;
   * the device stage's share of a training step: ResNet-50 (timm, else torchvision, else PreAct-ResNet-18),
@@ -28,22 +28,28 @@ def row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _group_plan(n: int, device: torch.device) -> object:
+    """The k = 4 group-mode plan of ``gradual`` at t = 0 (rows ``g * n/4 + i``, weights 1/4)."""
+    from regpipe.core.mix_plan import MixPlan
+    from regpipe.functional import mix_sources
+
+    return MixPlan.uniform(mix_sources(n, 4, device=device), (0.25,) * 4)
+
+
 def bandwidth_rows(device: torch.device, n: int, side: int, repeats: int) -> list[str]:
-    from regpipe.kernels import fused_group_mix
+    from regpipe.kernels import FusedMix
 
     x = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, device=device)
     xf = x.float()
-    mean, std, w = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), [0.25] * 4
+    mean, std, plan = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), _group_plan(n, device)
     backend = "triton" if device.type == "cuda" else None
+    to_bf16 = FusedMix(mean, std, out_dtype=torch.bfloat16, backend=backend)
+    to_f32 = FusedMix(mean, std, out_dtype=torch.float32, backend=backend)
     cases = {
         "copy uint8 (clone)": (lambda: x.clone(), 2 * x.numel()),
         "copy float32 (clone)": (lambda: xf.clone(), 2 * 4 * xf.numel()),
-        "fused normalise + k=4 mix -> bf16": (
-            lambda: fused_group_mix(x, w, mean, std, out_dtype=torch.bfloat16, backend=backend),
-            x.numel() + 2 * x.numel() // 4),
-        "fused normalise + k=4 mix -> float32": (
-            lambda: fused_group_mix(x, w, mean, std, out_dtype=torch.float32, backend=backend),
-            x.numel() + 4 * x.numel() // 4),
+        "fused normalise + k=4 mix -> bf16": (lambda: to_bf16(x, plan), x.numel() + 2 * x.numel() // 4),
+        "fused normalise + k=4 mix -> float32": (lambda: to_f32(x, plan), x.numel() + 4 * x.numel() // 4),
     }
     times = median_ms({name: fn for name, (fn, _) in cases.items()}, device, repeats)
     return [row(name, device, f"({n}, 3, {side}, {side}) uint8", f"{times[name]:.3f}",
@@ -64,7 +70,7 @@ def _resnet50(device: torch.device) -> tuple[torch.nn.Module, str]:
 
 
 def step_share_rows(device: torch.device, n: int, side: int, repeats: int) -> list[str]:
-    from regpipe.kernels import fused_group_mix
+    from regpipe.kernels import FusedMix
 
     model, name = _resnet50(device)
     model = model.to(memory_format=torch.channels_last).train()
@@ -80,9 +86,12 @@ def step_share_rows(device: torch.device, n: int, side: int, repeats: int) -> li
         s = torch.tensor(std, device=device).view(1, 3, 1, 1)
         return ((x8.float() / 255 - m) / s).contiguous(memory_format=torch.channels_last)
 
+    plan = _group_plan(n, device)
+    fused = FusedMix(mean, std, out_dtype=torch.float32, memory_format=torch.channels_last,
+                     backend="triton" if device.type == "cuda" else None)
+
     def stage() -> torch.Tensor:  # what the adapters run on the device for `gradual` (k=4 group mix)
-        return fused_group_mix(x8, [0.25] * 4, mean, std, out_dtype=torch.float32,
-                               memory_format=torch.channels_last, backend="triton" if device.type == "cuda" else None)
+        return fused(x8, plan)
 
     inputs = plain_input()
 

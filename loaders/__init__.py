@@ -74,7 +74,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
                       seed: int = 0, device: th.device | str = "cpu", ops: Sequence[Op] = (),
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                       channels_last: bool = False, work_dir: str | Path | None = None,
-                      start_epoch: int = 0) -> Iterable:
+                      start_epoch: int = 0, executor: str = "auto") -> Iterable:
     """The training batch iterable of ``regpipe train --loader KIND``.
 
     Every kind reads the same index lists from ``batch_sampler`` (shuffled batches, a recipe's seed batches
@@ -91,6 +91,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
         batch_sampler: iterable of index lists.
         work_dir: where FFCV's ``.beton`` goes (default: a fresh temporary folder).
         start_epoch: the epoch of the first pass (a resumed run's), for the adapters that count epochs.
+        executor: who executes the mixing ops' plans (:class:`~regpipe.loaders.common.BatchBuilder`).
 
     Raises:
         ValueError: an unknown ``kind`` (the known ones are listed).
@@ -98,7 +99,7 @@ def make_train_loader(kind: str, dataset: Any, batch_sampler: Iterable[Sequence[
     """
     if kind not in LOADERS:
         raise ValueError(f"unknown loader {kind!r}; choose from {list(LOADERS)}")
-    common = dict(device=device, ops=ops, mean=mean, std=std, channels_last=channels_last)
+    common = dict(device=device, ops=ops, mean=mean, std=std, channels_last=channels_last, executor=executor)
     if kind == "torch":
         from torch.utils.data import DataLoader
 

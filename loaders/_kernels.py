@@ -1,5 +1,6 @@
-"""numba kernels shared by the DALI and FFCV adapters: an augmentation chain's parameters from uniforms,
-the uint8 warp and colour change, counter-based uniforms, and the CPU sum mix.
+"""numba kernels shared by the DALI and FFCV adapters and the image-folder dataset: an augmentation chain's
+parameters from uniforms, crop windows rounded to whole pixels, the uint8 warp and colour change, and the one
+counter-based generator (:func:`counter_uniforms`) every loader draws from.
 
 The chain's randomness is not written here: each transform of a regpipe
 :class:`~regpipe.ops.augment.Augment` declares it once as a draw table (``transform.table``, see
@@ -17,6 +18,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from regpipe.functional.augment import (
     ANGLE,
@@ -46,8 +50,8 @@ from regpipe.functional.augment import (
 from regpipe.ops.augment import Augment
 
 __all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "axis_aligned", "chain_values",
-           "chain_params", "augment_params", "counter_uniforms",
-           "replicate_sample", "mix_rows", "warp_u8", "colour_u8"]
+           "chain_params", "augment_params", "counter_uniforms", "copy_params", "snap_windows", "load_int64",
+           "replicate_sample", "warp_u8", "colour_u8"]
 
 _IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
 _COLOUR_SLOTS = (BRIGHTNESS, CONTRAST, PIVOT)
@@ -71,6 +75,7 @@ def encode_augment(augment: Augment) -> tuple[np.ndarray, int]:
     """
     if not isinstance(augment, Augment):
         raise TypeError(f"augment must be a regpipe Augment chain, got {type(augment).__name__}")
+    _refresh_stale_cache()  # every use of the kernels starts from an encoded chain: checked here, not at import
     rows: list[list[float]] = []
     colour = 0
     for index, t in enumerate(augment.transforms):
@@ -404,30 +409,73 @@ def replicate_sample(src: np.ndarray, theta: np.ndarray, photo: np.ndarray, dst:
             colour_u8(dst[j], photo[j, 0], photo[j, 1], photo[j, 2])
 
 
+@intrinsic
+def load_int64(typingctx, address):  # noqa: ANN001, ANN201 - numba's intrinsic protocol
+    """Compiled code: the int64 stored at ``address`` (an integer: ``array.ctypes.data`` of an int64 array that
+    outlives the compiled function). Lets a compiled FFCV operation read a value its Python owner changes
+    between calls (the epoch of its draws) without an object-mode block or a module-level registry."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(pointer)
+    return types.int64(address), codegen
+
+
 @numba.njit(cache=True)
-def mix_rows(images: np.ndarray, sources: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = sum_g weights[g] * images[sources[i, g]]`` (float32), skipping zero weights.
+def _pixel_edges(scale: float, shift: float, size: int) -> tuple[int, int]:
+    """The whole-pixel span ``[start, end)`` of a window along one axis of ``size`` pixels: the window of the
+    normalised map ``x_in = scale x_out + shift`` covers ``[shift - |scale|, shift + |scale|]``, i.e. pixel edges
+    ``(shift -+ |scale| + 1) size / 2``, each rounded to the nearest edge (at least one pixel, inside the axis)."""
+    half = abs(scale)
+    start = int(math.floor((shift - half + 1.0) * size / 2.0 + 0.5))
+    end = int(math.floor((shift + half + 1.0) * size / 2.0 + 0.5))
+    start = min(max(start, 0), size - 1)
+    return start, min(max(end, start + 1), size)
 
-    The weighted sum of Sum Augmentation (Simionescu 2020, "Deep Learning Training Procedure
-    Augmentations", section 3.3: ``x~_i = sum_g c_g x_{g n + i}`` with ``c_g = 1 / k``) and of its
-    gradual weights (section 3.5, where trailing ``c_g`` reach 0 and their rows need not be read).
 
-    Args:
-        images: ``(N, ...)`` uint8 or float rows.
-        sources: ``(N_out, k)`` int64 row indices.
-        weights: ``(k,)`` float64.
-        out: ``(N_out, ...)`` float32.
+@numba.njit(cache=True)
+def snap_windows(theta: np.ndarray, height: int, width: int, windows: np.ndarray) -> None:
+    """Round the windows of ``M`` axis-aligned copies (``theta`` ``(M, 2, 3)``, flips and crop windows only) of a
+    ``height x width`` source to whole source pixels, in place, and write them to ``windows`` ``(M, 4)`` as
+    ``[row start, row end, column start, column end]``: the one rounding of a random-resized crop, shared by
+    FFCV's decoder (its resize reads integer windows) and the image-folder dataset.
+
+    A span ``[a, b)`` of ``n`` pixels is the normalised ``scale = +-(b - a) / n`` (the sign keeps the flip),
+    ``shift = (a + b) / n - 1``; edges move by at most half a pixel.
     """
-    for i in range(out.shape[0]):
-        row = out[i].reshape(-1)
-        row[:] = 0.0
-        for g in range(sources.shape[1]):
-            w = weights[g]
-            if w == 0.0:
-                continue
-            src = images[sources[i, g]].reshape(-1)
-            for q in range(row.shape[0]):
-                row[q] += w * src[q]
+    for j in range(theta.shape[0]):
+        r0, r1 = _pixel_edges(theta[j, 1, 1], theta[j, 1, 2], height)
+        c0, c1 = _pixel_edges(theta[j, 0, 0], theta[j, 0, 2], width)
+        windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3] = r0, r1, c0, c1
+        theta[j, 0, 0] = math.copysign((c1 - c0) / width, theta[j, 0, 0])
+        theta[j, 0, 2] = (c0 + c1) / width - 1.0
+        theta[j, 1, 1] = math.copysign((r1 - r0) / height, theta[j, 1, 1])
+        theta[j, 1, 2] = (r0 + r1) / height - 1.0
+
+
+@numba.njit(cache=True)
+def copy_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                spec: np.ndarray, count: int, m: int, out_h: int, out_w: int, pixel_aspect: bool,
+                include_original: bool, snap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(S, M, 2, 3)`` normalised output -> source matrices, ``(S, M, 3)`` colour factors and ``(S, M, 4)`` int64
+    whole-pixel windows of the copies of samples ``indices`` whose sizes are ``heights``, ``widths``:
+    :func:`counter_uniforms` keyed by ``(seed, epoch, index)``, then :func:`chain_params` per sample; ``snap``:
+    the windows rounded to whole source pixels (:func:`snap_windows`; else the windows are zeros)."""
+    s = indices.shape[0]
+    theta = np.empty((s, m, 2, 3))
+    photo = np.empty((s, m, 3))
+    windows = np.zeros((s, m, 4), dtype=np.int64)
+    pixels = np.empty((m, 2, 3))
+    u = np.empty((m, max(count, 1)))
+    for i in range(s):
+        counter_uniforms(seed, epoch, indices[i], u)
+        chain_params(u, spec, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original, theta[i],
+                     photo[i], pixels)
+        if snap:
+            snap_windows(theta[i], heights[i], widths[i], windows[i])
+    return theta, photo, windows
 
 
 @numba.njit(cache=True)
@@ -436,17 +484,15 @@ def _compiled_layout() -> np.ndarray:
 
 
 def _refresh_stale_cache() -> None:
-    """Flush the on-disk cache of every kernel here when it was compiled against another table layout.
+    """Recompile every kernel here when its on-disk cache was compiled against another table layout.
 
     numba freezes globals such as the slot numbers into the compiled code and keys its cache by this file
     alone, so after a change to the constants of :mod:`regpipe.functional.augment` the cached kernels
-    would still read the old layout. (Callers in other files embed these kernels in their own compiled
-    code; they are not cached for the same reason.)
+    would still read the old layout. Called by :func:`encode_augment` (the first step of every use of these
+    kernels), so importing this module compiles nothing. (Callers in other files embed these kernels in their
+    own compiled code; they are not cached for the same reason.)
     """
     if np.array_equal(_compiled_layout(), _LAYOUT):
         return
     for kernel in [value for value in globals().values() if isinstance(value, numba.core.dispatcher.Dispatcher)]:
         kernel.recompile()
-
-
-_refresh_stale_cache()

@@ -1,6 +1,6 @@
 """What every loader adapter shares: checks of a loader's arrays, the transfer + normalisation, building the
-:class:`~regpipe.Batch` and running the ops, so the torch, DALI and FFCV adapters report the same errors
-for the same bad input and produce the same batches.
+:class:`~regpipe.Batch` and running the ops (the device stage), so the torch, DALI and FFCV adapters report
+the same errors for the same bad input and produce the same batches.
 
 The augmentation parameters the DALI and FFCV kernels draw are replayed in torch by the op itself:
 ``augment.from_uniforms(u)`` (:class:`~regpipe.ops.augment.Augment`) reads the same draw tables as
@@ -10,31 +10,30 @@ loader did.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import math
-
 import torch
 
-from regpipe.core.batch import Batch, MixRecord, labels_to_targets
+from regpipe.core.batch import Batch, labels_to_targets
 from regpipe.core.checks import check_device
+from regpipe.core.mix_plan import MixPlan
 from regpipe.functional.normalize import normalize
-from regpipe.kernels import fused_mix, resolve_backend
-from regpipe.ops import sum_mix as _sum_mix
-from regpipe.ops.sum_mix import SumMixOp, mix_batch, params_sources
+from regpipe.functional.sum_mix import mix_rows
+from regpipe.kernels import OUT_DTYPES, FusedMix, resolve_backend
 
-__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "check_outputs", "LOG_ENV"]
+__all__ = ["Op", "BatchBuilder", "BuilderAdapter", "check_outputs", "EXECUTORS", "LOG_ENV"]
 
 Op = Callable[[Batch], Batch]
 
 #: set to 1 to print, once per op, which implementation ran the device stage
 LOG_ENV = "REGPIPE_LOG_KERNELS"
-
-# SumMix / GradualSumMix on uint8 inputs mix with the fused kernel wherever the loaders are imported.
-_sum_mix.set_uint8_mixer(fused_mix)
+#: how a :class:`BatchBuilder` executes the mixing ops' plans (its ``executor`` argument)
+EXECUTORS = ("auto", "fused", "torch")
 
 
 def _pixel_bounds(images: torch.Tensor, where: str) -> tuple[float, float] | None:
@@ -106,7 +105,7 @@ def check_outputs(available: Sequence[str], required: Sequence[str], where: str)
 
 
 class BatchBuilder:
-    """Loader arrays -> :class:`Batch` on the device, then the ops. Used by every adapter.
+    """Loader arrays -> :class:`Batch` on the device, then the ops (the device stage). Used by every adapter.
 
     Args:
         num_classes: number of classes ``K``.
@@ -117,33 +116,59 @@ class BatchBuilder:
         channels_last: make the images ``torch.channels_last``.
         non_blocking: asynchronous host -> CUDA copies.
         keep_uint8: hand the raw uint8 images to the ops (uint8 augmentations are cheaper); the first
-            sum-mixing op still converts, normalises and mixes them in one fused pass, and a batch still
+            mixing op still converts, normalises and mixes them in one fused pass, and a batch still
             uint8 after the ops is normalised when ``mean``/``std`` are given (never ignored).
+        executor: who executes the mixing ops' plans: ``"fused"`` the compiled kernel of
+            :class:`regpipe.kernels.FusedMix` (Triton on CUDA, numba on CPU; an error where neither runs),
+            ``"torch"`` the torch reference (:func:`~regpipe.functional.normalize.normalize`, then
+            :func:`~regpipe.functional.sum_mix.mix_rows`), ``"auto"`` (default) the kernel where a compiled
+            backend runs on ``device``, else the reference. ``$REGPIPE_KERNEL_BACKEND`` still picks among the
+            kernel's backends (see :func:`regpipe.kernels.resolve_backend`).
 
-    The device stage (:meth:`apply`): a uint8 batch whose next op is :class:`~regpipe.ops.SumMix` or
-    :class:`~regpipe.ops.GradualSumMix` goes through :func:`regpipe.kernels.fused_mix` (Triton on CUDA,
-    numba on CPU, the torch reference otherwise): conversion, ``(x / 255 - mean) / std`` and the mix
-    (group, permutation, or partners across seeds after replication; zero weights not read) in one pass,
-    written in the float32 batch's memory format (channels_last when asked). Any other uint8 batch is
-    normalised (``regpipe.functional.normalize``) before its first op. ``REGPIPE_LOG_KERNELS=1`` prints, once
-    per op, which implementation ran, e.g. ``GradualSumMix: fused_mix[numba] uint8 -> float32``.
+    The device stage (:meth:`apply`). An op that mixes rows by a plan (it provides ``mix(batch, executor)``:
+    :class:`~regpipe.ops.SumMix`, :class:`~regpipe.ops.GradualSumMix`, :class:`~regpipe.ops.cutmix.MixUp`) is
+    handed this builder's executor: on the loader's uint8 batch the kernel converts, normalises
+    (``(x / 255 - mean) / std``) and mixes in one pass (zero weights not read), written in the float32
+    batch's memory format (channels_last when asked); on a float batch it mixes alone. Any other op gets a
+    normalised float batch (the batch is normalised before its first such op, unless ``keep_uint8``), and so
+    does a mixing op that keeps its unmixed rows (``keep_parent``: the kept rows must be normalised too).
+    Nothing depends on what was imported: the argument decides. ``REGPIPE_LOG_KERNELS=1`` prints, once per
+    op, which implementation ran, e.g. ``GradualSumMix: fused_mix[numba] uint8 -> float32``; :attr:`ran`
+    counts every stage run (the builder's own record).
+
+    Attributes:
+        ran: ``Counter`` of the stages run, e.g. ``ran["fused_mix[numba]"]``, ``ran["normalize[torch]"]``.
+
+    Raises:
+        ValueError: bad mean/std, an unknown ``executor``, or ``"fused"`` on a device no compiled backend runs on.
     """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", ops: Sequence[Op] = (),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 channels_last: bool = False, non_blocking: bool = True, keep_uint8: bool = False) -> None:
+                 channels_last: bool = False, non_blocking: bool = True, keep_uint8: bool = False,
+                 executor: str = "auto") -> None:
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         if std is not None and any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {list(std)}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
         self.num_classes = int(num_classes)
         self.device = check_device("device", device)
+        if executor == "fused" and resolve_backend(self.device) == "torch":
+            raise ValueError(f"executor='fused' needs a compiled backend on {self.device} (numba for CPU tensors, "
+                             "Triton for CUDA ones) and none is usable here; use executor='auto' or 'torch'")
+        self.executor = executor
         self.ops = list(ops)
-        self.mean = torch.tensor(mean, dtype=torch.float32) if mean is not None else None
-        self.std = torch.tensor(std, dtype=torch.float32) if std is not None else None
+        # on the device once: a per-batch host -> device copy of the statistics would be a synchronisation
+        self.mean = torch.tensor(mean, dtype=torch.float32).to(self.device) if mean is not None else None
+        self.std = torch.tensor(std, dtype=torch.float32).to(self.device) if std is not None else None
+        self._norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std)) if mean is not None else None
         self.channels_last = channels_last
         self.non_blocking = non_blocking and self.device.type == "cuda"
         self.keep_uint8 = keep_uint8
+        self.ran: Counter[str] = Counter()
+        self._mixers: dict[tuple[Any, ...], FusedMix] = {}
         self._logged: set[int] = set()
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +203,7 @@ class BatchBuilder:
         return labels_to_targets(labels, self.num_classes)
 
     def soft_targets(self, targets: Any, n: int) -> torch.Tensor:
-        """Loader-mixed ``(N, K)`` float targets, checked on the host (shape, dtype, rows sum to 1)."""
+        """A loader's ``(N, K)`` float targets, checked on the host (shape, dtype, rows sum to 1)."""
         targets = torch.as_tensor(targets)
         if targets.shape != (n, self.num_classes):
             raise ValueError(f"soft targets must be (N, K) = ({n}, {self.num_classes}), got {tuple(targets.shape)}")
@@ -197,17 +222,18 @@ class BatchBuilder:
 
     def build(self, images: torch.Tensor, labels: Any = None, indices: Any = None, position: int = 0, *,
               targets: Any = None, affine: torch.Tensor | None = None, photometric: torch.Tensor | None = None,
-              mixing: MixRecord | None = None, raw: bool = False) -> Batch:
+              replicas: int = 1, raw: bool = False) -> Batch:
         """Build the :class:`Batch` (no ops applied; with ``raw``, uint8 images stay uint8 for :meth:`apply`).
 
         Args:
             images: ``(N, C, H, W)`` uint8 or float (host or device).
             labels: ``(N,)`` integer labels (or give ``targets``).
             indices: ``(N,)`` dataset ids; ``None``: ``position .. position + N - 1``.
-            targets: ``(N, K)`` soft targets from a loader that mixed.
+            targets: ``(N, K)`` soft targets from a loader that made them.
             affine: ``(N, 2, 3)`` normalised output -> input matrices recorded by the loader.
             photometric: ``(N, 2)`` brightness/contrast factors recorded by the loader.
-            mixing: the loader's mix record.
+            replicas: the loader made ``replicas`` copies of each sample, rows ``s * replicas ..`` of sample ``s``
+                (in-loader replication): declared on the batch (``Batch.replicas``).
         """
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             self.images(images)  # raises the shared message
@@ -216,14 +242,13 @@ class BatchBuilder:
         y = self.soft_targets(targets, n) if targets is not None else self.targets(labels, n)
         ids = self.ids(indices, n) if indices is not None else torch.arange(position, position + n)
         x = self.images(images, raw=raw)
-        if mixing is not None:
-            mixing = MixRecord(*(self._to(t) for t in (mixing.sources, mixing.weights, mixing.source_ids)))
         return Batch(inputs=x, targets=self._to(y), source_ids=self._to(ids),
                      affine=None if affine is None else self._to(affine.float()),
-                     photometric=None if photometric is None else self._to(photometric.float()), mixing=mixing)
+                     photometric=None if photometric is None else self._to(photometric.float()), replicas=replicas)
 
     def apply(self, batch: Batch) -> Batch:
-        """Run the ops on a batch; a uint8 batch goes through the device stage first (see the class docstring).
+        """Run the ops on a batch; a uint8 batch is converted and normalised by the first mixing op's fused pass
+        or before its first other op (see the class docstring). Reads no device value on the host.
 
         Raises:
             ValueError: with ``keep_uint8`` and ``mean``/``std``, an op turned the uint8 batch into floats before
@@ -231,17 +256,19 @@ class BatchBuilder:
         """
         pending = batch.inputs.dtype == torch.uint8
         for op in self.ops:
-            if pending and isinstance(op, SumMixOp) and not op.keep_parent:
-                batch, pending = self._fused(op, batch), False
-                continue
-            if pending and not self.keep_uint8:
+            mix = getattr(op, "mix", None)  # what a plan-mixing op provides (regpipe.ops.sum_mix.RowMixOp)
+            keeps_rows = bool(getattr(op, "keep_parent", False))
+            if pending and (keeps_rows if mix is not None else not self.keep_uint8):
                 batch, pending = self._normalised(batch), False
+            if mix is not None:
+                batch = mix(batch, self._executor(op, batch.inputs))
+                pending = batch.inputs.dtype == torch.uint8  # an identity plan (k = 1) leaves the batch as it was
+                continue
             out = op(batch)
             if pending and out.inputs.dtype != torch.uint8:
                 if self.mean is not None:
                     raise ValueError(f"{type(op).__name__} turned the uint8 batch into {out.inputs.dtype} before the "
-                                     "loader's mean/std were applied: put it after a SumMix/GradualSumMix op, or drop "
-                                     "keep_uint8")
+                                     "loader's mean/std were applied: put it after a mixing op, or drop keep_uint8")
                 pending = False
             batch = out
         if pending and (not self.keep_uint8 or self.mean is not None):
@@ -254,24 +281,49 @@ class BatchBuilder:
             print(f"{type(op).__name__}: {text}", file=sys.stderr)
 
     def _normalised(self, batch: Batch) -> Batch:
+        self.ran["normalize[torch]"] += 1
         self._log(self, f"normalize[torch] {batch.inputs.dtype} -> float32")
         return batch.replace(inputs=self.convert(batch.inputs))
 
-    def _fused(self, op: Any, batch: Batch) -> Batch:
-        """Convert, normalise and mix a uint8 batch in one pass with ``op``'s parameters (drawn from ``op``)."""
-        params = op.draw(batch)
-        if params.k == 1:
-            return self._normalised(batch)
-        c = batch.inputs.shape[1]
-        mean = self.mean if self.mean is not None else torch.zeros(c)
-        std = self.std if self.std is not None else torch.ones(c)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        sources = params_sources(params, batch.size, op.drop_remainder)
-        backend = resolve_backend(batch.device)
-        inputs = fused_mix(batch.inputs, sources, params.weights, mean, std, memory_format=fmt, backend=backend)
-        self._log(op, f"fused_mix[{backend}] uint8 -> {str(inputs.dtype).replace('torch.', '')}")
-        return mix_batch(batch, params.weights, perms=params.perms, drop_remainder=op.drop_remainder,
-                         sources=params.sources, inputs=inputs)
+    def _executor(self, op: Any, x: torch.Tensor) -> Callable[[torch.Tensor, MixPlan], torch.Tensor]:
+        """The function that mixes ``op``'s inputs ``x``: the fused kernel (uint8: with the conversion and this
+        builder's normalisation; float: the mix alone, in ``x``'s dtype and layout) or the torch reference."""
+        uint8 = x.dtype == torch.uint8
+        mixer = None if self.executor == "torch" else self._fused(x)
+        backend = "torch" if mixer is None else mixer.resolve(x.device)
+        if mixer is None or backend == "torch":
+            name = "mix_rows[torch]"
+
+            def run(inputs: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+                return mix_rows(self.convert(inputs) if uint8 else inputs, plan)
+        else:
+            name, run = f"fused_mix[{backend}]", mixer
+        out_dtype = "float32" if uint8 or mixer is None else str(mixer.out_dtype).replace("torch.", "")
+
+        def counted(inputs: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+            self.ran[name] += 1
+            self._log(op, f"{name} {str(inputs.dtype).replace('torch.', '')} -> {out_dtype}")
+            return run(inputs, plan)
+        return counted
+
+    def _fused(self, x: torch.Tensor) -> FusedMix | None:
+        """This builder's kernel executor for inputs like ``x`` (made once per kind), or ``None`` for a float
+        dtype the kernel does not write (float64: the torch reference mixes it)."""
+        c = x.shape[1]
+        if x.dtype == torch.uint8:
+            key: tuple[Any, ...] = ("uint8", c)
+            mean, std = self._norm if self._norm is not None else ((0.0,) * c, (1.0,) * c)
+            fmt, dtype = (torch.channels_last if self.channels_last else torch.contiguous_format), torch.float32
+        else:
+            if x.dtype not in OUT_DTYPES:
+                return None
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+                else torch.contiguous_format
+            key, mean, std, dtype = ("float", c, x.dtype, fmt), (0.0,) * c, (1.0,) * c, x.dtype
+        mixer = self._mixers.get(key)
+        if mixer is None:
+            mixer = self._mixers[key] = FusedMix(mean, std, out_dtype=dtype, memory_format=fmt)
+        return mixer
 
 
 class BuilderAdapter:

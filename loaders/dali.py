@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.batch import Batch
 from regpipe.core.optional import require
 from regpipe.functional.augment import affine_from_pixels
-from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex, lookup_id
@@ -49,12 +48,12 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 from nvidia.dali.plugin.numba.fn.experimental import numba_function
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-__all__ = ["DaliLoader", "Replicas", "replicate", "sample_ids", "sum_mix", "ArraySource", "REQUIRED", "OPTIONAL"]
+__all__ = ["DaliLoader", "Replicas", "replicate", "sample_ids", "ArraySource", "REQUIRED", "OPTIONAL"]
 
 #: outputs every pipeline must name in the iterator's ``output_map``
 REQUIRED = ("images", "labels")
 #: outputs the loader reads when present
-OPTIONAL = ("ids", "theta", "affine", "photometric", "targets", "mix_sources", "mix_weights")
+OPTIONAL = ("ids", "theta", "affine", "photometric", "targets")
 
 
 @dataclass(frozen=True)
@@ -232,82 +231,6 @@ def sample_ids(encoded: DataNode, index: FileIndex) -> DataNode:
                           in_types=[types.UINT8], outs_ndim=[1], ins_ndim=[1], device="cpu")
 
 
-def _mix_fn(weights: np.ndarray, num_classes: int):
-    w = weights.astype(np.float64)
-    k = w.shape[0]
-
-    def run(out_images, out_targets, out_sources, images, labels, keys):
-        n = len(images)
-        sources = np.empty((n, k), dtype=np.int64)
-        for i in range(n):
-            sources[i, 0] = i
-        key = np.empty(n)
-        for g in range(1, k):
-            for i in range(n):
-                key[i] = keys[i][g - 1]
-            order = np.argsort(key)
-            for i in range(n):
-                sources[i, g] = order[i]
-        for i in range(n):
-            dst = out_images[i].reshape(-1)
-            dst[:] = 0.0
-            tgt = out_targets[i]
-            tgt[:] = 0.0
-            for g in range(k):
-                if w[g] == 0.0:
-                    continue
-                src = images[sources[i, g]].reshape(-1)
-                for q in range(dst.shape[0]):
-                    dst[q] += w[g] * src[q]
-                tgt[labels[sources[i, g]][0]] += w[g]  # add per class: same-class partners keep full mass
-                out_sources[i][g] = sources[i, g]
-    return run
-
-
-def _mix_setup_fn(k: int, num_classes: int):
-    def setup(outs, ins):
-        for i in range(len(ins[0])):
-            for d in range(3):
-                outs[0][i][d] = ins[0][i][d]
-            outs[1][i][0] = num_classes
-            outs[2][i][0] = k
-    return setup
-
-
-def sum_mix(images: DataNode, labels: DataNode, weights: Sequence[float], num_classes: int) -> tuple[DataNode, DataNode, DataNode]:
-    """Inside a CPU ``pipeline_def``: Sum Augmentation in permutation mode (keeps the batch size).
-
-    Sum Augmentation (Simionescu 2020, "Deep Learning Training Procedure Augmentations", section 3.3)
-    trains on weighted sums of ``k`` inputs with the same sum of their one-hot targets. The thesis sums
-    ``k`` disjoint groups of the batch; this keeps every row instead: output sample ``i`` is
-    ``sum_g weights[g] * images[pi_g(i)]`` with ``pi_0`` the identity and ``pi_g`` (``g >= 1``) the argsort
-    of per-sample uniforms (DALI's seeded generator), and its target is ``sum_g weights[g] *
-    onehot(labels[pi_g(i)])`` (weights of same-class partners add up). One ``numba_function`` with
-    ``batch_processing=True``.
-
-    Args:
-        images: ``(H, W, C)`` uint8 CPU samples of equal shape.
-        labels: integer labels, one per sample (shape ``(1,)``).
-        weights: ``(k,)`` non-negative, summing to 1 (``(1/k,) * k`` for Sum Augmentation).
-        num_classes: ``K``.
-
-    Returns:
-        ``(images (H, W, C) float32 in the 0..255 scale, targets (K,) float32, sources (k,) int64)``: name them
-        ``images``, ``targets`` and ``mix_sources`` in the iterator's output map (and pass
-        ``mix_weights=weights`` to :class:`DaliLoader`, which divides these images by 255 into 0..1 pixels
-        before its mean/std).
-    """
-    w = np.asarray(check_weights(weights), dtype=np.float64)
-    k = len(w)
-    keys = fn.random.uniform(range=[0.0, 1.0], shape=[max(k - 1, 1)], dtype=types.FLOAT)
-    labels = fn.cast(fn.reshape(labels, shape=[1]), dtype=types.INT64)
-    mixed, targets, sources = numba_function(
-        images, labels, keys, run_fn=_mix_fn(w, num_classes), setup_fn=_mix_setup_fn(k, num_classes),
-        out_types=[types.FLOAT, types.FLOAT, types.INT64], in_types=[types.UINT8, types.INT64, types.FLOAT],
-        outs_ndim=[3, 1, 1], ins_ndim=[3, 1, 1], batch_processing=True, device="cpu")
-    return mixed, targets, sources
-
-
 class ArraySource:
     """An ``fn.external_source`` feed (``batch=True``, three outputs: ``HWC`` images, ``(1,)`` int64 labels, ``(1,)``
     int64 ids) over a map-style dataset, one epoch per ``iter()``.
@@ -347,8 +270,9 @@ class DaliLoader(BuilderAdapter):
     """Wrap a DALI pipeline (or a ``DALIGenericIterator``) so it yields regpipe :class:`Batch` es.
 
     Per DALI batch: images ``(S, H, W, C)`` (or ``(S, M, H, W, C)`` from :func:`replicate`) become
-    ``(S*M, C, H, W)`` rows (seed-contiguous), labels and ids are repeated per copy, recorded pixel
-    matrices are converted with ``affine_from_pixels``; then the shared builder moves, normalises and
+    ``(S*M, C, H, W)`` rows (seed-contiguous, declared as ``Batch.replicas = M``, so the mixing ops pair copies
+    across seeds and the invariance loss finds each sample's copies), labels and ids are repeated per copy,
+    recorded pixel matrices are converted with ``affine_from_pixels``; then the shared builder moves, normalises and
     checks as :class:`~regpipe.loaders.torch.TorchLoader` does (same errors for the same bad input)
     and runs ``ops`` on the tensors DALI handed over (CUDA tensors from a GPU pipeline, CPU ones
     otherwise; ``device`` is where the batch ends up).
@@ -357,12 +281,11 @@ class DaliLoader(BuilderAdapter):
         pipeline: a built DALI ``Pipeline``, a list of them, or a ``DALIGenericIterator``.
         num_classes: ``K``.
         output_map: names of the pipeline's outputs in order (required with a pipeline). ``images`` and
-            ``labels`` (or ``targets``) are required; ``ids`` (:func:`sample_ids`; required with copies or
-            ``mix_sources``: rows are never numbered by position then), ``theta`` (normalised ``(M, 2, 3)``,
-            :attr:`Replicas.theta`), ``affine`` (pixel ``(M, 2, 3)`` or ``(2, 3)``, same-size copies),
-            ``photometric``, ``targets`` and ``mix_sources`` are read when present.
-        mix_weights: the weights given to :func:`sum_mix` (recorded in ``Batch.mixing``).
-        device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
+            ``labels`` (or ``targets``) are required; ``ids`` (:func:`sample_ids`; required with copies: rows are
+            never numbered by position then), ``theta`` (normalised ``(M, 2, 3)``, :attr:`Replicas.theta`),
+            ``affine`` (pixel ``(M, 2, 3)`` or ``(2, 3)``, same-size copies), ``photometric`` and ``targets``
+            (``(K,)`` soft targets per sample) are read when present.
+        device, ops, mean, std, channels_last, non_blocking, keep_uint8, executor: as :class:`TorchLoader`.
         size, reader_name, last_batch_policy, auto_reset: passed to ``DALIGenericIterator``.
 
     Raises:
@@ -372,10 +295,11 @@ class DaliLoader(BuilderAdapter):
     def __init__(self, pipeline: Any, num_classes: int, output_map: Sequence[str] | None = None, *,
                  device: torch.device | str = "cpu", ops: Sequence[Op] = (), mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, channels_last: bool = False, non_blocking: bool = True,
-                 keep_uint8: bool = False, mix_weights: Sequence[float] | None = None, size: int = -1,
-                 reader_name: str | None = None, last_batch_policy: Any = None, auto_reset: bool = True) -> None:
+                 keep_uint8: bool = False, executor: str = "auto", size: int = -1, reader_name: str | None = None,
+                 last_batch_policy: Any = None, auto_reset: bool = True) -> None:
         self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
-                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
+                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8,
+                                    executor=executor)
         if isinstance(pipeline, DALIGenericIterator):
             self.iterator = pipeline
             names = list(pipeline.output_map)
@@ -398,9 +322,6 @@ class DaliLoader(BuilderAdapter):
             self.iterator = DALIGenericIterator(list(pipes), names, **kwargs)
         check_outputs(names, ["images", "labels"] if "targets" not in names else ["images"], "the DALI pipeline")
         self.names = names
-        self.mix_weights = None if mix_weights is None else torch.tensor(check_weights(mix_weights), dtype=torch.float32)
-        if "mix_sources" in names and self.mix_weights is None:
-            raise ValueError("the pipeline outputs mix_sources: pass mix_weights= (the weights given to sum_mix)")
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -414,8 +335,6 @@ class DaliLoader(BuilderAdapter):
         if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5):
             raise ValueError(f"DALI images must be (S, H, W, C) or (S, M, H, W, C) samples, got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        if "mix_sources" in outputs and images.dtype.is_floating_point:
-            images = images / 255.0  # sum_mix above sums uint8 pixels in their 0..255 scale: back to 0..1 pixels
         check_decoded_images(images, "the DALI pipeline", self.builder.keep_uint8, self.builder.mean is not None)
         s = images.shape[0]
         m = images.shape[1] if images.dim() == 5 else 1
@@ -433,9 +352,9 @@ class DaliLoader(BuilderAdapter):
 
         labels = per_seed("labels")
         ids = per_seed("ids")
-        if ids is None and (m > 1 or "mix_sources" in outputs):
-            raise ValueError("the DALI pipeline has no 'ids' output: the copies (or mix partners) of a sample cannot "
-                             "be told apart from other samples by position. Add ids=sample_ids(jpegs, "
+        if ids is None and m > 1:
+            raise ValueError("the DALI pipeline has no 'ids' output: the copies of a sample cannot be told apart "
+                             "from other samples by position. Add ids=sample_ids(jpegs, "
                              "FileIndex(file_root)) (regpipe.loaders.dali) and name it 'ids' in the output map")
         if ids is not None and bool((ids < 0).any()):
             bad = int((ids < 0).sum()) // m
@@ -456,14 +375,9 @@ class DaliLoader(BuilderAdapter):
             if photometric.shape[0] != s * m:
                 raise ValueError(f"DALI output 'photometric' has {photometric.shape[0]} rows for {s * m} images")
         targets = outputs["targets"].cpu().reshape(s, -1).repeat_interleave(m, 0) if "targets" in outputs else None
-        mixing = None
-        if "mix_sources" in outputs:
-            sources = outputs["mix_sources"].reshape(s, -1).long().cpu()
-            seed_ids = ids[::m]
-            mixing = MixRecord(sources=sources, weights=self.mix_weights.expand(s, -1).clone(),
-                               source_ids=seed_ids[sources])
+        # (S, M, H, W, C) images: M copies per sample, made by the pipeline (replicate): declared on the batch
         return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                  photometric=photometric, mixing=mixing, raw=raw)
+                                  photometric=photometric, replicas=m, raw=raw)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""

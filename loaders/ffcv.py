@@ -1,5 +1,9 @@
-"""FFCV adapter: numba-compiled ``Operation`` s (replication, CPU sum mixing), a ``Loader`` wrapper that yields
+"""FFCV adapter: numba-compiled ``Operation`` s (replication at decode), a ``Loader`` wrapper that yields
 regpipe ``Batch`` es, and ``.beton`` writers for image arrays and map-style datasets.
+
+Mixing is not done inside the loader: the wrapper's device stage (:class:`~regpipe.loaders.common.BatchBuilder`)
+runs the mixing ops' plans through the fused kernel after the transfer (one pass that converts, normalises and
+mixes; faster on a GPU than a CPU mix in FFCV's workers, and the one implementation of the math).
 
 Add regpipe to an existing FFCV pipeline in a few lines::
 
@@ -13,7 +17,8 @@ Add regpipe to an existing FFCV pipeline in a few lines::
 Randomness is counter-based, never a global generator (FFCV's own mixup reseeds numpy's global one per
 batch): a copy's uniforms depend only on ``(seed, epoch, sample index, copy)``, so the loader's worker
 threads and the wrapper's Python side compute the same parameters; the wrapper advances the epoch of
-its operations at each pass and rebuilds the recorded affines from the ``index`` field. The uniforms
+its operations at each pass (each operation keeps it in its own one-element array, which the compiled code
+reads by address) and rebuilds the recorded affines from the ``index`` field. The uniforms
 become parameters through the transforms' draw tables, the definition the torch op reads too.
 
 Writing a regpipe dataset by name (``regpipe.engine.data``) is the engine's job: load it there and
@@ -23,25 +28,20 @@ pass its arrays to :func:`write_beton`.
 from __future__ import annotations
 
 import ctypes
-import itertools
-import math
 import multiprocessing
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numba
 import numpy as np
 import torch
-from numba import objmode
 
-from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.batch import Batch
 from regpipe.core.files import atomic_write, remove_stale_temporaries
 from regpipe.core.optional import require
-from regpipe.functional.sum_mix import check_weights
 from regpipe.loaders import _kernels as K
 from regpipe.loaders.common import BatchBuilder, BuilderAdapter, Op, check_decoded_images, check_outputs
 from regpipe.loaders.file_index import FileIndex
@@ -60,41 +60,38 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.writer import DatasetWriter
 
-__all__ = ["Replicate", "ReplicatedCropDecoder", "WithIndices", "SumMixImages", "SumMixLabels", "FfcvLoader",
-           "write_beton", "write_rows", "write_image_folder"]
-
-# One objmode read per batch (the epoch) is all that leaves compiled code; numba warns that objmode blocks
-# parallel execution of that block, which is intended.
-warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel execution",
-                        category=numba.NumbaWarning)
-
-# Epoch of each regpipe operation, read by the compiled code once per batch (objmode) and advanced by the wrapper.
-_EPOCHS: dict[int, int] = {}
-_KEYS = itertools.count(1)
-
-
-def _epoch_of(key: int) -> int:
-    return _EPOCHS.get(key, 0)
+__all__ = ["Replicate", "ReplicatedCropDecoder", "WithIndices", "FfcvLoader", "write_beton", "write_rows",
+           "write_image_folder"]
 
 
 class _EpochOp(Operation):
-    """An operation whose randomness is keyed by ``(seed, epoch, sample index)``."""
+    """An operation whose randomness is keyed by ``(seed, epoch, sample index)``.
+
+    The epoch lives in a one-element int64 array the operation owns; its compiled code holds the array's
+    address and reads it once per batch (:func:`regpipe.loaders._kernels.load_int64`), so :meth:`set_epoch`
+    between passes changes what the already compiled pipeline draws. (numba freezes a global array into the
+    compiled code as a constant, hence the address; an object-mode read per batch would hold the GIL.)
+    """
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = seed
-        self.key = next(_KEYS)
-        _EPOCHS[self.key] = 0
+        self._epoch = np.zeros(1, dtype=np.int64)
 
     @property
     def epoch(self) -> int:
-        return _EPOCHS[self.key]
+        return int(self._epoch[0])
+
+    @property
+    def epoch_address(self) -> int:
+        """Where the compiled code reads the epoch (valid as long as this operation lives)."""
+        return int(self._epoch.ctypes.data)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next batches draw for (the wrapper sets it before each pass)."""
-        _EPOCHS[self.key] = int(epoch)
+        self._epoch[0] = int(epoch)
 
 
 def _check_state(op: str, state: State, ndim: int, dtypes: tuple[Any, ...]) -> None:
@@ -109,61 +106,6 @@ def _check_int_labels(op: str, state: State) -> None:
     if not state.jit_mode or not np.issubdtype(np.dtype(state.dtype), np.integer):
         raise TypeError(f"{op} needs integer labels (IntDecoder, before ToTensor), got "
                         f"dtype {np.dtype(state.dtype).name if state.jit_mode else 'torch'}")
-
-
-@numba.njit
-def _pixel_edges(scale: float, shift: float, size: int) -> tuple[int, int]:
-    """The whole-pixel span ``[start, end)`` of a window along one axis of ``size`` pixels: the window of the
-    normalised map ``x_in = scale x_out + shift`` covers ``[shift - |scale|, shift + |scale|]``, i.e. pixel edges
-    ``(shift -+ |scale| + 1) size / 2``, each rounded to the nearest edge (at least one pixel, inside the axis)."""
-    half = abs(scale)
-    start = int(math.floor((shift - half + 1.0) * size / 2.0 + 0.5))
-    end = int(math.floor((shift + half + 1.0) * size / 2.0 + 0.5))
-    start = min(max(start, 0), size - 1)
-    return start, min(max(end, start + 1), size)
-
-
-@numba.njit
-def _snap_windows(theta: np.ndarray, height: int, width: int, windows: np.ndarray) -> None:
-    """Round the windows of ``M`` axis-aligned copies (``theta`` ``(M, 2, 3)``, flips and crop windows only) of a
-    ``height x width`` source to whole source pixels, in place, and write them to ``windows`` ``(M, 4)`` as
-    ``[row start, row end, column start, column end]`` (FFCV's resize reads integer windows).
-
-    A span ``[a, b)`` of ``n`` pixels is the normalised ``scale = +-(b - a) / n`` (the sign keeps the flip),
-    ``shift = (a + b) / n - 1``; edges move by at most half a pixel.
-    """
-    for j in range(theta.shape[0]):
-        r0, r1 = _pixel_edges(theta[j, 1, 1], theta[j, 1, 2], height)
-        c0, c1 = _pixel_edges(theta[j, 0, 0], theta[j, 0, 2], width)
-        windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3] = r0, r1, c0, c1
-        theta[j, 0, 0] = math.copysign((c1 - c0) / width, theta[j, 0, 0])
-        theta[j, 0, 2] = (c0 + c1) / width - 1.0
-        theta[j, 1, 1] = math.copysign((r1 - r0) / height, theta[j, 1, 1])
-        theta[j, 1, 2] = (r0 + r1) / height - 1.0
-
-
-# Not cached, like _mix_sources: numba's cache is keyed by this file only, and these embed the compiled kernels of
-# regpipe.loaders._kernels (and the draw-table layout they were built with), which may change without this file.
-@numba.njit
-def _copy_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                 spec: np.ndarray, count: int, m: int, out_h: int, out_w: int, pixel_aspect: bool,
-                 include_original: bool, snap: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(S, M, 2, 3)`` normalised output -> source matrices and ``(S, M, 3)`` colour factors of the copies of
-    samples ``indices`` whose sizes are ``heights``, ``widths`` (``K.chain_params`` per sample; ``snap``: the
-    windows rounded to whole source pixels, :func:`_snap_windows`)."""
-    s = indices.shape[0]
-    theta = np.empty((s, m, 2, 3))
-    photo = np.empty((s, m, 3))
-    pixels = np.empty((m, 2, 3))
-    windows = np.empty((m, 4), dtype=np.int64)
-    u = np.empty((m, max(count, 1)))
-    for i in range(s):
-        K.counter_uniforms(seed, epoch, indices[i], u)
-        K.chain_params(u, spec, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original, theta[i],
-                       photo[i], pixels)
-        if snap:
-            _snap_windows(theta[i], heights[i], widths[i], windows)
-    return theta, photo
 
 
 _resize_crop = numba.njit(nogil=True)(resize_crop)
@@ -214,8 +156,8 @@ def _mirror(image: np.ndarray, horizontal: bool, vertical: bool) -> None:
 def _crop_copies(image: np.ndarray, theta: np.ndarray, windows: np.ndarray, photo: np.ndarray,
                  dst: np.ndarray) -> None:
     """``M`` axis-aligned copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)``: each copy's whole-pixel
-    window (``windows``, :func:`_snap_windows`) resized by FFCV's C resize, mirrored where its matrix ``theta``
-    flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
+    window (``windows``, :func:`regpipe.loaders._kernels.snap_windows`) resized by FFCV's C resize, mirrored where
+    its matrix ``theta`` flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
     for j in range(dst.shape[0]):
         out = dst[j]
         _resize_window(image, windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3], out)
@@ -253,22 +195,21 @@ class Replicate(_EpochOp):
         of samples ``indices`` (``(S,)``) in ``epoch`` (default: the current one), seed-contiguous."""
         indices = np.asarray(indices, dtype=np.int64)
         # K.augment_params per sample: the output frame is the image's, windows in frame fractions
-        theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices,
-                                    np.full(len(indices), height, np.int64), np.full(len(indices), width, np.int64),
-                                    self.spec, self.count, self.m, height, width, False, self.include_original,
-                                    False)
+        theta, photo, _ = K.copy_params(self.seed, self.epoch if epoch is None else epoch, indices,
+                                        np.full(len(indices), height, np.int64),
+                                        np.full(len(indices), width, np.int64), self.spec, self.count, self.m, height,
+                                        width, False, self.include_original, False)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
     def generate_code(self) -> Callable:
-        seed, key, spec, count, m, include_original = self.seed, self.key, self.spec, self.count, self.m, \
-            self.include_original
+        seed, address, spec, count, m, include_original = self.seed, self.epoch_address, self.spec, self.count, \
+            self.m, self.include_original
         my_range = Compiler.get_iterator()
-        params, counter, replicate_sample = K.augment_params, K.counter_uniforms, K.replicate_sample
+        params, counter, replicate_sample, load = K.augment_params, K.counter_uniforms, K.replicate_sample, K.load_int64
 
         def replicate(images, dst, indices):
-            with objmode(epoch="int64"):
-                epoch = _epoch_of(key)
+            epoch = load(address)
             height, width = images.shape[1], images.shape[2]
             for i in my_range(images.shape[0]):
                 u = np.empty((m, max(count, 1)))
@@ -364,9 +305,9 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         the sources' sizes are read from the ``.beton``)."""
         indices = np.asarray(indices, dtype=np.int64)
         heights, widths = self.source_sizes(indices)
-        theta, photo = _copy_params(self.seed, self.epoch if epoch is None else epoch, indices, heights, widths,
-                                    self.spec, self.count, self.m, self.size[0], self.size[1], True,
-                                    self.include_original, self.axis_aligned)
+        theta, photo, _ = K.copy_params(self.seed, self.epoch if epoch is None else epoch, indices, heights, widths,
+                                        self.spec, self.count, self.m, self.size[0], self.size[1], True,
+                                        self.include_original, self.axis_aligned)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
@@ -381,16 +322,15 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        seed, key, spec, count, m, include_original = self.seed, self.key, self.spec, self.count, self.m, \
-            self.include_original
+        seed, address, spec, count, m, include_original = self.seed, self.epoch_address, self.spec, self.count, \
+            self.m, self.include_original
         out_h, out_w = self.size
-        params, counter, replicate_sample = K.chain_params, K.counter_uniforms, K.replicate_sample
-        aligned, snap, crop_copies = self.axis_aligned, _snap_windows, _crop_copies
+        params, counter, replicate_sample, load = K.chain_params, K.counter_uniforms, K.replicate_sample, K.load_int64
+        aligned, snap, crop_copies = self.axis_aligned, K.snap_windows, _crop_copies
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            with objmode(epoch="int64"):
-                epoch = _epoch_of(key)
+            epoch = load(address)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -443,130 +383,6 @@ class WithIndices(Operation):
                 AllocationQuery((2,), np.dtype(np.int64)))
 
 
-@numba.njit
-def _mix_sources(seed: int, epoch: int, indices: np.ndarray, k: int, permute: bool) -> np.ndarray:
-    """``(N_out, k)`` rows each output row reads: group mode ``[i, n+i, ...]``; permutation mode row ``i`` then
-    ``k - 1`` counter-based permutations keyed by the batch's indices."""
-    n_rows = indices.shape[0]
-    if not permute:
-        n = n_rows // k
-        out = np.empty((n, k), dtype=np.int64)
-        for i in range(n):
-            for g in range(k):
-                out[i, g] = g * n + i
-        return out
-    out = np.empty((n_rows, k), dtype=np.int64)
-    batch_key = 0
-    for i in range(n_rows):
-        batch_key = (batch_key * 1000003 + indices[i]) % 2147483647
-    keys = np.empty(n_rows)
-    for i in range(n_rows):
-        out[i, 0] = i
-    for g in range(1, k):
-        K.counter_uniforms(seed + g, epoch, batch_key, keys)
-        order = np.argsort(keys)
-        for i in range(n_rows):
-            out[i, g] = order[i]
-    return out
-
-
-class _SumMixOp(_EpochOp):
-    def __init__(self, weights: Sequence[float], mode: Literal["group", "permute"] = "group", seed: int = 0) -> None:
-        super().__init__(seed)
-        if mode not in ("group", "permute"):
-            raise ValueError(f"mode must be 'group' or 'permute', got {mode!r}")
-        self.weights = np.asarray(check_weights(weights), dtype=np.float64)
-        self.mode = mode
-        self.pixel_scale = 1.0  # SumMixImages: 255 once FFCV declares it on uint8 input
-
-    def sources(self, indices: np.ndarray, epoch: int | None = None) -> torch.Tensor:
-        """``(N_out, k)`` int64 rows of the loader batch (with dataset ids ``indices``) each mixed row reads."""
-        return torch.from_numpy(_mix_sources(self.seed, self.epoch if epoch is None else epoch,
-                                             np.asarray(indices, dtype=np.int64), len(self.weights),
-                                             self.mode == "permute"))
-
-
-class SumMixImages(_SumMixOp):
-    """FFCV operation: Sum Augmentation on the CPU: ``(N, ...)`` uint8/float -> ``(N_out, ...)`` float32.
-
-    The output keeps the input's scale (a mix of uint8 pixels is in ``0..255``); :class:`FfcvLoader` given
-    ``mix=`` this op divides it back to ``0..1`` pixels before its mean/std.
-
-    Group mode (Simionescu 2020, "Deep Learning Training Procedure Augmentations", section 3.3): ``N -> N / k``
-    rows, ``out_i = sum_g w_g x_{g*n+i}`` with ``n = N / k`` (``N % k`` trailing rows dropped) and the thesis's
-    ``w_g = 1 / k``, or the gradual weights of its section 3.5. Permutation mode keeps ``N`` rows,
-    ``out_i = sum_g w_g x_{pi_g(i)}`` with ``pi_0`` the identity and counter-based permutations. Zero weights
-    are not read. Pair it with :class:`SumMixLabels` built with the same arguments, and pass it to
-    :class:`FfcvLoader` (``mix=``) to record the mix.
-    """
-
-    def generate_code(self) -> Callable:
-        seed, key, weights, k, permute = self.seed, self.key, self.weights, len(self.weights), self.mode == "permute"
-        mix_rows, mix_sources = K.mix_rows, _mix_sources
-
-        def mix(images, dst, indices):
-            with objmode(epoch="int64"):
-                epoch = _epoch_of(key)
-            sources = mix_sources(seed, epoch, indices[:images.shape[0]], k, permute)
-            out = dst[:sources.shape[0]]
-            mix_rows(images, sources, weights, out)
-            return out
-
-        mix.with_indices = True
-        return mix
-
-    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
-        if not previous_state.jit_mode:
-            raise TypeError("SumMixImages runs in FFCV's compiled stage: place it before ToTensor()")
-        if np.dtype(previous_state.dtype) not in (np.dtype(np.uint8), np.dtype(np.float32)):
-            raise TypeError(f"SumMixImages needs uint8 or float32 samples, got {np.dtype(previous_state.dtype).name}")
-        # the mix keeps its input's scale: FfcvLoader divides a mix of uint8 pixels (0..255) by 255
-        self.pixel_scale = 255.0 if np.dtype(previous_state.dtype) == np.dtype(np.uint8) else 1.0
-        return (replace(previous_state, dtype=np.dtype(np.float32)),
-                AllocationQuery(previous_state.shape, np.dtype(np.float32)))
-
-
-class SumMixLabels(_SumMixOp):
-    """FFCV operation: the soft targets of :class:`SumMixImages`: integer labels ``(N, 1)`` -> ``(N_out, K)`` float32.
-
-    Weights are *added* per class, so two partners of the same class give it the full weight (FFCV's own
-    ``MixupToOneHot`` overwrites and loses that mass).
-    """
-
-    def __init__(self, weights: Sequence[float], num_classes: int, mode: Literal["group", "permute"] = "group",
-                 seed: int = 0) -> None:
-        super().__init__(weights, mode, seed)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
-
-    def generate_code(self) -> Callable:
-        seed, key, weights, k, permute = self.seed, self.key, self.weights, len(self.weights), self.mode == "permute"
-        num_classes, mix_sources = self.num_classes, _mix_sources
-
-        def mix(labels, dst, indices):
-            with objmode(epoch="int64"):
-                epoch = _epoch_of(key)
-            sources = mix_sources(seed, epoch, indices[:labels.shape[0]], k, permute)
-            out = dst[:sources.shape[0]]
-            out[:] = 0.0
-            for i in range(sources.shape[0]):
-                for g in range(k):
-                    label = int(labels[sources[i, g]].reshape(-1)[0])
-                    if label < 0 or label >= num_classes:
-                        raise ValueError("label out of range for num_classes")
-                    out[i, label] += weights[g]
-            return out
-
-        mix.with_indices = True
-        return mix
-
-    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
-        _check_int_labels("SumMixLabels", previous_state)
-        shape = (self.num_classes,)
-        return replace(previous_state, shape=shape, dtype=np.dtype(np.float32)), AllocationQuery(shape, np.dtype(np.float32))
-
-
 def _tensor(value: Any) -> torch.Tensor:
     """An FFCV output (numpy array or tensor, often a reused buffer) as a tensor that owns its memory."""
     t = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
@@ -578,23 +394,21 @@ class FfcvLoader(BuilderAdapter):
 
     The loader's outputs are named by its fields (the ``.beton``'s order). Per batch: images ``(N, H, W, C)``
     (``(N, M, H, W, C)`` from :class:`Replicate` or :class:`ReplicatedCropDecoder`; ``(N, C, H, W)`` after
-    ``ToTorchImage``) become ``(N*M, C, H, W)`` rows, labels/ids are repeated per copy, the recorded affines
-    and colour factors of the replication and the mix of :class:`SumMixImages` are rebuilt from the samples'
-    indices, then the shared builder moves, normalises (or, with a sum-mixing first op, converts,
-    normalises and mixes in one fused pass) and checks as the torch and DALI adapters do, and ``ops`` run.
+    ``ToTorchImage``) become ``(N*M, C, H, W)`` rows (declared as ``Batch.replicas = M``), labels/ids are
+    repeated per copy, the recorded affines and colour factors of the replication are rebuilt from the samples'
+    indices, then the shared builder moves, normalises (or, with a mixing first op, converts, normalises and
+    mixes in one fused pass) and checks as the torch and DALI adapters do, and ``ops`` run.
 
     Each row's dataset id is the sample's index in the ``.beton``: from the label pipeline's
     :class:`WithIndices` (an image + label ``.beton`` works as it is) or an ``index`` field; never from the
-    row's position when there are copies or a mix.
+    row's position when there are copies.
 
     Args:
         loader: an ``ffcv.loader.Loader``.
         num_classes: ``K``.
         replicate: the :class:`Replicate` or :class:`ReplicatedCropDecoder` in the image pipeline, if any.
-        mix: the :class:`SumMixImages` in the image pipeline, if any (with :class:`SumMixLabels` on the labels;
-            needs the ``index`` field).
         image_field, label_field, index_field: field names.
-        device, ops, mean, std, channels_last, non_blocking, keep_uint8: as :class:`TorchLoader`.
+        device, ops, mean, std, channels_last, non_blocking, keep_uint8, executor: as :class:`TorchLoader`.
         start_epoch: the epoch of the first pass (a resumed run's): the operations' counter-based draws
             are keyed by it, one epoch per pass.
 
@@ -605,16 +419,15 @@ class FfcvLoader(BuilderAdapter):
     """
 
     def __init__(self, loader: Loader, num_classes: int, *, replicate: Replicate | ReplicatedCropDecoder | None = None,
-                 mix: SumMixImages | None = None, image_field: str = "image", label_field: str = "label",
-                 index_field: str = "index", device: torch.device | str = "cpu", ops: Sequence[Op] = (),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, channels_last: bool = False,
-                 non_blocking: bool = True, keep_uint8: bool = False, start_epoch: int = 0) -> None:
+                 image_field: str = "image", label_field: str = "label", index_field: str = "index",
+                 device: torch.device | str = "cpu", ops: Sequence[Op] = (), mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, channels_last: bool = False, non_blocking: bool = True,
+                 keep_uint8: bool = False, executor: str = "auto", start_epoch: int = 0) -> None:
         if not isinstance(loader, Loader):
             raise TypeError(f"loader must be an ffcv.loader.Loader, got {type(loader).__name__}")
         self.loader = loader
         self.names = list(loader.pipeline_specs)
-        check_outputs(self.names, [image_field, label_field] + ([index_field] if mix is not None else []),
-                      "the FFCV loader")
+        check_outputs(self.names, [image_field, label_field], "the FFCV loader")
         label_spec = loader.pipeline_specs[label_field]
         self.label_indices = any(isinstance(op, WithIndices) for op in [label_spec.decoder, *label_spec.transforms])
         if replicate is not None and index_field not in self.names and not self.label_indices:
@@ -629,8 +442,9 @@ class FfcvLoader(BuilderAdapter):
                 raise TypeError(f"field {name!r} of {loader.fname} is a {type(handlers[name]).__name__}; regpipe "
                                 f"needs {' or '.join(a.__name__ for a in allowed)}")
         self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
-                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
-        self.replicate, self.mix = replicate, mix
+                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8,
+                                    executor=executor)
+        self.replicate = replicate
         self.image_field, self.label_field, self.index_field = image_field, label_field, index_field
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
@@ -641,7 +455,7 @@ class FfcvLoader(BuilderAdapter):
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next pass draws for (counts on by one per pass): a resumed run sets its epoch, so the
-        replication and the mix redraw that epoch's parameters.
+        replication redraws that epoch's parameters.
 
         Raises:
             ValueError: a negative or non-integer epoch (named).
@@ -663,8 +477,6 @@ class FfcvLoader(BuilderAdapter):
             images = images.permute(0, 2, 3, 1)  # ToTorchImage already gave (N, C, H, W)
         if images.dim() not in (4, 5):
             raise ValueError(f"FFCV images must be (N, H, W, C) or (N, M, H, W, C), got {tuple(images.shape)}")
-        if self.mix is not None and self.mix.pixel_scale != 1.0:
-            images = images / self.mix.pixel_scale  # SumMixImages mixed uint8 pixels in their 0..255 scale
         check_decoded_images(images, "the FFCV pipeline", self.builder.keep_uint8, self.builder.mean is not None)
         s = images.shape[0]
         m = images.shape[1] if images.dim() == 5 else 1
@@ -672,39 +484,28 @@ class FfcvLoader(BuilderAdapter):
         x = images.reshape(s * m, height, width, images.shape[-1]).permute(0, 3, 1, 2)
         labels = _tensor(named[self.label_field])
         indices = _tensor(named[self.index_field]).reshape(-1).long() if self.index_field in named else None
-        if self.label_indices and self.mix is None:
+        if self.label_indices:
             if labels.dim() != 2 or labels.shape[1] != 2:
                 raise ValueError(f"WithIndices gives (N, 2) [label, index] rows, got labels of shape "
                                  f"{tuple(labels.shape)}")
             indices = labels[:, 1].long()
             labels = labels[:, :1]
-        targets = mixing = affine = photometric = None
-        if self.mix is not None:
-            sources = self.mix.sources(indices.numpy(), epoch)
-            if labels.dim() != 2 or labels.shape[0] != s:
-                raise ValueError(f"with SumMixImages the label pipeline must end in SumMixLabels ((N_out, K) soft "
-                                 f"targets), got labels of shape {tuple(labels.shape)}")
-            targets = labels
-            k = sources.shape[1]
-            mixing = MixRecord(sources=sources, weights=torch.from_numpy(self.mix.weights).float().expand(s, k).clone(),
-                               source_ids=indices[sources])
-            ids = indices[sources[:, 0]]
-            labels = None
-        else:
-            labels = labels.reshape(s, -1)
-            if labels.shape[1] != 1:
-                raise ValueError(f"labels must be (N,) = ({s},), got {tuple(named[self.label_field].shape)}")
-            labels = labels[:, 0].repeat_interleave(m)
-            if indices is None and m > 1:
-                raise ValueError("the FFCV batch has copies but no sample indices: add WithIndices() to the label "
-                                 "pipeline or an index field")
-            ids = indices.repeat_interleave(m) if indices is not None else None
+        affine = photometric = None
+        labels = labels.reshape(s, -1)
+        if labels.shape[1] != 1:
+            raise ValueError(f"labels must be (N,) = ({s},), got {tuple(named[self.label_field].shape)}")
+        labels = labels[:, 0].repeat_interleave(m)
+        if indices is None and m > 1:
+            raise ValueError("the FFCV batch has copies but no sample indices: add WithIndices() to the label "
+                             "pipeline or an index field")
+        ids = indices.repeat_interleave(m) if indices is not None else None
         if self.replicate is not None:
             if m != self.replicate.m:
                 raise ValueError(f"the image field holds {m} copies per sample, Replicate makes {self.replicate.m}")
             affine, photometric = self.replicate.params(indices.numpy(), height, width, epoch)
-        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                  photometric=photometric, mixing=mixing, raw=raw)
+        # (N, M, H, W, C) images: M copies per sample, made at decode: declared on the batch
+        return self.builder.build(x, labels, ids, position, affine=affine, photometric=photometric, replicas=m,
+                                  raw=raw)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
@@ -712,9 +513,8 @@ class FfcvLoader(BuilderAdapter):
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
-        for op in (self.replicate, self.mix):
-            if op is not None:
-                op.set_epoch(epoch)
+        if self.replicate is not None:
+            self.replicate.set_epoch(epoch)
         if isinstance(self.replicate, ReplicatedCropDecoder) and self.replicate.metadata is None:
             raise ValueError("the ReplicatedCropDecoder given to FfcvLoader is not the one in the loader's image "
                              "pipeline")

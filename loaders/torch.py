@@ -30,7 +30,9 @@ class TorchLoader(BuilderAdapter):
         mean, std: per-channel normalisation in the 0..1 scale; ``None`` leaves values unnormalised
             (uint8 is still converted to float in 0..1 unless ``keep_uint8``).
         channels_last: convert the images to ``torch.channels_last``.
-        keep_uint8: hand the raw uint8 images to the ops (they mix in float themselves).
+        keep_uint8: hand the raw uint8 images to the ops (the first mixing op converts, normalises and mixes).
+        executor: who executes the mixing ops' plans: ``"auto"``, ``"fused"`` or ``"torch"``
+            (:class:`~regpipe.loaders.common.BatchBuilder`).
 
     Example:
         >>> import torch
@@ -45,10 +47,12 @@ class TorchLoader(BuilderAdapter):
 
     def __init__(self, iterable: Iterable, num_classes: int, device: torch.device | str = "cpu",
                  ops: Sequence[Op] = (), mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 channels_last: bool = False, non_blocking: bool = True, keep_uint8: bool = False) -> None:
+                 channels_last: bool = False, non_blocking: bool = True, keep_uint8: bool = False,
+                 executor: str = "auto") -> None:
         self.iterable = iterable
         self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
-                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8)
+                                    channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8,
+                                    executor=executor)
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]

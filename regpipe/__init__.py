@@ -8,6 +8,7 @@ loader adapters in :mod:`regpipe.loaders`.
 from importlib.metadata import version as _version
 
 from regpipe.core.batch import Batch, BoxRecord, MixRecord, identity_affine, labels_to_targets
+from regpipe.core.mix_plan import MixPlan
 from regpipe.core.op import BatchOp
 from regpipe.engine.cascade import Cascade, CascadeEvent
 from regpipe.hooks import ConsistencyObjective, FeatureTap, InvarianceLoss, PatchUpHook, SaliencyLoss
@@ -44,6 +45,7 @@ __all__ = [
     "LossDeltaOrderer",
     "LossOrderer",
     "LossSampler",
+    "MixPlan",
     "MixRecord",
     "MixUp",
     "PatchUp",

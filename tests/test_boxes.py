@@ -145,7 +145,7 @@ def test_mixup_is_a_beta_blend_of_permuted_pairs() -> None:
     lam = float(weights[0, 0])
     for i in range(16):
         torch.testing.assert_close(out.inputs[i], lam * batch.inputs[i] + (1 - lam) * batch.inputs[sources[i, 1]])
-    lams = torch.tensor([MixUp(alpha=0.2, seed=s).draw(batch).weights[0] for s in range(300)])
+    lams = torch.tensor([MixUp(alpha=0.2, seed=s).draw(batch).column_weights[0] for s in range(300)])
     assert float((lams - 0.5).abs().mean()) > 0.3  # Beta(0.2, 0.2) sits near 0 and 1
 
 

@@ -72,15 +72,34 @@ def test_invariance_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda a: invariance_loss(a, ids), (acts,))
 
 
+def test_invariance_of_contiguous_groups_is_that_of_their_ids() -> None:
+    # Batch.replicas = m: rows s*m .. s*m + m - 1 are one seed's; grouping by that count reads nothing on the host
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(12, 3, 2, 2, generator=g, requires_grad=True)
+    by_count = invariance_loss(acts, 3)
+    torch.testing.assert_close(by_count, invariance_loss(acts, torch.arange(4).repeat_interleave(3)))
+    torch.testing.assert_close(by_count.double(), naive_invariance(acts.detach(), torch.arange(12) // 3))
+    by_count.backward()
+    assert acts.grad is not None and torch.isfinite(acts.grad).all()
+
+
 def test_invariance_bad_inputs() -> None:
-    with pytest.raises(ValueError, match=r"source_ids must be \(4,\)"):
+    with pytest.raises(ValueError, match=r"source ids must be \(4,\)"):
         invariance_loss(torch.randn(4, 2), torch.arange(3))
     with pytest.raises(TypeError, match="integer"):
         invariance_loss(torch.randn(4, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="NaN"):
         invariance_loss(torch.tensor([[float("nan")], [1.0]]), torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match="all 3 source_ids are distinct"):  # nothing replicated: no loss to measure
+    with pytest.raises(ValueError, match="all 3 rows are their own seed"):  # nothing replicated: no loss to measure
         invariance_loss(torch.randn(3, 2), torch.arange(3))
+    with pytest.raises(ValueError, match="all 3 rows are their own seed"):
+        invariance_loss(torch.randn(3, 2), 1)
+    with pytest.raises(ValueError, match="groups=2 must be a positive integer dividing the 3 rows"):
+        invariance_loss(torch.randn(3, 2), 2)
+    with pytest.raises(TypeError, match="group size"):
+        invariance_loss(torch.randn(4, 2), 2.0)  # type: ignore[arg-type]
+    with pytest.warns(RuntimeWarning, match="all 4 rows form one group"):  # e.g. 4 seeds mixed 4 at a time
+        assert float(invariance_loss(torch.randn(4, 2), 4)) == pytest.approx(1.0)
 
 
 def test_depth_weights() -> None:
@@ -129,7 +148,8 @@ def test_tapped_features_see_through_wrappers() -> None:
 def test_invariance_hook_objective() -> None:
     torch.manual_seed(0)
     model = preact_resnet_small(num_classes=3)
-    batch = Batch.from_labels(torch.rand(6, 3, 32, 32), torch.arange(6) % 3, 3, source_ids=torch.arange(6) // 2)
+    batch = Batch.from_labels(torch.rand(6, 3, 32, 32), torch.arange(6) % 3, 3,
+                              source_ids=torch.arange(6) // 2).replace(replicas=2)  # the copies, as declared
     with InvarianceLoss(model, ["layer1", "layer3"], alpha=0.2, ratio=4.0) as hook:
         total = hook(model, batch, soft_target_cross_entropy)
         acts = {}

@@ -17,12 +17,12 @@ from regpipe import Batch  # noqa: E402
 from regpipe.cli import main  # noqa: E402
 from regpipe.engine.data import ArrayDataset, ImageArrays  # noqa: E402
 from regpipe.functional.augment import inverse_warp, valid_mask  # noqa: E402
-from regpipe.functional.sum_mix import sum_mix  # noqa: E402
+from regpipe.functional.sum_mix import mix_rows  # noqa: E402
 from regpipe.loaders import EpochBatches, make_train_loader  # noqa: E402
 from regpipe.loaders.dali import ArraySource, DaliLoader, replicate  # noqa: E402
-from regpipe.loaders.dali import sum_mix as dali_sum_mix  # noqa: E402
 from regpipe.ops.augment import (Augment, RandomAffine, RandomBrightnessContrast, RandomFlip,  # noqa: E402
                                  RandomResizedCrop)
+from regpipe.ops.cutmix import MixUp  # noqa: E402
 
 N, C, H, W, K, M, S = 16, 3, 12, 10, 4, 3, 8
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
@@ -72,6 +72,7 @@ def replicated(arrays: ImageArrays) -> tuple[dict, Batch, Augment]:
 def test_replication_layout_and_originals(arrays: ImageArrays, replicated) -> None:
     _, batch, _ = replicated
     assert batch.inputs.shape == (S * M, C, H, W) and batch.inputs.dtype == torch.uint8
+    assert batch.replicas == M  # the pipeline's copies, declared for the mixing ops and the invariance loss
     assert batch.source_ids.tolist() == [s for s in range(S) for _ in range(M)]  # seed-contiguous, as Replicate
     assert torch.equal(batch.targets.argmax(1), arrays.labels[batch.source_ids])
     originals = torch.arange(S * M) % M == 0
@@ -140,28 +141,21 @@ def test_random_parameters_have_the_torch_statistics(arrays: ImageArrays) -> Non
     torch.testing.assert_close(stats[0], stats[1], atol=0.05, rtol=0)
 
 
-def test_dali_sum_mix_matches_torch_sum_mix(arrays: ImageArrays) -> None:
-    weights = [0.5, 0.3, 0.2]
-    source = ArraySource(ArrayDataset(arrays), sequential())
-
-    @pipeline_def(batch_size=S, num_threads=1, device_id=None, seed=7)
-    def pipe():
-        x, y, ids = fn.external_source(source=source, num_outputs=3, batch=True, layout=["HWC", "", ""])
-        mixed, targets, sources = dali_sum_mix(x, y, weights, num_classes=K)
-        return mixed, targets, sources, ids
-
-    mean, std = (0.4,) * arrays.images.shape[1], (0.2,) * arrays.images.shape[1]
-    loader = DaliLoader(pipe(), K, ["images", "targets", "mix_sources", "ids"], mix_weights=weights, mean=mean, std=std)
-    for batch in loader:
-        seeds = batch.source_ids
-        perms = batch.mixing.sources[:, 1:].T.contiguous()
-        x = arrays.images[seeds].float() / 255  # 0..1 pixels: the loader rescales the pipeline's 0..255 mix
-        y = torch.nn.functional.one_hot(arrays.labels[seeds], K).float()
-        xm, ym = sum_mix(x, y, weights, perms=perms)
-        torch.testing.assert_close(batch.inputs, (xm - 0.4) / 0.2, atol=1e-5, rtol=1e-6)  # normalised once
-        torch.testing.assert_close(batch.targets, ym)
-        assert torch.equal(batch.mixing.source_ids, seeds[batch.mixing.sources])
-        assert all(sorted(p.tolist()) == list(range(S)) for p in perms)
+def test_device_stage_mixes_the_pipelines_copies_across_seeds(arrays: ImageArrays, replicated) -> None:
+    """The pipeline replicates (decode-time copies); the loader's device stage mixes them with the fused kernel
+    (MixUp: each row with a copy of another seed), as the torch reference mixes the same plan."""
+    _, plain, _ = replicated
+    loader = DaliLoader.__new__(DaliLoader)
+    from regpipe.loaders.common import BatchBuilder
+    loader.builder = BatchBuilder(K, ops=[MixUp(seed=5)], mean=[0.4] * C, std=[0.2] * C)
+    batch = loader.apply(plain)
+    assert loader.builder.ran["fused_mix[numba]"] == 1
+    plan = MixUp(seed=5).draw(plain)
+    assert torch.equal(batch.mixing.sources, plan.sources)
+    assert not (plan.sources[:, 1] // M == plan.sources[:, 0] // M).any()  # never a copy of the row's own seed
+    expected = mix_rows((plain.inputs.float() / 255 - 0.4) / 0.2, plan)
+    torch.testing.assert_close(batch.inputs, expected, atol=1e-5, rtol=1e-5)  # normalised once, then mixed
+    torch.testing.assert_close(batch.targets, mix_rows(plain.targets, plan))
 
 
 def test_missing_outputs_are_named(arrays: ImageArrays) -> None:
@@ -183,7 +177,7 @@ def test_missing_outputs_are_named(arrays: ImageArrays) -> None:
 def test_bad_input_gives_the_torch_loaders_errors(arrays: ImageArrays) -> None:
     loader = DaliLoader.__new__(DaliLoader)
     from regpipe.loaders.common import BatchBuilder
-    loader.builder, loader.mix_weights = BatchBuilder(K), None
+    loader.builder = BatchBuilder(K)
     images = arrays.images[:4].permute(0, 2, 3, 1)
     with pytest.raises(ValueError, match=f"label 7 is out of range for num_classes={K}"):
         loader.to_batch({"images": images, "labels": torch.tensor([0, 1, 7, 2])})

@@ -106,7 +106,7 @@ def test_image_folder_ffcv_loader_repeats(folder: Path, tmp_path: Path) -> None:
 
 
 def test_in_memory_gradual_invariance_repeats(fake_dir: Path, tmp_path: Path) -> None:
-    """The default k0 = 4 mixes the 16 rows (4 seeds x 4 copies) into 4 rows of one seed id, whose mean the
+    """The default k0 = 4 mixes the 16 rows (4 seeds x 4 copies) into 4 rows, one group of 4 views, whose mean the
     invariance loss gathers 4 times: the race with the old gather, in most runs."""
     cfg = TrainConfig(recipe="gradual+invariance", epochs=2, seed=3, samples_per_class=8, val_per_class=2,
                       batch_size=16, data_dir=str(fake_dir), device="cpu", progress=False)

@@ -123,6 +123,34 @@ def test_gradual_plus_invariance_logs_both_algorithms(fake_dir: Path) -> None:
     assert _finite(first["mean_invariance"]) and _finite(second["mean_invariance"])
 
 
+def test_gradual_plus_invariance_mixes_whole_groups_and_the_term_moves(fake_dir: Path, tmp_path: Path) -> None:
+    """With a consistency loss reading groups, the m copies of a seed mix with the same partner seeds and weights:
+    every group of the mixed batch is m views of one mixture (Batch.replicas kept), and the invariance term,
+    which compares a group's rows, trains (it stayed at its maximum, alpha = 0.1, when groups were guessed from
+    the first component's seed id)."""
+    from regpipe.engine.build import build_run
+    from regpipe.engine.distributed import DistInfo
+
+    changes = dict(batch_size=16, gradual=GradualConfig(k0=2, fine_tune_frac=0.25))  # 4 seeds x 4 views per batch
+    cfg = TrainConfig(recipe="gradual+invariance", epochs=4, seed=3, samples_per_class=4, val_per_class=2,
+                      data_dir=str(fake_dir), device="cpu", progress=False, eval_batch_size=64,
+                      invariance=InvarianceConfig(layers=("layer1", "layer2")), **changes)
+    algorithms = build_algorithms(cfg)
+    run, _ = build_run(cfg, algorithms, torch.device("cpu"), DistInfo(), tmp_path, train)
+    assert [getattr(a.op, "keep_groups", None) for a in algorithms if a.name == "gradual"] == [True]
+    batch = next(iter(run.batches))
+    seeds = batch.mixing.source_ids                                      # (8, 2): each row mixes 2 seeds
+    assert batch.size == 8 and batch.replicas == 4 and all(len(set(row)) == 2 for row in seeds.tolist())
+    groups = seeds.view(2, 4, 2)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups))         # a group: 4 views of one mixture
+    assert not torch.equal(groups[0, 0].sort().values, groups[1, 0].sort().values)
+
+    metrics = train(cfg)
+    values = [row["mean_invariance"] for row in metrics["epochs"]]
+    assert all(_finite(v) and v < 0.1 * 0.95 for v in values), values  # below alpha: groups vary less than the batch
+    assert max(values) - min(values) > 1e-3, values
+
+
 def test_sum_plus_saliency_compares_maps_of_mixed_rows(fake_dir: Path) -> None:
     metrics = _run(fake_dir, "sum+saliency", sum=SumConfig(k=2))
     assert metrics["algorithms"] == ["sum", "replicate", "saliency"]

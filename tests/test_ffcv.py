@@ -23,13 +23,13 @@ from regpipe import Batch  # noqa: E402
 from regpipe.cli import main  # noqa: E402
 from regpipe.engine.data import ArrayDataset, ImageArrays, load_dataset, load_npz  # noqa: E402
 from regpipe.functional.augment import inverse_warp, valid_mask  # noqa: E402
-from regpipe.functional.sum_mix import sum_mix  # noqa: E402
+from regpipe.functional.sum_mix import mix_rows  # noqa: E402
 from regpipe.loaders import _kernels as K  # noqa: E402
 from regpipe.loaders import make_train_loader  # noqa: E402
-from regpipe.loaders.ffcv import (FfcvLoader, Replicate, SumMixImages, SumMixLabels, write_beton,  # noqa: E402
-                                  write_rows)
+from regpipe.loaders.ffcv import FfcvLoader, Replicate, write_beton, write_rows  # noqa: E402
 from regpipe.ops.augment import (Augment, RandomAffine, RandomBrightnessContrast, RandomFlip,  # noqa: E402
                                  RandomResizedCrop)
+from regpipe.ops.sum_mix import SumMix  # noqa: E402
 
 N, C, H, W, Kc, M, S = 16, 3, 12, 10, 4, 3, 8
 TINY = ["--samples-per-class", "4", "--val-per-class", "2", "--batch-size", "8", "--epochs", "1", "--no-progress"]
@@ -131,36 +131,25 @@ def test_random_parameters_have_the_torch_statistics(replicated) -> None:
 
 
 @pytest.mark.parametrize("mode", ["group", "permute"])
-def test_cpu_sum_mix_matches_torch_and_adds_same_class_mass(arrays: ImageArrays, beton: Path, mode: str) -> None:
-    weights = [0.5, 0.5] if mode == "group" else [0.5, 0.3, 0.2, 0.0]
-    images_op, labels_op = SumMixImages(weights, mode=mode, seed=2), SumMixLabels(weights, Kc, mode=mode, seed=2)
-    loader = Loader(str(beton), batch_size=S, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    pipelines=pipelines([images_op], [labels_op]))
-    batches = list(FfcvLoader(loader, Kc, mix=images_op))
-    assert len(batches) == N // S
-    for start, batch in zip(range(0, N, S), batches):
-        rows = torch.arange(start, start + S)
-        x, y = arrays.images[rows].float() / 255, torch.nn.functional.one_hot(arrays.labels[rows], Kc).float()
-        perms = None if mode == "group" else batch.mixing.sources[:, 1:].T.contiguous()
-        xm, ym = sum_mix(x, y, weights, perms=perms)
-        torch.testing.assert_close(batch.inputs, xm, atol=1e-6, rtol=1e-6)  # 0..1 pixels: the mix of uint8 / 255
-        torch.testing.assert_close(batch.targets, ym)
-        assert torch.equal(batch.mixing.source_ids, rows[batch.mixing.sources])
-    if mode == "group":  # rows 0..3 mixed with rows 4..7: labels [0,0,1,1] + [2,2,3,3] -> no same-class pair
-        assert batches[0].inputs.shape[0] == S // 2
-    same = [b.targets.max(1).values for b in batches]
-    assert all(bool((t <= 1.0 + 1e-6).all()) for t in same)
-    assert all(torch.allclose(b.targets.sum(1), torch.ones(b.size)) for b in batches)  # no lost mass
+def test_device_stage_mixes_the_loaders_copies_across_seeds(beton: Path, mode: str) -> None:
+    """FFCV's copies are declared (Batch.replicas = M); the wrapper's device stage mixes them with the fused kernel,
+    each row with copies of other seeds, as the torch reference mixes the same plan."""
+    def loader(ops: list) -> FfcvLoader:
+        rep = Replicate(M, AUG, seed=3)
+        ffcv = Loader(str(beton), batch_size=S, num_workers=1, order=OrderOption.SEQUENTIAL, pipelines=pipelines([rep]))
+        return FfcvLoader(ffcv, Kc, replicate=rep, ops=ops, keep_uint8=True)
 
-
-def test_same_class_partners_keep_the_full_weight(tmp_path: Path) -> None:
-    images = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
-    path = write_beton(tmp_path / "same.beton", images, torch.zeros(8, dtype=torch.long))
-    mix, lab = SumMixImages([0.5, 0.5]), SumMixLabels([0.5, 0.5], 3)
-    loader = Loader(str(path), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    pipelines=pipelines([mix], [lab]))
-    batch = next(iter(FfcvLoader(loader, 3, mix=mix)))
-    assert torch.equal(batch.targets, torch.tensor([[1.0, 0.0, 0.0]]).expand(4, 3))  # FFCV's MixupToOneHot: 0.5
+    plain = next(iter(loader([])))
+    assert plain.inputs.dtype == torch.uint8 and plain.replicas == M
+    mixing = loader([SumMix(2, mode=mode, seed=2)])
+    batch = next(iter(mixing))
+    assert mixing.builder.ran["fused_mix[numba]"] == 1
+    plan = SumMix(2, mode=mode, seed=2).draw(plain)  # the same draw from the same generator state
+    assert torch.equal(batch.mixing.sources, plan.sources)
+    seeds = batch.mixing.source_ids
+    assert all(len(set(row)) == 2 for row in seeds.tolist()) and torch.equal(seeds, plain.source_ids[plan.sources])
+    torch.testing.assert_close(batch.inputs, mix_rows(plain.inputs.float() / 255, plan), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(batch.targets, mix_rows(plain.targets, plan))
 
 
 def test_field_of_the_wrong_type_is_named(tmp_path: Path, arrays: ImageArrays) -> None:
@@ -193,8 +182,6 @@ def test_missing_fields_and_bad_labels_give_the_shared_errors(beton: Path) -> No
                                                                        "index": None})
     with pytest.raises(ValueError, match=r"no sample indices \(no 'index' field, no WithIndices"):
         FfcvLoader(loader, Kc, replicate=Replicate(2, AUG))
-    with pytest.raises(ValueError, match=r"lacks the output\(s\) \['index'\]"):
-        FfcvLoader(loader, Kc, mix=SumMixImages([0.5, 0.5]))
     with pytest.raises(ValueError, match=r"lacks the output\(s\) \['photo'\]"):
         FfcvLoader(loader, Kc, image_field="photo")
     with pytest.raises(ValueError, match="label 3 is out of range for num_classes=3"):

@@ -15,12 +15,8 @@ import torch
 
 from imagefolder import CLASSES, write_image_folder
 from regpipe.cli import main
-from regpipe.engine.datasets import (
-    ImageFolderDataset,
-    centre_crop_box,
-    draw_uniforms,
-    random_resized_crop_box,
-)
+from regpipe.engine.datasets import ImageFolderDataset, centre_crop_box, training_chain, training_crop
+from regpipe.loaders import _kernels as K
 from regpipe.loaders.file_index import FileIndex
 
 TESTS = Path(__file__).resolve().parent
@@ -57,22 +53,41 @@ def test_bad_folders_are_named(folder: Path, tmp_path: Path) -> None:
 
 
 def test_crop_box_follows_the_recipe() -> None:
-    # Every box lies inside the image; area fraction in [0.08, 1] and ratio in [3/4, 4/3] whenever a try fits.
-    fractions = []
+    # Every box lies inside the image on whole pixels; area fraction in [0.08, 1] and pixel ratio in [3/4, 4/3]
+    # (up to the rounding) whenever a try fits, else the whole image.
+    chain = K.encode_augment(training_chain(32))
+    fractions, flips = [], []
     for index in range(400):
-        u = draw_uniforms(5, 0, index)
-        left, top, right, bottom = random_resized_crop_box(u, 120, 90)
+        (left, top, right, bottom), flip = training_crop(chain, 32, 5, 0, index, 120, 90)
         w, h = right - left, bottom - top
+        assert all(v == int(v) for v in (left, top, right, bottom))
         assert 0 <= left and 0 <= top and right <= 120 and bottom <= 90 and w >= 1 and h >= 1
         fractions.append(w * h / (120 * 90))
-        assert 0.06 <= w * h / (120 * 90) <= 1.0 and 0.7 <= w / h <= 1.4
+        whole = (w, h) == (120, 90)
+        assert whole or (0.06 <= w * h / (120 * 90) <= 1.0 and 0.7 <= w / h <= 1.4)
+        flips.append(flip)
     # E[s] = 0.54 for s ~ U(0.08, 1), less the large draws that do not fit and are tried again
     assert 0.35 < float(np.mean(fractions)) < 0.6
-    assert np.array_equal(draw_uniforms(5, 0, 7), draw_uniforms(5, 0, 7))
-    assert not np.array_equal(draw_uniforms(5, 0, 7), draw_uniforms(5, 1, 7))
-    # No try fits (u = 1: the largest, most elongated crops): a central crop at the clamped ratio.
-    assert random_resized_crop_box(np.ones(41) * 0.999, 200, 50) == (66.0, 0.0, 133.0, 50.0)  # w = 50 * 4/3
+    assert 0.4 < float(np.mean(flips)) < 0.6
+    assert training_crop(chain, 32, 5, 0, 7, 120, 90) == training_crop(chain, 32, 5, 0, 7, 120, 90)
+    assert training_crop(chain, 32, 5, 0, 7, 120, 90) != training_crop(chain, 32, 5, 1, 7, 120, 90)
     assert centre_crop_box(200, 100, 32, 64) == (75.0, 25.0, 125.0, 75.0)
+
+
+def test_crop_box_is_the_ops_crop_rounded_to_whole_pixels() -> None:
+    """One crop definition: the dataset's box is the torch op's window (RandomResizedCrop's draw table read by
+    Augment.from_uniforms from the same counter-based uniforms), its edges rounded to the nearest pixel."""
+    augment = training_chain(32)
+    chain = K.encode_augment(augment)
+    for index in range(50):
+        (left, top, right, bottom), flip = training_crop(chain, 32, 3, 2, index, 120, 90)
+        u = np.empty((1, augment.num_uniforms))
+        K.counter_uniforms(3, 2, index, u)
+        crop, flips = augment.from_uniforms(torch.from_numpy(u), aspect=90 / 120)
+        (w, h), (cx, cy) = crop.size[0].tolist(), crop.center[0].tolist()
+        edges = [(cx - w + 1) * 60, (cy - h + 1) * 45, (cx + w + 1) * 60, (cy + h + 1) * 45]
+        assert max(abs(a - b) for a, b in zip((left, top, right, bottom), edges)) <= 0.5 + 1e-9, index
+        assert flip == bool(flips.horizontal[0])
 
 
 def test_validation_transform_matches_resize_then_centre_crop(folder: Path) -> None:

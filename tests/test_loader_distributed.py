@@ -34,8 +34,8 @@ def test_reseed_gives_rank_0_the_single_process_draws_and_others_their_own() -> 
     for rank in (0, 1):
         op = SumMix(groups=2, mode="permute", seed=11)
         reseed([op], 11, {"RANK": str(rank), "WORLD_SIZE": "2"})
-        draws[rank] = op.draw(batch).perms
-    assert torch.equal(draws[0], SumMix(groups=2, mode="permute", seed=11).draw(batch).perms)
+        draws[rank] = op.draw(batch).sources
+    assert torch.equal(draws[0], SumMix(groups=2, mode="permute", seed=11).draw(batch).sources)
     assert not torch.equal(draws[0], draws[1])
     with pytest.raises(TypeError, match="object has no per-rank seed"):
         reseed([object()], 0, {})

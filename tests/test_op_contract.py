@@ -17,7 +17,9 @@ from regpipe.core.op import BatchOp, Op
 from regpipe.core.patchup_plan import PatchUpPlan
 from regpipe.core.rng import rank_seed
 from regpipe.ops.patchup import PatchUp
-from regpipe.ops.sum_mix import GradualSumMix, MixParams, SumMix, mix_batch
+from regpipe.core.mix_plan import MixPlan
+from regpipe.functional import mix_sources
+from regpipe.ops.sum_mix import GradualSumMix, SumMix, mix_batch
 from regpipe.ops.tta import TestTimeSumAugmentation, TTAParams
 
 N, K = 12, 3
@@ -47,7 +49,7 @@ CASES: dict[str, tuple[Callable[[int], BatchOp], bool]] = {
     "patchup-hard": (lambda seed: PatchUp(mode="hard", candidate_layers=(0, 1, 2), seed=seed), True),
     "tta": (lambda seed: TestTimeSumAugmentation(k=3, draws=2, seed=seed), True),
 }
-PARAMS_TYPE = {"sum": MixParams, "gradual": MixParams, "patchup": PatchUpPlan, "tta": TTAParams}
+PARAMS_TYPE = {"sum": MixPlan, "gradual": MixPlan, "patchup": PatchUpPlan, "tta": TTAParams}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -156,12 +158,12 @@ def test_mixing_refuses_a_batch_carrying_a_patchup_plan(make: Callable[[], Batch
 def test_mix_batch_refuses_a_plan_and_names_both_row_counts() -> None:
     batch = _with_plan(8)
     with pytest.raises(ValueError, match="drawn for 8 rows; mixing 2 inputs per row gives 4 new rows"):
-        mix_batch(batch, [0.5, 0.5])
+        mix_batch(batch, MixPlan.uniform(mix_sources(8, 2), (0.5, 0.5)))
     perms = torch.randperm(8, generator=torch.Generator().manual_seed(0)).unsqueeze(0)
     with pytest.raises(ValueError, match="drawn for 8 rows; mixing 2 inputs per row gives 8 new rows"):
-        mix_batch(batch, [0.5, 0.5], perms=perms)  # same row count, new rows: the plan would be wrong
+        mix_batch(batch, MixPlan.uniform(mix_sources(8, 2, perms), (0.5, 0.5)))  # same rows count, new rows
     # Nothing to mix (k = 1, or the gradual schedule's fine-tune phase): the batch and its plan pass through.
-    assert mix_batch(batch, [1.0]) is batch and SumMix(groups=1)(batch) is batch
+    assert mix_batch(batch, MixPlan.unmixed(8, "cpu")) is batch and SumMix(groups=1)(batch) is batch
     done = GradualSumMix(k0=4, gradual_steps=1)
     done.step()
     assert done(batch) is batch

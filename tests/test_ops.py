@@ -7,9 +7,8 @@ import io
 import pytest
 import torch
 
-from regpipe import Batch, GradualSumMix, MixRecord, SumMix, labels_to_targets, mix_batch
-from regpipe.functional import gcc_weights
-from regpipe.ops.sum_mix import MixParams
+from regpipe import Batch, GradualSumMix, MixPlan, MixRecord, SumMix, labels_to_targets, mix_batch
+from regpipe.functional import gcc_weights, mix_sources
 
 
 def _batch(n: int = 8, classes: int = 4, seed: int = 0) -> Batch:
@@ -56,7 +55,7 @@ def test_labels_to_targets_errors() -> None:
 
 def test_mix_batch_records_the_mix() -> None:
     b = _batch(8)
-    out = mix_batch(b, [0.5, 0.5])
+    out = mix_batch(b, MixPlan.uniform(mix_sources(8, 2), (0.5, 0.5)))
     assert isinstance(out.mixing, MixRecord)
     assert out.mixing.sources.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert out.mixing.source_ids.tolist() == [[100, 104], [101, 105], [102, 106], [103, 107]]
@@ -70,36 +69,45 @@ def test_mix_batch_records_the_mix() -> None:
 def test_sum_mix_op_group_and_k_one() -> None:
     b = _batch(8)
     op = SumMix(groups=4)
-    params = op.draw(b)
-    assert params.weights == (0.25,) * 4 and params.perms is None  # group mode draws nothing
-    assert op.apply(b, params).size == 2 and op(b).size == 2
+    plan = op.draw(b)
+    assert plan.column_weights == (0.25,) * 4 and plan.sources.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert torch.equal(op.rng.get("cpu").get_state(), torch.Generator().manual_seed(0).get_state())  # drew nothing
+    assert op.apply(b, plan).size == 2 and op(b).size == 2
     assert SumMix(groups=1)(b) is b  # nothing to mix
+    assert SumMix(groups=1).draw(b).identity
     op.groups = 2  # the cascade changes k between batches
     assert op(b).size == 4 and op.draw(b).k == 2
     with pytest.raises(ValueError, match="groups must be an integer >= 1, got 0"):
         SumMix(groups=0)
     with pytest.raises(ValueError, match="mode must be 'group' or 'permute', got 'pairs'"):
         SumMix(mode="pairs")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="needs MixParams, got dict"):
+    with pytest.raises(TypeError, match="needs a MixPlan, got dict"):
         op.apply(b, {"weights": (0.5, 0.5)})  # type: ignore[arg-type]
 
 
-def test_mix_params_validation() -> None:
-    assert MixParams(torch.tensor([0.75, 0.25])).weights == (0.75, 0.25)  # tensors become host floats
-    with pytest.raises(ValueError, match="sum to 1"):
-        MixParams((0.5, 0.4))
-    with pytest.raises(ValueError, match=r"\(k - 1, N\) = \(1, N\) for 2 weights, got shape \(2, 8\)"):
-        MixParams((0.5, 0.5), torch.zeros(2, 8, dtype=torch.int64))
-    with pytest.raises(TypeError, match="int64"):
-        MixParams((0.5, 0.5), torch.zeros(1, 8, dtype=torch.int32))
+def test_mix_plan_validation() -> None:
+    rows = torch.tensor([[0, 1], [1, 0]])
+    assert MixPlan.uniform(rows, (0.75, 0.25)).column_weights == (0.75, 0.25)
+    with pytest.raises(ValueError, match="column_weights must be 2 finite non-negative"):
+        MixPlan.uniform(rows, (0.5, -0.5))
+    with pytest.raises(ValueError, match=r"sources must be an \(N_out, k\) int64"):
+        MixPlan(rows.int(), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"weights must be a floating \(2, 2\)"):
+        MixPlan(rows, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="groups must be a positive integer dividing the 2"):
+        MixPlan.uniform(rows, (0.5, 0.5), groups=3)
+    with pytest.raises(ValueError, match="one column of weight 1"):
+        MixPlan(rows, torch.ones(2, 2), identity=True)
+    with pytest.raises(ValueError, match="reads row 5, outside the batch's 4 rows"):
+        mix_batch(_batch(4), MixPlan.uniform(torch.tensor([[0, 5]]), (0.5, 0.5)))
 
 
 def test_permute_mode_is_seeded_and_resumable() -> None:
     b = _batch(9)
     op = SumMix(groups=3, mode="permute", seed=5)
-    params = op.draw(b)
-    assert params.perms.shape == (2, 9) and params.perms.dtype == torch.int64
-    first = op.apply(b, params)
+    plan = op.draw(b)
+    assert plan.sources.shape == (9, 3) and plan.sources.dtype == torch.int64
+    first = op.apply(b, plan)
     assert first.size == 9
     state = op.state_dict()
     buf = io.BytesIO()
@@ -124,14 +132,15 @@ def test_gradual_t_follows_steps_then_fine_tunes_clean() -> None:
     b = _batch(8)
     for step in range(12):
         assert op.t == pytest.approx(min(step / 10, 1.0))
-        params = op.draw(b)
-        out = op.apply(b, params)
+        plan = op.draw(b)
+        out = op.apply(b, plan)
         if step < 10:
             torch.testing.assert_close(out.mixing.weights[0], gcc_weights(4, step / 10))
-            torch.testing.assert_close(torch.tensor(params.weights, dtype=torch.float32), gcc_weights(4, step / 10))
+            weights = torch.tensor(plan.column_weights, dtype=torch.float32)
+            torch.testing.assert_close(weights, gcc_weights(4, step / 10))
             assert out.size == 2
         else:
-            assert params.weights == (1.0,) and out is b  # clean and whole during the fine-tune
+            assert plan.identity and plan.column_weights == (1.0,) and out is b  # clean and whole (fine-tune)
         op.step()
 
 
@@ -150,14 +159,14 @@ def test_gradual_state_dict_resume() -> None:
 
 
 def test_params_replay_after_the_schedule_moves() -> None:
-    # The weights are in the params, so a replay does not depend on the op's step count.
+    # The weights are in the plan, so a replay does not depend on the op's step count.
     op = GradualSumMix(k0=4, gradual_steps=4)
     b = _batch(8)
     op.step()
-    params = op.draw(b)
-    first = op.apply(b, params)
+    plan = op.draw(b)
+    first = op.apply(b, plan)
     op.step()
-    assert torch.equal(op.apply(b, params).inputs, first.inputs)
+    assert torch.equal(op.apply(b, plan).inputs, first.inputs)
     assert not torch.equal(op(b).inputs, first.inputs)
 
 

@@ -199,9 +199,12 @@ def test_label_inference_names_the_empty_classes(tmp_path: Path) -> None:
 
 def test_invariance_loss_refuses_a_batch_without_replicas() -> None:
     """Used to return 0.0 (no within-seed variance to measure) whatever the model did."""
-    with pytest.raises(ValueError, match=r"all 6 source_ids are distinct"):
+    with pytest.raises(ValueError, match=r"all 6 rows are their own seed"):
         invariance_loss(torch.randn(6, 4), torch.arange(6))
+    with pytest.raises(ValueError, match=r"all 6 rows are their own seed"):
+        invariance_loss(torch.randn(6, 4), 1)  # Batch.replicas = 1: nothing replicated
     assert float(invariance_loss(torch.randn(6, 4), torch.arange(6) // 2)) > 0
+    assert float(invariance_loss(torch.randn(6, 4), 2)) > 0
 
 
 # -- errors that came too late or unclear ---------------------------------------------------------------------

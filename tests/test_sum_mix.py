@@ -227,36 +227,3 @@ def test_bad_shapes_and_types() -> None:
         sum_mix(x[:2], y[:2], [0.25] * 4, drop_remainder=True)
     with pytest.raises(TypeError, match="floating point or uint8"):
         sum_mix(x.long(), y, [0.5, 0.5])
-
-
-@pytest.mark.parametrize("s, m, k, permute", [(16, 4, 4, False), (16, 4, 2, False), (64, 4, 2, False),
-                                              (128, 2, 2, False), (5, 4, 4, False), (64, 4, 2, True),
-                                              (128, 4, 3, True), (6, 2, 3, True)])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_across_seed_sources_tables_are_valid_and_distinct(s: int, m: int, k: int, permute: bool, seed: int) -> None:
-    """Every table: group mode uses each row once, permutation mode keeps column 0 the identity and every
-    column a permutation; each output row mixes k different seeds; no two rows mix the same seed set."""
-    import math
-    import warnings
-
-    import numpy as np
-
-    from regpipe.ops.sum_mix import across_seed_sources
-
-    shuffle = torch.randperm(s * m, generator=torch.Generator().manual_seed(seed))
-    ids = torch.arange(100, 100 + s).repeat_interleave(m)[shuffle]
-    n = s * m
-    n_out = n if permute else n // k
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # few seed sets: the warning is tested elsewhere
-        table = across_seed_sources(ids, k, n_out, permute, np.random.default_rng(seed))
-    assert table.shape == (n_out, k) and table.dtype == torch.int64
-    if permute:
-        assert torch.equal(table[:, 0], torch.arange(n))
-        assert all(sorted(table[:, g].tolist()) == list(range(n)) for g in range(k))
-    else:
-        assert sorted(table.flatten().tolist()) == list(range(n_out * k))
-    seeds = ids[table].tolist()
-    assert all(len(set(row)) == k for row in seeds)
-    if math.comb(s, k) >= n_out:
-        assert len({tuple(sorted(row)) for row in seeds}) == n_out

@@ -318,11 +318,16 @@ def test_op_apply_builds_the_mixed_inputs_predict_averages(weight: float) -> Non
 
 def test_tta_params_validation_and_bad_weight() -> None:
     with pytest.raises(ValueError, match=r"int64 tensor .* got torch.int32 of shape \(2, 4, 1\)"):
-        TTAParams(torch.zeros(2, 4, 1, dtype=torch.int32))
+        TTAParams.from_partners(torch.zeros(2, 4, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
-        TTAParams(torch.zeros(2, 4, dtype=torch.int64))
+        TTAParams.from_partners(torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="pool_size must be None or an integer >= 1, got 0"):
-        TTAParams(torch.zeros(2, 4, 1, dtype=torch.int64), pool_size=0)
+        TTAParams.from_partners(torch.zeros(2, 4, 1, dtype=torch.int64), pool_size=0)
+    with pytest.raises(ValueError, match="draws must be a positive integer dividing the 8 rows, got 3"):
+        TTAParams.uniform(torch.zeros(8, 2, dtype=torch.int64), (0.5, 0.5), draws=3)
+    with pytest.raises(ValueError, match="carry the weights .* this op's are"):  # a plan for another weight
+        TestTimeSumAugmentation(k=2, draws=1, weight=3.0).apply(
+            as_batch(rand_images(4, 1)), TTAParams.from_partners(torch.zeros(1, 4, 1, dtype=torch.int64)))
     with pytest.raises(ValueError, match="weight must be > 0, got 0"):
         TestTimeSumAugmentation(weight=0)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):

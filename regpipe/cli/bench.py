@@ -5,13 +5,13 @@ median over its group's baseline, measured in the same rounds):
 
 * ``mix-uint8``: the loader's uint8 batch -> normalised k = 2 group mix (float32 out). Baseline: a
   copy (``clone``) of the float output, the floor of any op that writes it. Rows: the eager
-  composite (normalise, then :func:`~regpipe.functional.sum_mix`), :func:`regpipe.kernels.fused_group_mix`
-  on every backend that runs on the device (numba with its default threads and with torch's; Triton on
-  CUDA), and the fused op with bfloat16 / channels_last output.
+  composite (normalise, then :func:`~regpipe.functional.sum_mix.mix_rows`), the fused kernel
+  (:class:`regpipe.kernels.FusedMix`) on every backend that runs on the device (numba with its default threads
+  and with torch's; Triton on CUDA), and the fused kernel with bfloat16 / channels_last output.
 * ``mix-float``: the peers' job, a k = 2 mix of a float batch that keeps ``N`` rows: timm ``Mixup``,
   torchvision ``transforms.v2.MixUp``, kornia ``RandomMixUpV2`` when installed, and regpipe's
-  ``sum_mix`` (permutation mode, which keeps N rows like the peers, and group mode). Baseline: a copy
-  of the float batch.
+  ``sum_mix`` (permutation mode, which keeps N rows like the peers, and group mode) and its fused kernel on a
+  permutation plan. Baseline: a copy of the float batch.
 * ``block-mask``: DropBlock-style block masks on a hidden map: seeds -> ``b x b`` blocks -> mask the
   map; regpipe's :func:`~regpipe.functional.block_mask` against timm ``DropBlock2d``. Baseline: a copy
   of the map.
@@ -41,10 +41,11 @@ import torch
 from regpipe.cli import bench_pipeline
 from regpipe.core.batch import Batch
 from regpipe.core.files import atomic_write
+from regpipe.core.mix_plan import MixPlan
 from regpipe.core.optional import require
-from regpipe.functional import block_mask, soft_target_cross_entropy, sum_mix
+from regpipe.functional import block_mask, gcc_coefficients, mix_sources, soft_target_cross_entropy, sum_mix
 from regpipe.hooks import PatchUpHook
-from regpipe.kernels import available_backends, default_numba_threads, fused_group_mix, group_mix_reference
+from regpipe.kernels import FusedMix, available_backends, default_numba_threads
 from regpipe.engine.models import preact_resnet_small
 from regpipe.ops.patchup import PatchUp
 from regpipe.ops.sum_mix import GradualSumMix, SumMix
@@ -112,31 +113,30 @@ def _mix_uint8_group(cfg: BenchConfig, device: torch.device, notes: list[str]) -
     n, c, h, w = cfg.image_shape
     g = torch.Generator(device=device).manual_seed(0)
     x8 = torch.randint(0, 256, cfg.image_shape, dtype=torch.uint8, device=device, generator=g)
-    weights = [0.5, 0.5]
-    out = group_mix_reference(x8, weights, _MEAN, _STD)
+    plan = MixPlan.uniform(mix_sources(n, 2, device=device), (0.5, 0.5))
+    reference = FusedMix(_MEAN, _STD, backend="torch")
+    out = reference(x8, plan)
     group = _Group("mix-uint8", cfg.image_shape, "uint8->float32")
     group.add("copy of the float output (clone)", "torch", lambda: out.clone())
-    group.add("eager: normalize + sum_mix k=2", "torch",
-              lambda: group_mix_reference(x8, weights, _MEAN, _STD))
+    group.add("eager: normalize + sum_mix k=2", "torch", lambda: reference(x8, plan))
     backends = [b for b in available_backends(device) if b != "torch"]
     for backend in backends:
         label = f"numba, default {default_numba_threads(out.numel())} thread(s)" if backend == "numba" else backend
-        group.add(f"fused_group_mix k=2 ({label})", backend,
-                  lambda b=backend: fused_group_mix(x8, weights, _MEAN, _STD, backend=b))
+        group.add(f"fused_mix k=2 ({label})", backend, lambda f=FusedMix(_MEAN, _STD, backend=backend): f(x8, plan))
     threads = torch.get_num_threads()
     if "numba" in backends and default_numba_threads(out.numel()) != threads:
-        group.add(f"fused_group_mix k=2 (numba, {threads} threads)", "numba",
-                  lambda: fused_group_mix(x8, weights, _MEAN, _STD, backend="numba", num_threads=threads))
+        fused = FusedMix(_MEAN, _STD, backend="numba", num_threads=threads)
+        group.add(f"fused_mix k=2 (numba, {threads} threads)", "numba", lambda: fused(x8, plan))
     if backends:
         fast = backends[0]
-        group.add(f"fused_group_mix k=2 -> bfloat16 ({fast})", fast,
-                  lambda: fused_group_mix(x8, weights, _MEAN, _STD, out_dtype=torch.bfloat16, backend=fast))
+        to_bf16 = FusedMix(_MEAN, _STD, out_dtype=torch.bfloat16, backend=fast)
+        group.add(f"fused_mix k=2 -> bfloat16 ({fast})", fast, lambda: to_bf16(x8, plan))
         x8_cl = x8.contiguous(memory_format=torch.channels_last)
-        group.add(f"fused_group_mix k=2 NHWC -> channels_last ({fast})", fast,
-                  lambda: fused_group_mix(x8_cl, weights, _MEAN, _STD, memory_format=torch.channels_last, backend=fast))
-        gcc = [0.5, 0.5 - 1 / 6, 1 / 6, 0.0]  # gcc_weights(4, 0.5)-like, a zero-weight group
-        group.add(f"fused_group_mix k=4 GCC t=0.5 ({fast})", fast,
-                  lambda: fused_group_mix(x8, gcc, _MEAN, _STD, backend=fast))
+        to_cl = FusedMix(_MEAN, _STD, memory_format=torch.channels_last, backend=fast)
+        group.add(f"fused_mix k=2 NHWC -> channels_last ({fast})", fast, lambda: to_cl(x8_cl, plan))
+        gcc = MixPlan.uniform(mix_sources(n, 4, device=device), tuple(gcc_coefficients(4, 0.5)))  # a zero column
+        fused = FusedMix(_MEAN, _STD, backend=fast)
+        group.add(f"fused_mix k=4 GCC t=0.5 ({fast})", fast, lambda: fused(x8, gcc))
     else:
         notes.append(f"mix-uint8: no fused backend on {device} (install numba for CPU, triton for CUDA)")
     return group
@@ -153,6 +153,12 @@ def _mix_float_group(cfg: BenchConfig, device: torch.device, notes: list[str]) -
     group.add("sum_mix k=2 permute (keeps N rows)", "regpipe",
               lambda: sum_mix(x, targets, [0.5, 0.5], perms=torch.randperm(n, device=device, generator=g)[None]))
     group.add("sum_mix k=2 group (N/2 rows)", "regpipe", lambda: sum_mix(x, targets, [0.5, 0.5]))
+    backends = [b for b in available_backends(device) if b != "torch"]
+    if backends:
+        pairs = MixPlan.uniform(torch.stack([torch.arange(n, device=device),
+                                             torch.randperm(n, device=device, generator=g)], 1), (0.5, 0.5))
+        identity = FusedMix((0.0,) * cfg.image_shape[1], (1.0,) * cfg.image_shape[1], backend=backends[0])
+        group.add(f"fused_mix k=2 permute (keeps N rows, {backends[0]})", "regpipe", lambda: identity(x, pairs))
 
     timm_mixup = _peer("timm.data", notes, "timm Mixup")
     if timm_mixup is not None:
@@ -204,9 +210,9 @@ def _step_group(cfg: BenchConfig, device: torch.device, notes: list[str]) -> _Gr
     n = cfg.step_shape[0]
     g = torch.Generator(device=device).manual_seed(3)
     x8 = torch.randint(0, 256, cfg.step_shape, dtype=torch.uint8, device=device, generator=g)
-    mean, std = torch.tensor(_MEAN), torch.tensor(_STD)
     labels = torch.arange(n, device=device) % 10
-    batch = Batch.from_labels(group_mix_reference(x8, [1.0], _MEAN, _STD), labels, 10)
+    reference = FusedMix(_MEAN, _STD, backend="torch")
+    batch = Batch.from_labels(reference(x8, MixPlan.unmixed(n, device)), labels, 10)
     hook = PatchUpHook(model, {1: "conv1", 2: "layer1"})
 
     def train_on(inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -242,17 +248,20 @@ def _step_group(cfg: BenchConfig, device: torch.device, notes: list[str]) -> _Gr
     # From the loader's uint8 batch: normalise + mix (eager or fused), then the step; the targets are mixed
     # by torch in both (sum_mix on the (N, K) targets, passed as its `x` too).
     half, targets = [0.5, 0.5], batch.targets
+    plan = MixPlan.uniform(mix_sources(n, 2, device=device), (0.5, 0.5))
 
     def eager_uint8_step() -> None:
-        train_on(group_mix_reference(x8, half, mean, std), sum_mix(targets, targets, half)[1])
+        train_on(reference(x8, plan), sum_mix(targets, targets, half)[1])
 
     group.add("uint8 batch: eager normalize + sum k=2 + step", "torch", eager_uint8_step)
     fused = [b for b in available_backends(device) if b != "torch"]
     if fused:
-        def fused_uint8_step() -> None:
-            train_on(fused_group_mix(x8, half, mean, std, backend=fused[0]), sum_mix(targets, targets, half)[1])
+        kernel = FusedMix(_MEAN, _STD, backend=fused[0])
 
-        group.add(f"uint8 batch: fused_group_mix k=2 ({fused[0]}) + step", fused[0], fused_uint8_step)
+        def fused_uint8_step() -> None:
+            train_on(kernel(x8, plan), sum_mix(targets, targets, half)[1])
+
+        group.add(f"uint8 batch: fused_mix k=2 ({fused[0]}) + step", fused[0], fused_uint8_step)
     return group
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from regpipe.core.checks import is_host
+
 __all__ = ["MixPlan"]
 
 
@@ -35,6 +37,9 @@ class MixPlan:
         groups: the output rows come in contiguous groups of ``groups`` rows that are views of one mixture
             (the ``m`` copies of the same seeds, with the same weights): a consistency loss may compare the
             rows of a group. ``1``: no such groups.
+        identity: the plan leaves the batch as it is (one column of weight 1 reading every row in order, made
+            by :meth:`unmixed`): executors return the batch unchanged instead of copying it. Declared by the
+            plan's maker, since reading ``sources`` to find out would cost a device synchronisation.
 
     Raises:
         ValueError: shapes, dtypes or devices that do not fit (named); ``column_weights`` that are not ``k``
@@ -46,6 +51,7 @@ class MixPlan:
     weights: torch.Tensor
     column_weights: tuple[float, ...] | None = None
     groups: int = 1
+    identity: bool = False
 
     def __post_init__(self) -> None:
         s, w = self.sources, self.weights
@@ -67,6 +73,9 @@ class MixPlan:
                 or s.shape[0] % self.groups:
             raise ValueError(f"MixPlan.groups must be a positive integer dividing the {s.shape[0]} output rows, got "
                              f"{self.groups!r}")
+        if self.identity and (s.shape[1] != 1 or self.column_weights != (1.0,)):
+            raise ValueError(f"an identity MixPlan has one column of weight 1, got {s.shape[1]} columns and column "
+                             f"weights {self.column_weights!r}")
 
     @property
     def k(self) -> int:
@@ -81,6 +90,21 @@ class MixPlan:
     def device(self) -> torch.device:
         return self.sources.device
 
+    def check_rows(self, n_rows: int) -> None:
+        """Refuse a plan for another batch: ``sources`` must index rows ``0 .. n_rows - 1``. The values are read
+        only when they are on the host (an accelerator's plan comes from an op that draws its rows in range;
+        reading it back would cost a synchronisation).
+
+        Raises:
+            ValueError: the offending row index and the batch size are named.
+        """
+        s = self.sources
+        if not is_host(s) or s.numel() == 0:
+            return
+        low, high = (int(v) for v in torch.aminmax(s))
+        if low < 0 or high >= n_rows:
+            raise ValueError(f"the plan reads row {low if low < 0 else high}, outside the batch's {n_rows} rows")
+
     def active_columns(self) -> list[int]:
         """The columns an executor must read: those with a non-zero ``column_weights`` entry (all when the
         weights vary by row)."""
@@ -89,7 +113,19 @@ class MixPlan:
         return [g for g, v in enumerate(self.column_weights) if v != 0.0]
 
     @classmethod
+    def unmixed(cls, n_rows: int, device: torch.device | str) -> MixPlan:
+        """The plan that mixes nothing: row ``i`` is row ``i`` (``identity=True``), e.g. Gradually Cascading Sum
+        Augmentation's fine-tune phase or Sum Augmentation with ``k = 1``."""
+        sources = torch.arange(n_rows, device=device).unsqueeze(1)
+        return cls(sources=sources, weights=torch.ones(n_rows, 1, device=device), column_weights=(1.0,),
+                   identity=True)
+
+    @classmethod
     def uniform(cls, sources: torch.Tensor, column_weights: tuple[float, ...], groups: int = 1) -> MixPlan:
-        """A plan whose every row has ``column_weights`` (the table is expanded on ``sources``' device)."""
-        w = torch.tensor(column_weights, dtype=torch.float32, device=sources.device).expand(sources.shape).contiguous()
+        """A plan whose every row has ``column_weights`` (the table is expanded on ``sources``' device).
+
+        The ``k`` host weights travel with a non-blocking copy: a blocking host -> accelerator copy waits for the
+        stream (a synchronisation), and these host floats need no ordering with the device's queue."""
+        w = torch.tensor(column_weights, dtype=torch.float32).to(sources.device, non_blocking=True)
+        w = w.expand(sources.shape).contiguous()
         return cls(sources=sources, weights=w, column_weights=tuple(column_weights), groups=groups)

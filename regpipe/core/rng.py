@@ -2,15 +2,20 @@
 
 Every op owns a :class:`DeviceGenerator`; nothing draws from torch's or numpy's global generators, so
 the same seed gives the same batches and a resumed run draws what the uninterrupted run would have.
+
+Draws the host must know before it can launch anything (a batch's MixUp ``lam``, a CutMix box) come from a
+:class:`HostGenerator` the op owns as well: reading them back from the device generator would cost a device
+synchronisation per batch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["DeviceGenerator", "rank_seed"]
+__all__ = ["DeviceGenerator", "HostGenerator", "rank_seed"]
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -65,3 +70,36 @@ class DeviceGenerator:
         self.seed = int(state["seed"])
         self._generator = None
         self._pending_state = state["generator"]
+
+
+class HostGenerator:
+    """A seeded numpy generator (PCG64) for the draws an op needs as host numbers.
+
+    Per-row choices (permutations, partner indices) are drawn on the batch's device by
+    :class:`DeviceGenerator`; scalars that decide what the host launches (one ``lam`` per batch, a box, a
+    coin) are drawn here, so no device value is read back. Its state goes into the op's ``state_dict`` like the
+    device generator's.
+
+    Attributes:
+        numpy: the ``numpy.random.Generator`` to draw from.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start over from ``seed``."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.numpy = np.random.Generator(np.random.PCG64(seed))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "state": self.numpy.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [key for key in ("seed", "state") if key not in state]
+        if missing:
+            raise KeyError(f"HostGenerator state lacks {missing} (keys: {sorted(state)})")
+        self.reseed(int(state["seed"]))
+        self.numpy.bit_generator.state = state["state"]

@@ -176,7 +176,8 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
                          train=splits.arrays.train if splits.arrays is not None else splits.train,
                          prepare=plain.to_batch,
                          validation=lambda: _holdout_batch(splits, plain.to_batch, external_rows),
-                         keep_mix_parent=any(a.needs_mix_parent for a in algorithms), eval_every=cfg.eval_every,
+                         keep_mix_parent=any(a.needs_mix_parent for a in algorithms),
+                         keep_mix_groups=any(a.needs_groups for a in algorithms), eval_every=cfg.eval_every,
                          grad_scaler=precision.scaler, image_shape=splits.image_shape)
     for alg in algorithms:
         alg.attach(context)

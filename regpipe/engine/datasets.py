@@ -9,16 +9,18 @@ growth; the ids DALI's ``sample_ids`` and the ``.beton`` writer give the same fi
 
 The standard ImageNet recipe (Szegedy et al. 2015, "Going deeper with convolutions", section 6; the
 parameters torchvision's ``RandomResizedCrop`` uses): a training crop covers a fraction ``s ~ U(0.08, 1)``
-of the image area with aspect ratio ``r`` log-uniform in ``[3/4, 4/3]``, i.e. ``w = sqrt(s * A * r)``,
-``h = sqrt(s * A / r)``, at a uniform position, resized to ``size x size`` and flipped horizontally with
-probability 1/2; validation resizes the shorter side to ``resize`` and takes the centred ``size x size``
-crop. The draws are counter-based (a function of ``(seed, epoch, index)``), so every worker, loader and
-resumed run crops a sample the same way in the same epoch.
+of the image area with aspect ratio ``r`` log-uniform in ``[3/4, 4/3]`` (in pixels), at a uniform position,
+resized to ``size x size`` and flipped horizontally with probability 1/2; validation resizes the shorter side
+to ``resize`` and takes the centred ``size x size`` crop. The crop is regpipe's one definition of it: the
+chain ``Augment([RandomResizedCrop(size=(size, size)), RandomFlip()])`` read by the loaders' kernels from
+counter-based uniforms of ``(seed, epoch, index)`` (:func:`regpipe.loaders._kernels.counter_uniforms`), its
+window rounded to whole pixels as FFCV's :class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder` rounds it, so
+every worker, loader and resumed run crops a sample the same way in the same epoch, and this dataset's crop of
+a file is the FFCV decoder's (``m = 1``, same seed and epoch).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,13 +28,11 @@ import torch
 from torch.utils.data import Dataset
 
 from regpipe.core.optional import require
+from regpipe.loaders._kernels import copy_params, encode_augment
 from regpipe.loaders.file_index import FileIndex
+from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
-__all__ = ["ImageFolderDataset", "centre_crop_box", "draw_uniforms", "random_resized_crop_box"]
-
-#: Uniforms drawn per training sample: 10 crop tries x (area, log-ratio, x, y), then the flip.
-CROP_TRIES = 10
-NUM_UNIFORMS = 4 * CROP_TRIES + 1
+__all__ = ["ImageFolderDataset", "centre_crop_box", "training_crop", "training_chain"]
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 
@@ -42,49 +42,26 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError)
 
 
-def draw_uniforms(seed: int, epoch: int, index: int, n: int = NUM_UNIFORMS) -> np.ndarray:
-    """``n`` uniforms in ``[0, 1)`` that depend only on ``(seed, epoch, index)`` (numpy's SeedSequence
-    hashes the three integers into a Philox key), so any process draws them without shared state."""
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, index]))).random(n)
+def training_chain(size: int) -> Augment:
+    """The ImageNet training augmentation as a regpipe chain: a random-resized crop to ``size x size`` (area
+    ``U(0.08, 1)``, pixel aspect log-uniform in ``[3/4, 4/3]``) and a horizontal flip with probability 1/2."""
+    return Augment([RandomResizedCrop(size=(size, size)), RandomFlip(horizontal=0.5)])
 
 
-def random_resized_crop_box(u: np.ndarray, width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
-    """The crop of the ImageNet recipe (Szegedy et al. 2015; torchvision's ``RandomResizedCrop``).
-
-    Try ``i = 0..9``: area fraction ``s = scale[0] + u[4i] (scale[1] - scale[0])``, aspect ratio
-    ``r = exp(log ratio[0] + u[4i+1] log(ratio[1] / ratio[0]))``, ``w = round(sqrt(s A r))``,
-    ``h = round(sqrt(s A / r))`` with ``A = width * height``; the first ``(w, h)`` that fits is placed at
-    ``left = floor(u[4i+2] (width - w + 1))``, ``top = floor(u[4i+3] (height - h + 1))``. If none fits:
-    the whole image cropped centrally to the nearest ratio in ``ratio``.
+def training_crop(chain: tuple[np.ndarray, int], size: int, seed: int, epoch: int, index: int, width: int,
+                  height: int) -> tuple[Box, bool]:
+    """Sample ``index``'s training crop box (pixels of the ``width x height`` original) and whether it is flipped,
+    in ``epoch``: the chain's crop drawn from the counter-based uniforms of ``(seed, epoch, index)`` and rounded
+    to whole pixels (:func:`regpipe.loaders._kernels.copy_params`, as FFCV's decoder draws it).
 
     Args:
-        u: at least ``4 * CROP_TRIES`` uniforms in ``[0, 1)``.
-        width, height: the image size in pixels.
-
-    Returns:
-        ``(left, top, right, bottom)`` in pixels.
+        chain: the encoded :func:`training_chain` (``encode_augment``'s table and uniform count).
     """
-    area = float(width * height)
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for i in range(CROP_TRIES):
-        target = area * (scale[0] + u[4 * i] * (scale[1] - scale[0]))
-        aspect = math.exp(log_lo + u[4 * i + 1] * (log_hi - log_lo))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = min(int(u[4 * i + 2] * (width - w + 1)), width - w)
-            top = min(int(u[4 * i + 3] * (height - h + 1)), height - h)
-            return float(left), float(top), float(left + w), float(top + h)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return float(left), float(top), float(left + w), float(top + h)
+    spec, count = chain
+    theta, _, windows = copy_params(seed, epoch, np.array([index], np.int64), np.array([height], np.int64),
+                                    np.array([width], np.int64), spec, count, 1, size, size, True, False, True)
+    r0, r1, c0, c1 = (float(v) for v in windows[0, 0])
+    return (c0, r0, c1, r1), bool(theta[0, 0, 0, 0] < 0.0)
 
 
 def centre_crop_box(width: int, height: int, size: int, resize: int) -> Box:
@@ -102,7 +79,7 @@ class ImageFolderDataset(Dataset):
     """Map-style dataset over a :class:`~regpipe.loaders.file_index.FileIndex`: ``(image (3, size, size) uint8, label, index)``.
 
     Training (``train=True``): random-resized crop + horizontal flip drawn from ``(seed, epoch, index)``
-    (:func:`draw_uniforms`; call :meth:`set_epoch` before each pass, as with ``DistributedSampler``);
+    (:func:`training_crop`; call :meth:`set_epoch` before each pass, as with ``DistributedSampler``);
     evaluation: resize + centre crop. Decoding: Pillow, JPEGs through ``draft`` (DCT scaling to the
     smallest power-of-two reduction that still covers the crop at ``size`` pixels), then one resize of the
     crop box (bilinear, antialiased), so the work per image does not depend on the dataset's size.
@@ -124,6 +101,7 @@ class ImageFolderDataset(Dataset):
         require("PIL", needed_by="image-folder datasets (Pillow decodes them)")  # before any file is read
         self.index, self.size, self.train, self.resize, self.seed = index, size, train, resize, seed
         self.epoch = 0
+        self.chain = encode_augment(training_chain(size)) if train else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -147,8 +125,8 @@ class ImageFolderDataset(Dataset):
         ``epoch`` (default: the current one)."""
         if not self.train:
             return centre_crop_box(width, height, self.size, self.resize), False
-        u = draw_uniforms(self.seed, self.epoch if epoch is None else epoch, i)
-        return random_resized_crop_box(u, width, height), bool(u[-1] < 0.5)
+        return training_crop(self.chain, self.size, self.seed, self.epoch if epoch is None else epoch, i, width,
+                             height)
 
     def load(self, i: int) -> np.ndarray:
         """Decode and crop sample ``i``: ``(size, size, 3)`` uint8 RGB."""

@@ -39,7 +39,8 @@ from regpipe.functional.patchup import (
     unchanged_fraction,
 )
 from regpipe.functional.sign import sign
-from regpipe.functional.sum_mix import check_weights, gcc_weights, mix_sources, sum_mix
+from regpipe.functional.partners import draw_mix_sources, draw_partners
+from regpipe.functional.sum_mix import check_weights, gcc_coefficients, gcc_weights, mix_rows, mix_sources, sum_mix
 from regpipe.functional.normalize import normalize
 from regpipe.functional.tta import test_time_sum_predict
 
@@ -68,8 +69,12 @@ __all__ = [
     "box_holes",
     "check_weights",
     "cutmix_box",
+    "draw_mix_sources",
+    "draw_partners",
+    "gcc_coefficients",
     "gcc_weights",
     "interpolated_loss",
+    "mix_rows",
     "mix_sources",
     "multi_hot_bce",
     "patchup_gamma",

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from regpipe.core.checks import is_host
+
 __all__ = [
     "ANGLE",
     "BERNOULLI",
@@ -195,7 +197,7 @@ def crop_affine(size: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     (normalised ``(x, y)``) over the whole output frame."""
     if size.dim() != 2 or size.shape[1] != 2 or center.shape != size.shape:
         raise ValueError(f"size and center must both be (N, 2), got {tuple(size.shape)} and {tuple(center.shape)}")
-    if bool((size <= 0).any()):
+    if is_host(size) and bool((size <= 0).any()):  # device values: drawn positive, not read back
         raise ValueError(f"crop sizes must be > 0, got minimum {float(size.min())}")
     theta = torch.zeros(size.shape[0], 2, 3, dtype=size.dtype, device=size.device)
     theta[:, 0, 0] = size[:, 0]
@@ -219,7 +221,7 @@ def affine_matrix(angle: torch.Tensor, scale: torch.Tensor, translate: torch.Ten
     if scale.shape != (n,) or translate.shape != (n, 2) or shear.shape != (n, 2):
         raise ValueError(f"expected angle (N,), scale (N,), translate (N, 2), shear (N, 2); got {tuple(angle.shape)}, "
                          f"{tuple(scale.shape)}, {tuple(translate.shape)}, {tuple(shear.shape)}")
-    if bool((scale <= 0).any()):
+    if is_host(scale) and bool((scale <= 0).any()):  # device values: drawn positive, not read back
         raise ValueError(f"scale must be > 0, got minimum {float(scale.min())}")
     a = torch.deg2rad(angle.double())
     # Forward map in centred pixel units (y down, so a screen-counter-clockwise rotation uses -a).
@@ -228,12 +230,15 @@ def affine_matrix(angle: torch.Tensor, scale: torch.Tensor, translate: torch.Ten
     shear_m = torch.stack([torch.stack([torch.ones_like(a), sh[:, 0]], -1),
                            torch.stack([sh[:, 1], torch.ones_like(a)], -1)], 1)
     linear = rot @ shear_m * scale.double().view(n, 1, 1)
-    half = torch.tensor([width / 2.0, height / 2.0], dtype=torch.float64, device=angle.device)
     # Normalised <-> centred pixels is a diagonal scaling D = diag(W/2, H/2): theta = D^-1 M^-1 D, shift -D^-1 M^-1 t.
+    # (D's two host numbers scale rows and columns directly: a tensor of them would be a host -> device copy.)
+    half_w, half_h = width / 2.0, height / 2.0
     inv = torch.linalg.inv(linear)
-    lin_norm = inv * half.view(1, 1, 2) / half.view(1, 2, 1)
-    shift_px = translate.double() * half * 2.0
-    shift_norm = -(inv @ shift_px.unsqueeze(-1)).squeeze(-1) / half
+    lin_norm = torch.stack([torch.stack([inv[:, 0, 0], inv[:, 0, 1] * (half_h / half_w)], -1),
+                            torch.stack([inv[:, 1, 0] * (half_w / half_h), inv[:, 1, 1]], -1)], 1)
+    shift_px = torch.stack([translate[:, 0].double() * width, translate[:, 1].double() * height], -1)
+    shift = (inv @ shift_px.unsqueeze(-1)).squeeze(-1)
+    shift_norm = torch.stack([-shift[:, 0] / half_w, -shift[:, 1] / half_h], -1)
     return torch.cat([lin_norm, shift_norm.unsqueeze(-1)], dim=2).to(torch.float32)
 
 
@@ -283,7 +288,7 @@ def brightness_contrast(x: torch.Tensor, brightness: torch.Tensor, contrast: tor
     elif isinstance(center, torch.Tensor):
         pivot = center.to(work).view(-1, 1, 1, 1)
     else:
-        pivot = torch.tensor(float(center), dtype=work.dtype, device=work.device)
+        pivot = float(center)  # a Python number: no host -> device copy
     out = b * (pivot + c * (work - pivot))
     if x.dtype == torch.uint8:
         out = out.round_().clamp_(0, 255).to(torch.uint8)
@@ -353,33 +358,44 @@ def draw_table(rows: Sequence[Sequence[float]]) -> torch.Tensor:
         ValueError: a row of the wrong length, an unknown kind or slot, or a window row not writing
             :data:`SIZE_X` (the value is named).
     """
-    for row in rows:
+    checked = _table_rows(rows)
+    return torch.tensor(checked, dtype=torch.float64).reshape(-1, DRAW_COLUMNS)
+
+
+Table = torch.Tensor | Sequence[Sequence[float]]
+
+
+def _table_rows(table: Table) -> list[tuple[float, ...]]:
+    """The rows of a draw table, validated, as host tuples (a ``(D, 6)`` tensor is read once; the ops pass their
+    rows as tuples, so nothing is read per batch)."""
+    if isinstance(table, torch.Tensor):
+        if table.dim() != 2 or table.shape[1] != DRAW_COLUMNS:
+            raise ValueError(f"a draw table is a (D, {DRAW_COLUMNS}) tensor, got {tuple(table.shape)}")
+        given = table.tolist()
+    elif isinstance(table, Sequence) and all(isinstance(row, Sequence) for row in table):
+        given = list(table)
+    else:
+        raise ValueError(f"a draw table is a (D, {DRAW_COLUMNS}) tensor or a sequence of rows, got "
+                         f"{type(table).__name__}")
+    for row in given:
         if len(row) != DRAW_COLUMNS:
             raise ValueError(f"a draw-table row has {DRAW_COLUMNS} values [kind, slot, a, b, c, d], got {list(row)!r}")
-    table = torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64).reshape(-1, DRAW_COLUMNS)
-    _check_table(table)
-    return table
-
-
-def _check_table(table: torch.Tensor) -> None:
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != DRAW_COLUMNS:
-        raise ValueError(f"a draw table is a (D, {DRAW_COLUMNS}) tensor, got "
-                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
-    for kind, slot, *_ in table.tolist():
+    rows = [tuple(float(v) for v in row) for row in given]
+    for kind, slot, *_ in rows:
         if kind not in (CONSTANT, BERNOULLI, UNIFORM, WINDOW):
             raise ValueError(f"unknown draw kind {kind!r}; known: CONSTANT=0, BERNOULLI=1, UNIFORM=2, WINDOW=3")
         if slot != int(slot) or not 0 <= slot < NUM_SLOTS or (kind == WINDOW and slot != SIZE_X):
             raise ValueError(f"draw of kind {int(kind)} writes slot {slot!r}: slots are 0..{NUM_SLOTS - 1}, and a "
                              f"WINDOW draw writes SIZE_X={SIZE_X} (and the three slots after it)")
+    return rows
 
 
-def table_uniforms(table: torch.Tensor) -> int:
-    """Uniforms one row of parameters consumes under the draw table ``table`` (``(D, 6)``)."""
-    _check_table(table)
-    return int(sum(UNIFORMS_PER_DRAW[int(kind)] for kind in table[:, 0].tolist()))
+def table_uniforms(table: Table) -> int:
+    """Uniforms one row of parameters consumes under the draw table ``table`` (``(D, 6)`` tensor or rows)."""
+    return int(sum(UNIFORMS_PER_DRAW[int(row[0])] for row in _table_rows(table)))
 
 
-def values_from_uniforms(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def values_from_uniforms(table: Table, u: torch.Tensor) -> torch.Tensor:
     """The slot values a draw table gives to ``N`` rows of uniforms (the torch reader of the table).
 
     Rows of ``table`` consume consecutive columns of ``u`` in order (:data:`UNIFORMS_PER_DRAW`); slots no
@@ -395,7 +411,7 @@ def values_from_uniforms(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
       inside the frame: ``c_x = (2 u_{2T} - 1)(1 - w)``, ``c_y = (2 u_{2T+1} - 1)(1 - h)`` (``T`` = tries).
 
     Args:
-        table: ``(D, 6)`` draw table (:func:`draw_table`).
+        table: ``(D, 6)`` draw table (:func:`draw_table`), or its rows.
         u: ``(N, P)`` float uniforms in ``[0, 1)``, ``P = table_uniforms(table)``, on any device.
 
     Returns:
@@ -404,7 +420,8 @@ def values_from_uniforms(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``u`` is not ``(N, P)`` floating point (the shape is named).
     """
-    count = table_uniforms(table)
+    rows = _table_rows(table)
+    count = table_uniforms(rows)
     if not isinstance(u, torch.Tensor) or not u.dtype.is_floating_point or u.dim() != 2 or u.shape[1] != count:
         raise ValueError(f"expected (N, {count}) float uniforms for this draw table, got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}"
@@ -412,7 +429,7 @@ def values_from_uniforms(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n = u.shape[0]
     columns = [u.new_full((n,), v) for v in IDENTITY_VALUES]
     k = 0
-    for kind, slot, a, b, c, d in table.tolist():
+    for kind, slot, a, b, c, d in rows:
         kind, slot = int(kind), int(slot)
         if kind == CONSTANT:
             columns[slot] = u.new_full((n,), a)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from regpipe.core.checks import is_host
+from regpipe.core.mix_plan import MixPlan
 from regpipe.functional.patchup import box_holes
 from regpipe.functional.saliency import normalize_maps
+from regpipe.functional.sum_mix import mix_rows
 
 __all__ = [
     "box_area_fraction",
@@ -42,7 +45,7 @@ def check_boxes(boxes: torch.Tensor, n: int, height: int, width: int) -> None:
     if not isinstance(boxes, torch.Tensor) or boxes.dtype != torch.int64 or boxes.shape != (n, 4):
         raise ValueError(f"boxes must be an ({n}, 4) int64 tensor (y0, y1, x0, x1), got "
                          f"{getattr(boxes, 'dtype', type(boxes).__name__)} {tuple(getattr(boxes, 'shape', ()))}")
-    if boxes.device.type == "cpu" and n:
+    if is_host(boxes) and n:
         y0, y1, x0, x1 = boxes.unbind(1)
         bad = ~((0 <= y0) & (y0 <= y1) & (y1 <= height) & (0 <= x0) & (x0 <= x1) & (x1 <= width))
         if bool(bad.any()):
@@ -104,8 +107,11 @@ def cutmix_targets(y: torch.Tensor, boxes: torch.Tensor, partners: torch.Tensor,
                    width: int) -> torch.Tensor:
     """CutMix targets (Yun et al. 2019, eq. 1): ``y~_i = lam_i y_i + (1 - lam_i) y_{partner_i}`` with ``lam_i`` the
     share of row ``i``'s pixels kept, ``1 - area(box_i) / (H W)`` (their lam corrected to the clipped box)."""
-    kept = (1.0 - box_area_fraction(boxes, height, width)).to(y.dtype).unsqueeze(1)
-    return kept * y + (1.0 - kept) * y[partners]
+    pasted = box_area_fraction(boxes, height, width)
+    rows = torch.arange(y.shape[0], device=y.device)
+    plan = MixPlan(sources=torch.stack([rows, partners.to(y.device)], dim=1),
+                   weights=torch.stack([1.0 - pasted, pasted], dim=1).to(y.device))
+    return mix_rows(y, plan)
 
 
 def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

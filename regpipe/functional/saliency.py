@@ -35,7 +35,9 @@ from collections.abc import Callable
 
 import torch
 
+from regpipe.core.mix_plan import MixPlan
 from regpipe.functional.augment import inverse_warp, valid_mask
+from regpipe.functional.sum_mix import mix_rows
 
 __all__ = [
     "mixed_saliency_loss",
@@ -201,5 +203,5 @@ def mixed_saliency_loss(maps: torch.Tensor, parent_maps: torch.Tensor, sources: 
     if sources.shape != weights.shape or sources.shape[0] != maps.shape[0]:
         raise ValueError(f"sources {tuple(sources.shape)} and weights {tuple(weights.shape)} must be "
                          f"(N_out, k) with N_out = {maps.shape[0]}")
-    expected = torch.einsum("ng,nghw->nhw", weights.to(parent_maps.dtype), parent_maps[sources])
+    expected = mix_rows(parent_maps, MixPlan(sources=sources, weights=weights.to(parent_maps.dtype)))
     return (normalize_maps(maps, eps=eps) - normalize_maps(expected, eps=eps)).square().mean()

@@ -5,19 +5,23 @@ Sum Augmentation, its cascading schedule and its gradual (GCC) variant come from
 chapter 3. The formulas each function implements are written in its docstring.
 
 Pure functions: every random choice (the permutations of the permutation mode) is passed in.
+
+:func:`mix_rows` is the one torch implementation of the weighted row sum that every mixing op executes
+(``out[i] = sum_g w[i, g] x[s[i, g]]``, a :class:`~regpipe.core.mix_plan.MixPlan`); the fused kernel of
+``regpipe.kernels`` is tested against it (after ``normalize``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import torch
 
-from regpipe.core.checks import check_permutations
+from regpipe.core.mix_plan import MixPlan
+from regpipe.functional.partners import _check_perms, group_rows, mix_sources
 
-__all__ = ["gcc_weights", "sum_mix", "mix_sources", "check_weights", "group_rows"]
+__all__ = ["gcc_coefficients", "gcc_weights", "mix_rows", "sum_mix", "mix_sources", "check_weights", "group_rows"]
 
 # Tolerance for "the weights sum to one": float32 rounding of k <= 64 terms stays far below it.
 _WEIGHT_SUM_TOL = 1e-4
@@ -54,21 +58,25 @@ def gcc_weights(k0: int, t: float, dtype: torch.dtype = torch.float32) -> torch.
     Returns:
         ``(k0,)`` tensor on the CPU, non-negative, summing to 1, non-increasing along the index.
     """
+    return torch.tensor(gcc_coefficients(k0, t), dtype=torch.float64).to(dtype)
+
+
+def gcc_coefficients(k0: int, t: float) -> list[float]:
+    """:func:`gcc_weights` as host floats (what the ops use: no tensor is made, and none read back)."""
     if isinstance(k0, bool) or not isinstance(k0, int) or k0 < 1:
         raise ValueError(f"k0 must be an integer >= 1, got {k0!r}")
     t = float(t)
     if not (0.0 <= t <= 1.0):  # also rejects NaN
         raise ValueError(f"t must be in [0, 1], got {t}")
     if k0 == 1:
-        return torch.ones(1, dtype=dtype)
+        return [1.0]
     s = t * (k0 - 1)
     eliminated = min(math.floor(s), k0 - 2)
     f = s - eliminated  # fraction of the current stage done
     m = k0 - eliminated  # active inputs, the fading one included
     fading = (1.0 - f) / m
     main = (1.0 - fading) / (m - 1)
-    weights = [main] * (m - 1) + [fading] + [0.0] * (k0 - m)
-    return torch.tensor(weights, dtype=torch.float64).to(dtype)
+    return [main] * (m - 1) + [fading] + [0.0] * (k0 - m)
 
 
 def check_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
@@ -95,21 +103,51 @@ def check_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
     return w
 
 
-def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_remainder: bool = False) -> torch.Tensor:
-    """Row indices that :func:`sum_mix` combines: output row ``i`` mixes rows ``sources[i, :]``.
+def mix_rows(x: torch.Tensor, plan: MixPlan, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weighted row sum of a mixing plan: ``out[i] = sum_g w[i, g] * x[s[i, g]]``.
 
-    Group mode (``perms is None``): ``sources[i, g] = g * n + i`` with ``n = group_rows(n_rows, k)``.
-    Permutation mode: ``sources[:, 0] = arange(n_rows)`` and ``sources[:, g] = perms[g - 1]``.
+    The single torch implementation of the mix of Sum Augmentation (Simionescu 2020, sections 3.3 and 3.5),
+    MixUp (Zhang et al. 2018), CutMix's targets (Yun et al. 2019) and test-time sum augmentation, for inputs
+    and targets alike (``s = plan.sources``, ``w = plan.weights``). Columns whose host weight
+    (``plan.column_weights``) is zero are not read; with per-row weights every column is. Nothing is read
+    on the host: the plan's host weights scale whole columns, per-row weights multiply on the device.
+
+    Args:
+        x: ``(N, ...)`` rows, float or uint8 (uint8 is summed in its 0..255 values, in ``out_dtype``).
+        plan: the mix, on ``x``'s device.
+        out_dtype: dtype of the sum; default ``x.dtype`` for float input, float32 for uint8.
 
     Returns:
-        ``(N_out, k)`` int64 tensor (on ``perms``' device in permutation mode, else the CPU).
+        ``(N_out, ...)`` in ``out_dtype``; a channels_last 4-D input gives a channels_last output.
+
+    Raises:
+        TypeError: ``x`` is not a float or uint8 tensor, or ``plan`` not a :class:`MixPlan`.
+        ValueError: ``x`` has no row axis, or the plan is on another device.
     """
-    if perms is None:
-        n = group_rows(n_rows, k, drop_remainder)
-        return torch.arange(k * n).view(k, n).t().contiguous()
-    _check_perms(perms, n_rows, k)
-    first = torch.arange(n_rows, device=perms.device).unsqueeze(0)
-    return torch.cat([first, perms.long()], dim=0).t().contiguous()
+    if not isinstance(plan, MixPlan):
+        raise TypeError(f"plan must be a MixPlan, got {type(plan).__name__}")
+    if not isinstance(x, torch.Tensor) or not (x.dtype.is_floating_point or x.dtype == torch.uint8):
+        raise TypeError(f"x must be a float or uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1:
+        raise ValueError("x must have a row axis (N, ...)")
+    if plan.device != x.device:
+        raise ValueError(f"the plan is on {plan.device}, x on {x.device}")
+    dtype = out_dtype or (x.dtype if x.dtype.is_floating_point else torch.float32)
+    out = None
+    for g in plan.active_columns():
+        # Advanced indexing, not index_select: on CPU index_select copies 64x3x224x224 float32 rows in 1.2 s
+        # against 74 ms here (torch 2.13). Its backward adds repeated rows in a thread-dependent order; the
+        # mixes run on data, without gradients.
+        part = x[plan.sources[:, g]].to(dtype)  # a fresh tensor: scaled in place below
+        if plan.column_weights is not None:
+            weight = plan.column_weights[g]
+            out = part.mul_(weight) if out is None else out.add_(part, alpha=weight)
+        else:
+            weight = plan.weights[:, g].to(dtype).view(-1, *([1] * (x.dim() - 1)))
+            out = part.mul_(weight) if out is None else out.addcmul_(part, weight)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[float], *,
@@ -130,7 +168,8 @@ def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[f
 
     keeps ``N`` rows. Targets are mixed alike, by *adding* weights per class, so partners of the same
     class give that class the full weight (the thesis's target: the number of summed samples with
-    each label, divided by ``k``). Groups whose weight is zero are not read.
+    each label, divided by ``k``). Groups whose weight is zero are not read. The sums are
+    :func:`mix_rows` of the table :func:`~regpipe.functional.partners.mix_sources`.
 
     Args:
         x: ``(N, ...)`` inputs, float or uint8 (uint8 is mixed in ``out_dtype``, float32 by default).
@@ -158,82 +197,11 @@ def sum_mix(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | Sequence[f
         raise TypeError(f"y must be soft targets (floating point, (N, K)), got {y.dtype}")
     if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
         raise TypeError(f"x must be floating point or uint8, got {x.dtype}")
-    dtype = out_dtype or (x.dtype if x.dtype.is_floating_point else torch.float32)
     n_rows = x.shape[0]
-
     if perms is None:
-        n = group_rows(n_rows, k, drop_remainder)
-        parts_x = [x[g * n:(g + 1) * n] for g in range(k)]
-        parts_y = [y[g * n:(g + 1) * n] for g in range(k)]
+        sources = mix_sources(n_rows, k, drop_remainder=drop_remainder, device=x.device)
     else:
         _check_perms(perms, n_rows, k, distinct=not partners)
-        perms = perms.to(x.device)
-        parts_x = [x] + [x.index_select(0, perms[g]) for g in range(k - 1)]
-        parts_y = [y] + [y.index_select(0, perms[g].to(y.device)) for g in range(k - 1)]
-    return _weighted_sum(parts_x, w, dtype), _weighted_sum(parts_y, w, y.dtype)
-
-
-def _weighted_sum(parts: list[torch.Tensor], weights: list[float], dtype: torch.dtype) -> torch.Tensor:
-    """``sum_g weights[g] * parts[g]`` in ``dtype``, skipping zero weights (never reading those parts)."""
-    active = [(p, c) for p, c in zip(parts, weights) if c != 0.0]
-    first, c0 = active[0]
-    # `mul` keeps the memory format of its input, so channels_last stays channels_last.
-    out = first.to(dtype).mul_(c0) if first.dtype != dtype else first.mul(c0)
-    for part, c in active[1:]:
-        out.add_(part.to(dtype), alpha=c)
-    return out
-
-
-def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
-    """Rows per sum group, ``n = N // k``, when a batch of ``N = n_rows`` rows is split into ``k`` groups.
-
-    Group-mode Sum Augmentation (Simionescu 2020, section 3.3) needs ``k`` to divide the batch size;
-    with ``drop_remainder`` the last ``N % k`` rows are left out instead.
-
-    Args:
-        n_rows: batch size ``N``.
-        k: number of sum groups (``k >= 1``).
-        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed; logged once per ``(k, N)``
-            on the ``regpipe`` logger).
-
-    Returns:
-        ``n = N // k``.
-
-    Raises:
-        ValueError: ``k < 1``, ``k > N``, or ``k`` does not divide ``N`` and ``drop_remainder`` is False.
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k > n_rows:
-        raise ValueError(f"k={k} sum groups need at least k rows, the batch has {n_rows}")
-    if n_rows % k and not drop_remainder:
-        raise ValueError(f"k={k} does not divide the batch size {n_rows}; use a batch size that is a multiple "
-                         f"of {k} or pass drop_remainder=True to drop the last {n_rows % k} rows")
-    if n_rows % k:
-        _log_dropped(k, n_rows)
-    return n_rows // k
-
-
-_LOGGED_DROPS: set[tuple[int, int]] = set()
-
-
-def _log_dropped(k: int, n_rows: int) -> None:
-    """The opt-in drop is logged (a warning on the ``regpipe`` logger), once per batch size and ``k``:
-    nothing is left out without a word."""
-    if (k, n_rows) in _LOGGED_DROPS:
-        return
-    _LOGGED_DROPS.add((k, n_rows))
-    logging.getLogger("regpipe").warning(
-        "drop_remainder=True: group mixing with k=%d leaves out the last %d of %d rows of every batch of %d rows",
-        k, n_rows % k, n_rows, n_rows)
-
-
-def _check_perms(perms: torch.Tensor, n_rows: int, k: int, distinct: bool = True) -> None:
-    if perms.shape != (k - 1, n_rows):
-        raise ValueError(f"perms must have shape (k - 1, N) = ({k - 1}, {n_rows}), got {tuple(perms.shape)}")
-    if perms.dtype != torch.int64:
-        raise TypeError(f"perms must be int64, got {perms.dtype}")
-    # Each row must be a permutation: an out-of-range index would fail inside index_select (a device-side
-    # assert on CUDA), a repeated one would silently weight some rows twice and never read others.
-    # Checked on host values only; the ops draw theirs with randperm on the batch's device.
-    check_permutations("perms", perms, n_rows, distinct=distinct)
+        sources = torch.cat([torch.arange(n_rows, device=x.device).unsqueeze(1), perms.to(x.device).t()], dim=1)
+    plan = MixPlan.uniform(sources, tuple(w))
+    return mix_rows(x, plan, out_dtype=out_dtype), mix_rows(y.to(x.device), plan)

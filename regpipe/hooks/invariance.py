@@ -7,7 +7,8 @@ weighted by ``alpha_l`` that grow exponentially with depth and sum to ``alpha``
 
 The hook taps the named layers through forward hooks (:class:`~regpipe.hooks.tap.FeatureTap`), so
 the loss costs one forward pass plus an ``O(N * D)`` reduction per layer; the batch must hold
-several copies of each seed (:class:`~regpipe.ops.augment.Replicate`), told apart by ``source_ids``.
+several copies of each seed in contiguous groups, as declared by ``Batch.replicas``
+(:class:`~regpipe.ops.augment.Replicate`, a loader's copies, or a mix that kept the groups).
 
 Example:
     >>> import torch
@@ -17,7 +18,7 @@ Example:
     >>> from regpipe.engine.models import preact_resnet_small
     >>> model = preact_resnet_small(num_classes=4)
     >>> batch = Batch.from_labels(torch.rand(8, 3, 32, 32), torch.arange(8) // 2, num_classes=4,
-    ...                           source_ids=torch.arange(8) // 2)
+    ...                           source_ids=torch.arange(8) // 2).replace(replicas=2)
     >>> with InvarianceLoss(model, ["layer1", "layer2", "layer3"]) as objective:
     ...     loss = objective(model, batch, soft_target_cross_entropy)
     >>> [round(w, 4) for w in objective.weights]
@@ -63,13 +64,19 @@ class InvarianceLoss:
         self.tap = FeatureTap(model, layers)
         self.last: dict[str, torch.Tensor] = {}
 
-    def layer_losses(self, source_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``L_inv^l`` of every tapped layer for the last forward pass."""
-        return {name: invariance_loss(acts, source_ids, self.eps) for name, acts in self.tap.outputs().items()}
+    def layer_losses(self, groups: int | torch.Tensor) -> dict[str, torch.Tensor]:
+        """``L_inv^l`` of every tapped layer for the last forward pass (``groups``: as
+        :func:`~regpipe.functional.invariance_loss`, usually the batch's ``replicas``)."""
+        return {name: invariance_loss(acts, groups, self.eps) for name, acts in self.tap.outputs().items()}
 
-    def invariance(self, source_ids: torch.Tensor) -> torch.Tensor:
-        """``sum_l alpha_l * L_inv^l`` for the last forward pass (records the parts in :attr:`last`)."""
-        per_layer = self.layer_losses(source_ids)
+    def invariance(self, groups: int | torch.Tensor) -> torch.Tensor:
+        """``sum_l alpha_l * L_inv^l`` for the last forward pass (records the parts in :attr:`last`).
+
+        Args:
+            groups: ``Batch.replicas`` of the batch the model saw (contiguous groups of that many views of one
+                seed; read on no device), or ``(N,)`` seed ids (grouped with ``torch.unique``).
+        """
+        per_layer = self.layer_losses(groups)
         self.tap.clear()
         total = sum(w * loss for w, loss in zip(self.weights, per_layer.values()))
         self.last = {f"inv/{name}": loss.detach() for name, loss in per_layer.items()}
@@ -79,7 +86,7 @@ class InvarianceLoss:
     def __call__(self, model: nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
         """``(1 - alpha) * loss_fn(model(x), targets) + sum_l alpha_l * L_inv^l`` (a recipe's ``compute_loss``)."""
         task = loss_fn(model(batch.inputs), batch.targets)
-        total = (1.0 - self.alpha) * task + self.invariance(batch.source_ids)
+        total = (1.0 - self.alpha) * task + self.invariance(batch.replicas)
         self.last["task"] = task.detach()
         return total
 

@@ -135,7 +135,7 @@ class ConsistencyObjective:
         total = self.alpha * class_loss
         self.last = {"class": class_loss.detach()}
         if self.invariance is not None:
-            inv = self.invariance.invariance(batch.source_ids)
+            inv = self.invariance.invariance(batch.replicas)
             total = total + self.beta * inv
             self.last["invariance"] = inv.detach()
         if self.gamma > 0:

@@ -192,12 +192,13 @@ class RandomTransform(ABC):
     @property
     def num_uniforms(self) -> int:
         """Uniforms one row of parameters consumes."""
-        return table_uniforms(self.table)
+        return table_uniforms(self.draws())
 
     def from_uniforms(self, u: torch.Tensor) -> Any:
         """The parameter record of ``N`` rows from ``(N, num_uniforms)`` uniforms in ``[0, 1)`` (any device; the
-        record is in ``u``'s float dtype, flips are bool)."""
-        return self.from_values(values_from_uniforms(self.table, u))
+        record is in ``u``'s float dtype, flips are bool). The table is read as host rows: nothing is read back
+        per batch."""
+        return self.from_values(values_from_uniforms(self.draws(), u))
 
     def sample(self, n: int, generator: torch.Generator) -> Any:
         """The parameter record of ``n`` rows drawn from ``generator`` (on its device)."""
@@ -269,13 +270,13 @@ class RandomResizedCrop(RandomTransform):
                 ``log r`` become ``log r + log(H / W)``, so that the window's pixel aspect
                 ``(w W) / (h H)`` is drawn log-uniformly from ``ratio`` (torchvision's draw).
         """
-        table = self.table
+        rows = self.draws()
         if self.size is not None and aspect != 1.0:
             if not aspect > 0.0:
                 raise ValueError(f"aspect (source H / W) must be > 0, got {aspect!r}")
-            table = table.clone()
-            table[:, 4:6] += math.log(aspect)
-        return self.from_values(values_from_uniforms(table, u))
+            shift = math.log(aspect)
+            rows = tuple((*row[:4], row[4] + shift, row[5] + shift) for row in rows)
+        return self.from_values(values_from_uniforms(rows, u))
 
     def from_values(self, values: torch.Tensor) -> CropParams:
         return CropParams(size=values[:, [SIZE_X, SIZE_Y]], center=values[:, [CENTER_X, CENTER_Y]])
@@ -538,7 +539,9 @@ class Replicate(BatchOp[AugmentParams]):
     :mod:`regpipe.functional.invariance`, the saliency loss).
 
     Rows ``s*m .. s*m + m - 1`` are the copies of seed ``s`` (contiguous), each with independently drawn
-    parameters; with ``include_original`` the first copy is the seed untouched (identity affine).
+    parameters; with ``include_original`` the first copy is the seed untouched (identity affine). The output
+    declares it: ``Batch.replicas = m`` (times the input's, when the seeds were copies already), which the
+    mixing ops and the invariance loss read instead of guessing from ``source_ids``.
     ``source_ids`` are the seeds' ids, affines and photometric factors are recorded. Works on uint8
     or float input.
 
@@ -591,9 +594,10 @@ class Replicate(BatchOp[AugmentParams]):
         s, extra = batch.size, self.extra
         if extra == 0:
             return batch
+        replicas = batch.replicas * self.m  # rows of one seed stay contiguous: groups of m times the old ones
         copies = self.augment.apply(batch.rows(torch.arange(s, device=batch.device).repeat_interleave(extra)), params)
         if not self.include_original:
-            return copies
+            return copies.replace(replicas=replicas)
         size = self.augment.output_size
         if size is not None and tuple(batch.inputs.shape[-2:]) != size:  # the original, whole, at the copies' size
             batch = batch.replace(inputs=warp_to(batch.inputs, identity_affine(s, batch.device), size))
@@ -605,7 +609,7 @@ class Replicate(BatchOp[AugmentParams]):
         return Batch(inputs=_interleave(batch.inputs, copies.inputs, s),
                      targets=_interleave(batch.targets, copies.targets, s),
                      source_ids=_interleave(batch.source_ids, copies.source_ids, s),
-                     affine=_interleave(batch.affine, copies.affine, s), photometric=photometric)
+                     affine=_interleave(batch.affine, copies.affine, s), photometric=photometric, replicas=replicas)
 
     def reseed(self, seed: int, rank: int = 0) -> None:
         """Reseed the chain (whose generator draws the copies) with ``rank_seed(seed, rank)``."""

@@ -1,9 +1,16 @@
-"""Sum Augmentation ops: draw the mixing parameters, then call :func:`regpipe.functional.sum_mix`.
+"""Sum Augmentation ops: draw a :class:`~regpipe.core.mix_plan.MixPlan`, then execute it.
 
 Sum Augmentation, Cascading and Gradually Cascading Sum Augmentation are from C. Simionescu, *Deep
 Learning Training Procedure Augmentations* (MSc thesis, Alexandru Ioan Cuza University, 2020;
 arXiv:2211.14395), chapter 3. Both ops follow the op contract (:class:`~regpipe.core.op.BatchOp`):
-``draw(batch)`` returns a frozen :class:`MixParams`, ``apply(batch, params)`` mixes deterministically.
+``draw(batch)`` returns the batch's :class:`MixPlan` (rows and weights on the batch's device, drawn without
+reading any device value on the host), ``apply(batch, plan)`` mixes deterministically.
+
+Who executes the plan is the caller's choice, never a module setting: ``apply(batch, plan)`` sums the rows
+with the torch reference :func:`regpipe.functional.sum_mix.mix_rows`; ``apply(batch, plan, executor=f)`` (and
+:meth:`RowMixOp.mix`) computes the inputs with ``f(inputs, plan)`` instead, which is how a loader's device
+stage runs the fused uint8 -> normalise -> mix kernel of ``regpipe.kernels``. Targets always go through
+:func:`~regpipe.functional.sum_mix.mix_rows` (they are ``(N, K)``, tiny).
 
 A batch that carries a PatchUp plan cannot be mixed: the plan pairs the rows of the batch as it was
 given, so draw PatchUp after mixing (:func:`mix_batch` raises ``ValueError`` otherwise).
@@ -11,84 +18,24 @@ given, so draw PatchUp after mixing (:func:`mix_batch` raises ``ValueError`` oth
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.mix_plan import MixPlan
 from regpipe.core.op import BatchOp
-from regpipe.functional.sum_mix import check_weights, gcc_weights, group_rows, mix_sources, sum_mix
+from regpipe.functional.partners import draw_mix_sources, group_rows
+from regpipe.functional.sum_mix import check_weights, gcc_coefficients, mix_rows
 
-__all__ = ["GradualSumMix", "MixParams", "SumMix", "SumMixOp", "across_seed_sources", "mix_batch", "params_sources",
-           "set_uint8_mixer"]
-
-#: ``(x uint8, sources, weights, mean, std, out_dtype=, memory_format=) -> mixed`` set by ``regpipe.loaders`` to
-#: the fused kernel (:func:`regpipe.kernels.fused_mix`); ``None``: the torch composite below.
-_UINT8_MIXER: Callable[..., torch.Tensor] | None = None
-
-
-def set_uint8_mixer(mixer: Callable[..., torch.Tensor] | None) -> None:
-    """Install the implementation :func:`mix_batch` uses for uint8 inputs (``regpipe.loaders`` installs the fused
-    kernel :func:`regpipe.kernels.fused_mix`; ``None`` restores the torch composite). Both compute
-    ``sum_g w_g x[sources[:, g]]`` in float32 from the uint8 values (0..255, as :func:`sum_mix`)."""
-    global _UINT8_MIXER
-    _UINT8_MIXER = mixer
+__all__ = ["Executor", "GradualSumMix", "RowMixOp", "SumMix", "mix_batch"]
 
 MixMode = Literal["group", "permute"]
 
-
-@dataclass(frozen=True)
-class MixParams:
-    """Every choice of one Sum Augmentation step.
-
-    Attributes:
-        weights: the ``k`` mixing weights ``c_0 .. c_{k-1}`` as host floats (non-negative, summing to
-            1; a tensor or list is converted). The schedule position of :class:`GradualSumMix` is baked
-            in, so replaying the params needs no op state.
-        perms: ``(k - 1, N)`` int64 partner permutations on the batch's device (permutation mode), or
-            ``None`` (group mode, which draws nothing).
-        sources: ``(N_out, k)`` int64 rows each output row mixes, drawn across seeds for a replicated batch
-            (:func:`across_seed_sources`), or ``None``. Exclusive with ``perms``.
-
-    Raises:
-        ValueError: weights that :func:`~regpipe.functional.check_weights` rejects, or ``perms`` that
-            are not 2-D with ``k - 1`` rows.
-        TypeError: ``perms`` that are not an int64 tensor.
-    """
-
-    weights: tuple[float, ...]
-    perms: torch.Tensor | None = None
-    sources: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        # Normalise to host floats once, so `apply` never synchronises on a device tensor.
-        object.__setattr__(self, "weights", tuple(check_weights(self.weights)))
-        if self.sources is not None:
-            if self.perms is not None:
-                raise ValueError("MixParams takes perms or sources, not both")
-            if not isinstance(self.sources, torch.Tensor) or self.sources.dtype != torch.int64 \
-                    or self.sources.dim() != 2 or self.sources.shape[1] != self.k:
-                raise ValueError(f"MixParams.sources must be an (N_out, k) = (N_out, {self.k}) int64 tensor, got "
-                                 f"{getattr(self.sources, 'dtype', type(self.sources).__name__)} "
-                                 f"{tuple(getattr(self.sources, 'shape', ()))}")
-        if self.perms is not None:
-            if not isinstance(self.perms, torch.Tensor) or self.perms.dtype != torch.int64:
-                raise TypeError(f"MixParams.perms must be an int64 tensor, got "
-                                f"{getattr(self.perms, 'dtype', type(self.perms).__name__)}")
-            if self.perms.dim() != 2 or self.perms.shape[0] != self.k - 1:
-                raise ValueError(f"MixParams.perms must be (k - 1, N) = ({self.k - 1}, N) for {self.k} weights, "
-                                 f"got shape {tuple(self.perms.shape)}")
-
-    @property
-    def k(self) -> int:
-        """Number of inputs mixed into each output row."""
-        return len(self.weights)
+#: ``(inputs (N, C, H, W), plan) -> mixed inputs (N_out, C, H, W)``: what executes a plan's input mix when the
+#: torch reference does not (a loader's fused stage, which also converts and normalises uint8 pixels).
+Executor = Callable[[torch.Tensor, MixPlan], torch.Tensor]
 
 
 def _refuse_patchup_plan(batch: Batch, k: int, rows_out: int) -> None:
@@ -104,212 +51,52 @@ def _refuse_patchup_plan(batch: Batch, k: int, rows_out: int) -> None:
                          "after mixing")
 
 
-def mix_batch(batch: Batch, weights: torch.Tensor | list[float] | tuple[float, ...],
-              perms: torch.Tensor | None = None, drop_remainder: bool = False, keep_parent: bool = False,
-              sources: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> Batch:
-    """Apply :func:`~regpipe.functional.sum_mix` to a whole :class:`Batch`, recording the mix in ``batch.mixing``.
+def mix_batch(batch: Batch, plan: MixPlan, *, keep_parent: bool = False, executor: Executor | None = None) -> Batch:
+    """Execute a :class:`MixPlan` on a whole :class:`Batch`, recording the mix in ``batch.mixing``.
 
-    Output row ``i`` is ``sum_g c_g * x[s_{i,g}]`` (targets alike, weights added per class), with
-    ``s_{i,g} = g * n + i`` in group mode (``perms=None``, ``n = N / k`` output rows) and
-    ``s_{i,0} = i``, ``s_{i,g} = perms[g - 1, i]`` in permutation mode (``N`` output rows). The output's
-    ``source_ids``, ``affine`` and ``photometric`` are those of each row's first component ``s_{i,0}``
-    (mixing is neither geometric nor photometric); ``mixing`` holds all components.
-
-    With a single weight of 1 the batch is returned as it is (nothing to mix).
+    Output row ``i`` is ``sum_g w[i, g] * x[s[i, g]]`` (targets alike, weights added per class), with
+    ``s = plan.sources`` and ``w = plan.weights``. The output's ``source_ids``, ``affine`` and
+    ``photometric`` are those of each row's first component ``s[i, 0]`` (mixing is neither geometric nor
+    photometric); ``mixing`` holds all components, and ``replicas`` is the plan's ``groups`` (the mixed
+    rows keep their replica groups only when the plan drew the copies of a seed with the same partners).
+    An identity plan (:meth:`MixPlan.unmixed`) returns the batch as it is.
 
     Args:
         batch: ``N`` rows, no PatchUp plan.
-        weights: ``(k,)`` non-negative weights summing to 1.
-        perms: ``(k - 1, N)`` int64 permutations (permutation mode) or ``None`` (group mode).
-        drop_remainder: group mode: drop the last ``N % k`` rows instead of raising.
+        plan: the mix, on the batch's device, drawn for its ``N`` rows.
         keep_parent: record the unmixed inputs and targets in the :class:`MixRecord` (a reference, not a
             copy: it keeps the pre-mix batch alive as long as the mixed one), for losses that compare a
             mixed row with its components (the saliency consistency loss).
-        sources: ``(N_out, k)`` int64 rows of each output row (any table, e.g. :func:`across_seed_sources`;
-            exclusive with ``perms``): ``s_{i,g} = sources[i, g]``.
-        inputs: the mixed inputs when the caller computed them (the loaders' fused stage, which normalises
-            while mixing); else they are computed here. uint8 inputs are mixed by the installed fused kernel
-            (:func:`set_uint8_mixer`) or the torch composite, in float32 0..255 as :func:`sum_mix`.
+        executor: computes the mixed inputs, ``executor(batch.inputs, plan)`` (a loader's fused stage);
+            ``None``: :func:`~regpipe.functional.sum_mix.mix_rows` (uint8 inputs give float32 in 0..255).
 
     Returns:
-        The mixed batch, ``N / k`` (group) or ``N`` (permutation) rows, with a :class:`MixRecord`.
+        The mixed batch, ``plan.rows_out`` rows, with a :class:`MixRecord`.
 
     Raises:
-        ValueError: bad weights or perms, ``k`` not dividing ``N`` in group mode (without
-            ``drop_remainder``), or a batch carrying a PatchUp plan.
+        TypeError: ``plan`` is not a :class:`MixPlan`.
+        ValueError: a plan for another device or batch size (host plans: their rows are checked too), or a
+            batch carrying a PatchUp plan.
     """
-    w = check_weights(weights)
-    k = len(w)
-    if k == 1:
+    if not isinstance(plan, MixPlan):
+        raise TypeError(f"mix_batch needs a MixPlan, got {type(plan).__name__}")
+    if plan.device != batch.device:
+        raise ValueError(f"the plan is on {plan.device}, the batch on {batch.device}")
+    if plan.identity:
+        if plan.rows_out != batch.size:
+            raise ValueError(f"this identity plan is for {plan.rows_out} rows, the batch has {batch.size}")
         return batch
-    if sources is not None and perms is not None:
-        raise ValueError("give perms or sources, not both")
-    table_given = sources is not None
-    table = sources if table_given else mix_sources(batch.size, k, perms, drop_remainder)
-    sources = table.to(batch.device)
-    n_out = sources.shape[0]
-    _refuse_patchup_plan(batch, k, n_out)
-    if sources.shape[1] != k:
-        raise ValueError(f"sources has {sources.shape[1]} columns for {k} weights")
-    if inputs is None and batch.inputs.dtype == torch.uint8:
-        inputs = _mix_uint8(batch.inputs, sources, w)
-    elif inputs is None and table_given:
-        inputs = _gather_sum(batch.inputs, sources, w, batch.inputs.dtype)
-    if inputs is not None:
-        targets = _gather_sum(batch.targets, sources, w, batch.targets.dtype)
-    else:
-        inputs, targets = sum_mix(batch.inputs, batch.targets, w, perms=perms, drop_remainder=drop_remainder)
-    weight_table = torch.tensor(w, dtype=torch.float32, device=batch.device).expand(n_out, k)
-    record = MixRecord(sources=sources, weights=weight_table, source_ids=batch.source_ids[sources],
+    _refuse_patchup_plan(batch, plan.k, plan.rows_out)
+    plan.check_rows(batch.size)
+    inputs = mix_rows(batch.inputs, plan) if executor is None else executor(batch.inputs, plan)
+    targets = mix_rows(batch.targets, plan)
+    record = MixRecord(sources=plan.sources, weights=plan.weights, source_ids=batch.source_ids[plan.sources],
                        parent_inputs=batch.inputs if keep_parent else None,
                        parent_targets=batch.targets if keep_parent else None)
-    first = sources[:, 0]
+    first = plan.sources[:, 0]
     return Batch(inputs=inputs, targets=targets, source_ids=batch.source_ids[first], affine=batch.affine[first],
-                 mixing=record, photometric=None if batch.photometric is None else batch.photometric[first])
-
-
-def _gather_sum(x: torch.Tensor, sources: torch.Tensor, weights: list[float], dtype: torch.dtype) -> torch.Tensor:
-    """``sum_{g: w_g != 0} w_g * x[sources[:, g]]`` in ``dtype`` (the memory format of ``x`` is kept)."""
-    out = None
-    for g, wg in enumerate(weights):
-        if wg == 0.0:
-            continue
-        part = x.index_select(0, sources[:, g]).to(dtype).mul_(wg)
-        out = part if out is None else out.add_(part)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def _mix_uint8(x: torch.Tensor, sources: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """uint8 rows mixed in float32 0..255 (as :func:`sum_mix`): the installed fused kernel, else the torch composite."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    if _UINT8_MIXER is not None and x.dim() == 4:
-        c = x.shape[1]
-        return _UINT8_MIXER(x, sources, weights, [0.0] * c, [1.0 / 255.0] * c, out_dtype=torch.float32,
-                            memory_format=fmt)
-    return _gather_sum(x, sources, weights, torch.float32)
-
-
-def params_sources(params: "MixParams", n_rows: int, drop_remainder: bool = False) -> torch.Tensor:
-    """The ``(N_out, k)`` row table a :class:`MixParams` mixes on a batch of ``n_rows`` rows (group mode
-    ``g * n + i``, permutation mode ``[i, perms[:, i]]``, or its own ``sources``)."""
-    if params.sources is not None:
-        return params.sources
-    return mix_sources(n_rows, params.k, params.perms, drop_remainder)
-
-
-def across_seed_sources(seed_ids: torch.Tensor, k: int, n_out: int, permute: bool,
-                        rng: np.random.Generator, max_sweeps: int = 200) -> torch.Tensor:
-    """Mixing partners for a replicated batch: ``(N_out, k)`` rows whose ``k`` components come from ``k``
-    different seeds, no two output rows mixing the same set of seeds.
-
-    After in-batch replication (Hoffer et al. 2020; Hernández-García et al. 2019) a batch holds ``m``
-    copies of each of ``S`` seeds, seed-contiguous. Group-mode Sum Augmentation (Simionescu 2020,
-    section 3.3) pairs row ``i`` with rows ``g n + i``, so the ``m`` copies of a seed meet the copies of
-    the same partner seeds (``S = 16, m = 4, k = 4``: 16 rows from 4 seed combinations), and a
-    permutation may pair a copy with its own seed. Here: group mode starts from the seeds in random
-    order, seed-major, split into ``k`` groups of ``N_out`` (so the ``m <= N_out`` copies of a seed fall in
-    different output rows), each group in its own random row order (so runs of copies do not line up
-    into repeated seed sets), permutation mode from ``k - 1`` random permutations after the identity
-    column. Conflicts (output rows with a repeated seed, plus repeated seed sets) are then few; random
-    swaps (any two cells in group mode, which keeps every row used once; two rows of one partner column
-    in permutation mode, which keeps each column a permutation) are kept when they do not increase their
-    number, until none is left.
-
-    Args:
-        seed_ids: ``(N,)`` int64 seed id of each row.
-        k: components per output row.
-        n_out: output rows (``N // k`` in group mode, ``N`` in permutation mode).
-        permute: permutation mode (column 0 is the identity).
-        rng: numpy generator (seeded from the op's generator).
-        max_sweeps: at most ``max_sweeps * N_out`` swaps are tried.
-
-    Returns:
-        ``(N_out, k)`` int64 CPU tensor.
-
-    Raises:
-        ValueError: the batch cannot allow it: fewer than ``k`` distinct seeds, or (group mode) a seed with
-            more copies than output rows (named); or the search did not remove every conflict.
-    """
-    seeds = seed_ids.detach().cpu().numpy().astype(np.int64)
-    n = seeds.shape[0]
-    values, inverse, copies = np.unique(seeds, return_inverse=True, return_counts=True)
-    if len(values) < k:
-        raise ValueError(f"mixing k={k} rows of different seeds needs at least {k} seeds, the batch has {len(values)}")
-    if not permute and int(copies.max()) > n_out:
-        raise ValueError(f"seed {int(values[copies.argmax()])} has {int(copies.max())} copies for {n_out} output rows: "
-                         "two would share a row; use fewer copies or a smaller k")
-    if permute:
-        table = np.empty((n_out, k), dtype=np.int64)
-        table[:, 0] = np.arange(n)
-        for g in range(1, k):
-            table[:, g] = rng.permutation(n)
-    else:
-        rank = rng.permutation(len(values))[inverse]  # seeds in random order, copies of a seed together
-        order = np.lexsort((rng.random(n), rank))
-        table = order[:n_out * k].reshape(k, n_out).T.copy()
-        for g in range(1, k):  # each group in its own row order: aligned runs of seeds would repeat a seed set
-            table[:, g] = table[rng.permutation(n_out), g]
-    group = inverse[table]  # seed index of every cell
-    few_sets = math.comb(len(values), k) < n_out
-    if few_sets:  # fewer seed sets than rows: only the seeds within a row must differ
-        warnings.warn(f"{len(values)} seeds give only {math.comb(len(values), k)} sets of k={k} for {n_out} mixed "
-                      "rows: some rows repeat a set of seeds", stacklevel=3)
-
-    def key(o: int) -> tuple[int, ...]:
-        return (o,) if few_sets else tuple(sorted(group[o].tolist()))
-
-    def repeated(o: int) -> int:
-        return int(len(set(group[o].tolist())) < k)
-
-    keys = [key(o) for o in range(n_out)]
-    reps = [repeated(o) for o in range(n_out)]
-    counts = Counter(keys)
-    conflicts = sum(reps) + sum(c - 1 for c in counts.values())
-    first = 1 if permute else 0
-
-    def swap(o: int, g: int, o2: int, g2: int) -> None:
-        table[o, g], table[o2, g2] = table[o2, g2], table[o, g]
-        group[o, g], group[o2, g2] = group[o2, g2], group[o, g]
-        for row in (o, o2):
-            counts[keys[row]] -= 1
-            keys[row], reps[row] = key(row), repeated(row)
-            counts[keys[row]] += 1
-
-    for _ in range(max_sweeps * n_out):
-        if conflicts == 0:
-            break
-        o = -1
-        while o < 0:  # a row in conflict, by rejection (conflicts are few), from draws made 64 at a time
-            o = next((int(r) for r in rng.integers(n_out, size=64) if reps[r] or counts[keys[r]] > 1), -1)
-        g = int(rng.integers(first, k))
-        o2 = int(rng.integers(n_out - 1))
-        o2 += o2 >= o
-        g2 = g if permute else int(rng.integers(k))
-        old_keys, before = [keys[o], keys[o2]], reps[o] + reps[o2]
-        swap(o, g, o2, g2)
-        new_keys = [keys[o], keys[o2]]
-        affected = set(old_keys + new_keys)
-        # a key's count before the swap: now, less the rows that took it, plus the rows that left it
-        before += sum(max(counts[x] - new_keys.count(x) + old_keys.count(x) - 1, 0) for x in affected)
-        after = reps[o] + reps[o2] + sum(max(counts[x] - 1, 0) for x in affected)
-        if after <= before:
-            conflicts += after - before
-        else:
-            swap(o, g, o2, g2)  # undo
-    if conflicts:
-        raise ValueError(f"could not draw {n_out} distinct mixtures of {k} different seeds from {len(values)} seeds "
-                         f"x {int(copies.max())} copies ({conflicts} conflicts left)")
-    return torch.from_numpy(table)
-
-
-def _draw_perms(k: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``(k - 1, n)`` int64: one ``randperm(n)`` per partner, drawn in order from ``generator``."""
-    if k == 1:
-        return torch.empty(0, n, dtype=torch.int64, device=generator.device)
-    return torch.stack([torch.randperm(n, generator=generator, device=generator.device) for _ in range(k - 1)])
+                 mixing=record, photometric=None if batch.photometric is None else batch.photometric[first],
+                 replicas=plan.groups)
 
 
 def _check_mode(mode: str) -> MixMode:
@@ -318,38 +105,64 @@ def _check_mode(mode: str) -> MixMode:
     return mode  # type: ignore[return-value]
 
 
-class _SumMixBase(BatchOp[MixParams]):
-    """What both sum-mixing ops share: the mode, ``drop_remainder``, and drawing/applying :class:`MixParams`."""
+class RowMixOp(BatchOp[MixPlan]):
+    """Base of the ops whose mix is a weighted row sum (:class:`SumMix`, :class:`GradualSumMix`,
+    :class:`~regpipe.ops.cutmix.MixUp`): ``draw`` makes a :class:`MixPlan`, ``apply`` executes it.
 
-    def __init__(self, mode: MixMode, seed: int, drop_remainder: bool, keep_parent: bool) -> None:
+    What a loader's device stage relies on (:class:`regpipe.loaders.common.BatchBuilder`): :meth:`mix`, which
+    draws and applies with the stage's executor, and ``keep_parent`` (a batch whose unmixed rows are kept
+    must be normalised before it is mixed, so the kept rows are too).
+
+    Partners (:func:`~regpipe.functional.partners.draw_mix_sources`): group mode ``g * n + i``; permutation
+    mode ``randperm`` columns from the op's generator; on a replicated batch (``Batch.replicas = m > 1``)
+    copies of other seeds, drawn at the seed level on the device. With ``keep_groups`` the ``m`` copies of a
+    seed mix with the same partner seeds (one arrangement of the seeds for every copy index), so the mixed
+    batch keeps ``replicas = m`` for a consistency loss; without it every copy meets its own partners.
+
+    Args:
+        mode: ``"group"`` or ``"permute"``.
+        seed: seed of the partner generator.
+        drop_remainder: plain group mode: drop the last ``N % k`` rows instead of raising.
+        keep_parent: keep the unmixed rows in ``batch.mixing`` (see :func:`mix_batch`).
+        keep_groups: on a replicated batch, mix the copies of a seed alike and keep the replica groups.
+    """
+
+    def __init__(self, mode: MixMode, seed: int, drop_remainder: bool, keep_parent: bool,
+                 keep_groups: bool = False) -> None:
         super().__init__(seed)
         self.mode: MixMode = _check_mode(mode)
         self.drop_remainder = bool(drop_remainder)
         self.keep_parent = bool(keep_parent)
+        self.keep_groups = bool(keep_groups)
 
-    def _draw(self, batch: Batch, weights: torch.Tensor | list[float]) -> MixParams:
-        w = check_weights(weights)
-        if len(w) > 1 and batch.mixing is None:
-            ids = batch.source_ids.detach().cpu()
-            if torch.unique(ids).numel() < ids.numel():  # replicated: partners across seeds
-                n_out = group_rows(batch.size, len(w), self.drop_remainder) if self.mode == "group" else batch.size
-                _refuse_patchup_plan(batch, len(w), n_out)
-                generator = self.rng.get(batch.device)
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-                return MixParams(tuple(w), sources=across_seed_sources(ids, len(w), n_out, self.mode == "permute",
-                                                                       np.random.default_rng(seed)))
-        if self.mode == "group" or len(w) == 1:
-            return MixParams(tuple(w))  # group mode has no random choice
+    def _plan(self, batch: Batch, weights: Sequence[float]) -> MixPlan:
+        """The plan of ``weights`` (host floats) on ``batch``: an identity plan for a single weight, else the
+        partners of the op's mode drawn from ``self.rng`` on the batch's device."""
+        w = tuple(check_weights(list(weights)))
+        k = len(w)
+        if k == 1:
+            return MixPlan.unmixed(batch.size, batch.device)
+        m = batch.replicas
+        if self.mode == "permute":
+            rows_out = batch.size
+        else:
+            rows_out = group_rows(batch.size, k, self.drop_remainder) if m == 1 else batch.size // k
         # Refuse before drawing, so a failed call leaves the generator where it was.
-        _refuse_patchup_plan(batch, len(w), batch.size)
-        return MixParams(tuple(w), _draw_perms(len(w), batch.size, self.rng.get(batch.device)))
+        _refuse_patchup_plan(batch, k, rows_out)
+        sources = draw_mix_sources(batch.size, k, self.mode, self.rng.get(batch.device), replicas=m,
+                                   shared=self.keep_groups, drop_remainder=self.drop_remainder)
+        return MixPlan.uniform(sources, w, groups=m if m > 1 and self.keep_groups else 1)
 
-    def apply(self, batch: Batch, params: MixParams) -> Batch:
-        """Mix ``batch`` with ``params`` (:func:`mix_batch`): the same params give the same batch."""
-        if not isinstance(params, MixParams):
-            raise TypeError(f"{type(self).__name__}.apply needs MixParams, got {type(params).__name__}")
-        return mix_batch(batch, params.weights, perms=params.perms, drop_remainder=self.drop_remainder,
-                         keep_parent=self.keep_parent, sources=params.sources)
+    def apply(self, batch: Batch, params: MixPlan, executor: Executor | None = None) -> Batch:
+        """Mix ``batch`` with ``params`` (:func:`mix_batch`; ``executor`` computes the inputs when given): the
+        same plan gives the same batch."""
+        if not isinstance(params, MixPlan):
+            raise TypeError(f"{type(self).__name__}.apply needs a MixPlan, got {type(params).__name__}")
+        return mix_batch(batch, params, keep_parent=self.keep_parent, executor=executor)
+
+    def mix(self, batch: Batch, executor: Executor | None = None) -> Batch:
+        """Draw this batch's plan and execute it with ``executor`` (``None``: the torch reference)."""
+        return self.apply(batch, self.draw(batch), executor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "drop_remainder": self.drop_remainder, **super().state_dict()}
@@ -362,10 +175,7 @@ class _SumMixBase(BatchOp[MixParams]):
         self.mode, self.drop_remainder = mode, bool(state["drop_remainder"])
 
 
-SumMixOp = _SumMixBase  # what the loaders' fused stage recognises: SumMix and GradualSumMix
-
-
-class SumMix(_SumMixBase):
+class SumMix(RowMixOp):
     """Sum Augmentation with ``k`` equally weighted inputs (Simionescu 2020, section 3.3).
 
     Group mode (default, the thesis's): the batch is split into ``k`` sum groups of ``n = N / k``
@@ -374,6 +184,7 @@ class SumMix(_SumMixBase):
     present in ``m`` of the ``k`` inputs gets weight ``m / k``). The output has ``n`` rows.
     Permutation mode (ours, not in the thesis): keeps ``N`` rows, ``x~_i = (1/k)(x_i + sum_{g=1}^{k-1}
     x_{pi_g(i)})`` with ``pi_g`` random permutations of the batch — mixup-style pairing with ``k`` inputs.
+    On a replicated batch the partners are copies of other seeds (see :class:`RowMixOp`).
 
     ``groups`` may be changed between batches (the :class:`~regpipe.engine.cascade.Cascade` controller
     does: Cascading Sum Augmentation, section 3.4, trains at ``k = 8, 4, 2, 1`` in turn).
@@ -381,25 +192,26 @@ class SumMix(_SumMixBase):
     Args:
         groups: ``k >= 1`` (1 = the batch passes through).
         mode: ``"group"`` or ``"permute"``.
-        seed: seed of the permutation generator (permutation mode; group mode draws nothing).
+        seed: seed of the partner generator (plain group mode draws nothing).
         drop_remainder: group mode: drop the last ``N % k`` rows instead of raising.
         keep_parent: keep the unmixed rows in ``batch.mixing`` (see :func:`mix_batch`).
+        keep_groups: keep a replicated batch's groups (see :class:`RowMixOp`).
 
     Example:
         >>> import torch
         >>> from regpipe import Batch, SumMix
         >>> batch = Batch.from_labels(torch.rand(8, 3, 4, 4), torch.arange(8) % 4, num_classes=4)
         >>> op = SumMix(groups=4)
-        >>> params = op.draw(batch)
-        >>> params.weights, params.perms
-        ((0.25, 0.25, 0.25, 0.25), None)
-        >>> op.apply(batch, params).inputs.shape
+        >>> plan = op.draw(batch)
+        >>> plan.column_weights, plan.sources.tolist()
+        ((0.25, 0.25, 0.25, 0.25), [[0, 2, 4, 6], [1, 3, 5, 7]])
+        >>> op.apply(batch, plan).inputs.shape
         torch.Size([2, 3, 4, 4])
     """
 
     def __init__(self, groups: int = 2, mode: MixMode = "group", seed: int = 0, drop_remainder: bool = False,
-                 keep_parent: bool = False) -> None:
-        super().__init__(mode, seed, drop_remainder, keep_parent)
+                 keep_parent: bool = False, keep_groups: bool = False) -> None:
+        super().__init__(mode, seed, drop_remainder, keep_parent, keep_groups)
         self.groups = groups
 
     @property
@@ -417,9 +229,10 @@ class SumMix(_SumMixBase):
         """The ``k`` equal weights ``1 / k``."""
         return [1.0 / self.groups] * self.groups
 
-    def draw(self, batch: Batch) -> MixParams:
-        """Equal weights, and in permutation mode ``k - 1`` permutations of ``batch``'s rows from ``self.rng``."""
-        return self._draw(batch, self.weights())
+    def draw(self, batch: Batch) -> MixPlan:
+        """The plan of equal weights: group rows, or in permutation mode ``k - 1`` partner columns from
+        ``self.rng`` (copies of other seeds on a replicated batch)."""
+        return self._plan(batch, self.weights())
 
     def state_dict(self) -> dict[str, Any]:
         return {"groups": self.groups, **super().state_dict()}
@@ -429,7 +242,7 @@ class SumMix(_SumMixBase):
         super().load_state_dict(state)
 
 
-class GradualSumMix(_SumMixBase):
+class GradualSumMix(RowMixOp):
     """Gradually Cascading Sum Augmentation (Simionescu 2020, section 3.5, eqs. 3.1-3.6).
 
     The batch is mixed like :class:`SumMix`, but with the Gradually Cascading Coefficients
@@ -445,9 +258,10 @@ class GradualSumMix(_SumMixBase):
         k0: number of inputs mixed at ``t = 0``.
         gradual_steps: optimizer steps from ``t = 0`` to ``t = 1``.
         mode: ``"group"`` or ``"permute"``.
-        seed: seed of the permutation generator (permutation mode).
+        seed: seed of the partner generator.
         drop_remainder: group mode: drop the last ``N % k0`` rows instead of raising.
         keep_parent: keep the unmixed rows in ``batch.mixing`` (see :func:`mix_batch`).
+        keep_groups: keep a replicated batch's groups (see :class:`RowMixOp`).
 
     Example:
         >>> import torch
@@ -459,9 +273,9 @@ class GradualSumMix(_SumMixBase):
     """
 
     def __init__(self, k0: int = 4, gradual_steps: int = 1000, mode: MixMode = "group", seed: int = 0,
-                 drop_remainder: bool = False, keep_parent: bool = False) -> None:
-        super().__init__(mode, seed, drop_remainder, keep_parent)
-        gcc_weights(k0, 0.0)  # validates k0
+                 drop_remainder: bool = False, keep_parent: bool = False, keep_groups: bool = False) -> None:
+        super().__init__(mode, seed, drop_remainder, keep_parent, keep_groups)
+        gcc_coefficients(k0, 0.0)  # validates k0
         if isinstance(gradual_steps, bool) or not isinstance(gradual_steps, int) or gradual_steps < 1:
             raise ValueError(f"gradual_steps must be an integer >= 1, got {gradual_steps!r}")
         self.k0 = k0
@@ -473,20 +287,21 @@ class GradualSumMix(_SumMixBase):
         """Progress of the gradual phase, ``min(step_count / gradual_steps, 1)``."""
         return min(self.step_count / self.gradual_steps, 1.0)
 
-    def weights(self) -> torch.Tensor:
-        """``(k0,)`` float32 Gradually Cascading Coefficients at the current ``t``."""
-        return gcc_weights(self.k0, self.t)
+    def weights(self) -> list[float]:
+        """The ``k0`` Gradually Cascading Coefficients at the current ``t``, as host floats
+        (:func:`~regpipe.functional.gcc_weights` gives them as a tensor)."""
+        return gcc_coefficients(self.k0, self.t)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step."""
         self.step_count += 1
 
-    def draw(self, batch: Batch) -> MixParams:
-        """The weights at the current ``t`` (``(1.0,)``, i.e. no mixing, once ``t == 1``) and, in permutation
-        mode, ``k0 - 1`` permutations from ``self.rng``."""
+    def draw(self, batch: Batch) -> MixPlan:
+        """The plan at the current ``t`` (an identity plan once ``t == 1``: nothing is drawn) with, in permutation
+        mode or on a replicated batch, partners from ``self.rng``."""
         if self.t >= 1.0:
-            return MixParams((1.0,))  # fine-tune phase: nothing to draw
-        return self._draw(batch, self.weights())
+            return MixPlan.unmixed(batch.size, batch.device)  # fine-tune phase: nothing to draw
+        return self._plan(batch, self.weights())
 
     def state_dict(self) -> dict[str, Any]:
         return {"k0": self.k0, "gradual_steps": self.gradual_steps, "step_count": self.step_count,

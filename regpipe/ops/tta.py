@@ -26,76 +26,85 @@ from typing import Any
 
 import torch
 
-from regpipe.core.batch import Batch, MixRecord
+from regpipe.core.batch import Batch
 from regpipe.core.checks import check_finite_number
+from regpipe.core.mix_plan import MixPlan
 from regpipe.core.op import BatchOp
-from regpipe.functional.sum_mix import sum_mix
+from regpipe.functional.partners import draw_partners
 from regpipe.functional.tta import test_time_sum_predict
+from regpipe.ops.sum_mix import mix_batch
 
 __all__ = ["TTAParams", "TestTimeSumAugmentation", "draw_partners"]
 
 
-def draw_partners(draws: int, n: int, k: int, generator: torch.Generator, pool_size: int | None = None) -> torch.Tensor:
-    """``(draws, n, k - 1)`` int64 random partner indices, on ``generator``'s device.
-
-    From the test batch itself (``pool_size=None``) a row never draws itself: indices are drawn
-    uniformly from the ``n - 1`` other rows. From a reference pool any of its ``pool_size`` rows may be drawn.
-
-    Raises:
-        ValueError: fewer than 2 rows without a pool, or an empty pool.
-    """
-    device = generator.device
-    if pool_size is None:
-        if n < 2:
-            raise ValueError(f"test-time sum augmentation within the batch needs >= 2 rows, got {n}")
-        idx = torch.randint(0, n - 1, (draws, n, k - 1), generator=generator, device=device)
-        own = torch.arange(n, device=device).view(1, n, 1)
-        return idx + (idx >= own).long()  # skip the row itself
-    if pool_size < 1:
-        raise ValueError("the reference pool is empty")
-    return torch.randint(0, pool_size, (draws, n, k - 1), generator=generator, device=device)
+def _tta_weights(weight: float, k: int) -> tuple[float, ...]:
+    """``c = (w, 1, ..., 1) / (w + k - 1)``: the row itself and its ``k - 1`` partners."""
+    denom = weight + k - 1
+    return (weight / denom,) + (1.0 / denom,) * (k - 1)
 
 
 @dataclass(frozen=True)
-class TTAParams:
-    """The random choices of one test-time sum augmentation call.
+class TTAParams(MixPlan):
+    """The random choices of one test-time sum augmentation call: the :class:`~regpipe.core.mix_plan.MixPlan` of
+    its ``M * N`` mixed rows. Row ``j * N + i`` (draw ``j`` of input ``i``) reads ``sources[j * N + i] = [i,
+    partners...]`` with the weights ``(w, 1, ..., 1) / (w + k - 1)``; the partner columns index the batch itself,
+    or a reference pool of ``pool_size`` rows.
 
     Attributes:
-        partners: ``(M, N, k - 1)`` int64, ``partners[j, i, r]`` = the ``r``-th partner of row ``i`` in draw ``j``.
+        draws: ``M``, the number of mixes per input.
         pool_size: ``None`` when the partners index the test batch itself, else the size of the
             reference pool they index.
 
     Raises:
-        ValueError: ``partners`` is not a 3-D int64 tensor with at least one draw and one partner, or
-            ``pool_size`` is not ``None`` or a positive integer.
+        ValueError: what :class:`MixPlan` refuses, fewer than 2 columns, ``draws`` not dividing the rows, or
+            ``pool_size`` not ``None`` or a positive integer.
     """
 
-    partners: torch.Tensor
+    draws: int = 1
     pool_size: int | None = None
 
     def __post_init__(self) -> None:
-        p = self.partners
-        if not isinstance(p, torch.Tensor) or p.dtype != torch.int64 or p.dim() != 3 or 0 in (p.shape[0], p.shape[2]):
-            raise ValueError(f"TTAParams.partners must be an (M, N, k - 1) int64 tensor with M, k - 1 >= 1, got "
-                             f"{getattr(p, 'dtype', type(p).__name__)} of shape {tuple(getattr(p, 'shape', ()))}")
+        super().__post_init__()
+        if self.sources.shape[1] < 2:
+            raise ValueError(f"TTAParams needs the row and at least one partner (k >= 2), got {self.sources.shape[1]} "
+                             "column(s)")
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1 \
+                or self.sources.shape[0] % self.draws:
+            raise ValueError(f"TTAParams.draws must be a positive integer dividing the {self.sources.shape[0]} rows, "
+                             f"got {self.draws!r}")
         if self.pool_size is not None and (isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int)
                                            or self.pool_size < 1):
             raise ValueError(f"TTAParams.pool_size must be None or an integer >= 1, got {self.pool_size!r}")
 
+    @classmethod
+    def from_partners(cls, partners: torch.Tensor, weight: float = 1.0, pool_size: int | None = None) -> TTAParams:
+        """The plan of ``(M, N, k - 1)`` int64 partner indices (``partners[j, i, r]``: the ``r``-th partner of row
+        ``i`` in draw ``j``) with the row's own weight ``weight``."""
+        p = partners
+        if not isinstance(p, torch.Tensor) or p.dtype != torch.int64 or p.dim() != 3 or 0 in (p.shape[0], p.shape[2]):
+            raise ValueError(f"partners must be an (M, N, k - 1) int64 tensor with M, k - 1 >= 1, got "
+                             f"{getattr(p, 'dtype', type(p).__name__)} of shape {tuple(getattr(p, 'shape', ()))}")
+        draws, n, _ = p.shape
+        own = torch.arange(n, device=p.device).repeat(draws).unsqueeze(1)
+        sources = torch.cat([own, p.reshape(draws * n, -1)], dim=1)
+        return cls.uniform(sources, _tta_weights(weight, p.shape[2] + 1), draws=draws, pool_size=pool_size)
+
+    @classmethod
+    def uniform(cls, sources: torch.Tensor, column_weights: tuple[float, ...], groups: int = 1,
+                draws: int = 1, pool_size: int | None = None) -> TTAParams:
+        plan = MixPlan.uniform(sources, column_weights, groups)
+        return cls(sources=plan.sources, weights=plan.weights, column_weights=plan.column_weights, groups=groups,
+                   draws=draws, pool_size=pool_size)
+
     @property
-    def draws(self) -> int:
-        """``M``, the number of mixes per input."""
-        return self.partners.shape[0]
+    def partners(self) -> torch.Tensor:
+        """``(M, N, k - 1)`` int64, ``partners[j, i, r]`` = the ``r``-th partner of row ``i`` in draw ``j``."""
+        return self.sources[:, 1:].reshape(self.draws, self.batch_size, self.k - 1)
 
     @property
     def batch_size(self) -> int:
         """``N``, the number of test inputs the partners were drawn for."""
-        return self.partners.shape[1]
-
-    @property
-    def k(self) -> int:
-        """Inputs per mix: the row itself and ``k - 1`` partners."""
-        return self.partners.shape[2] + 1
+        return self.rows_out // self.draws
 
 
 class TestTimeSumAugmentation(BatchOp[TTAParams]):
@@ -130,13 +139,14 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.k, self.draws, self.weight, self.chunk_size = k, draws, float(weight), chunk_size
 
-    def _draw(self, n: int, device: torch.device, pool_size: int | None) -> TTAParams:
-        partners = draw_partners(self.draws, n, self.k, self.rng.get(device), pool_size)
-        return TTAParams(partners, pool_size)
+    def _draw(self, n: int, device: torch.device, pool_size: int | None, replicas: int = 1) -> TTAParams:
+        partners = draw_partners(self.draws, n, self.k, self.rng.get(device), pool_size, replicas=replicas)
+        return TTAParams.from_partners(partners, self.weight, pool_size)
 
     def draw(self, batch: Batch, pool_size: int | None = None) -> TTAParams:
-        """Partners for the ``N`` rows of ``batch``: from the batch itself, or from a pool of ``pool_size`` rows."""
-        return self._draw(batch.size, batch.device, pool_size)
+        """Partners for the ``N`` rows of ``batch``: from the batch itself (never a row of the row's own seed,
+        ``Batch.replicas``), or from a pool of ``pool_size`` rows; on the batch's device, nothing read back."""
+        return self._draw(batch.size, batch.device, pool_size, batch.replicas)
 
     def apply(self, batch: Batch, params: TTAParams) -> Batch:
         """The ``M * N`` mixed test inputs as a batch: row ``j * N + i`` is draw ``j`` of row ``i``.
@@ -157,24 +167,10 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
                              "only partners drawn from the batch itself can be applied to it")
         if params.batch_size != batch.size:
             raise ValueError(f"these partners were drawn for {params.batch_size} rows, the batch has {batch.size}")
-        denom = self.weight + params.k - 1
-        weights = [self.weight / denom] + [1.0 / denom] * (params.k - 1)
-        n, device = batch.size, batch.device
-        inputs, targets, sources = [], [], []
-        for j in range(params.draws):
-            # Partner indices are not permutations (drawn with replacement): sum_mix only gathers rows by them.
-            perms = params.partners[j].t().contiguous().to(device)
-            x, y = sum_mix(batch.inputs, batch.targets, weights, perms=perms, partners=True)
-            inputs.append(x)
-            targets.append(y)
-            sources.append(torch.cat([torch.arange(n, device=device).unsqueeze(1), perms.t()], dim=1))
-        src = torch.cat(sources)
-        first = src[:, 0]
-        record = MixRecord(sources=src, source_ids=batch.source_ids[src],
-                           weights=torch.tensor(weights, dtype=torch.float32, device=device).expand(src.shape))
-        return Batch(inputs=torch.cat(inputs), targets=torch.cat(targets), source_ids=batch.source_ids[first],
-                     affine=batch.affine[first], mixing=record,
-                     photometric=None if batch.photometric is None else batch.photometric[first])
+        if params.column_weights != _tta_weights(self.weight, params.k):
+            raise ValueError(f"these partners carry the weights {params.column_weights}, this op's are "
+                             f"{_tta_weights(self.weight, params.k)} (weight={self.weight})")
+        return mix_batch(batch, params)
 
     def predict(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: TTAParams | None = None,
                 *, pool: torch.Tensor | None = None) -> torch.Tensor:

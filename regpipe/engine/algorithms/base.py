@@ -109,6 +109,7 @@ class RunContext:
         prepare: ``(images, labels, indices) -> Batch`` on the device, normalised (no ops applied).
         validation: returns the held-out validation set as one :class:`Batch` on the device.
         keep_mix_parent: mixing ops must keep the unmixed rows (an algorithm ``needs_mix_parent``).
+        keep_mix_groups: mixing ops must keep a replicated batch's groups (an algorithm ``needs_groups``).
         eval_every: epochs between evaluations (``after_eval`` runs at epochs ``eval_every``,
             ``2 * eval_every``, ... and the last), so budgets counted in evaluations convert from epochs.
         grad_scaler: the loop's gradient scaler (``--amp fp16``), for an algorithm that rolls trial steps back.
@@ -129,6 +130,7 @@ class RunContext:
     prepare: Callable[..., Batch]
     validation: Callable[[], Batch]
     keep_mix_parent: bool = False
+    keep_mix_groups: bool = False
     eval_every: int = 1
     grad_scaler: Any = None
     image_shape: tuple[int, int, int] = (0, 0, 0)
@@ -168,6 +170,9 @@ class Algorithm:
         needs_input_grad: ``loss_terms`` differentiates with respect to the inputs.
         needs_mix_parent: ``loss_terms`` reads the unmixed rows of a mixed batch (``batch.mixing.parent_*``);
             the mixing algorithms then keep them.
+        needs_groups: ``loss_terms`` compares the rows of a batch's replica groups (``Batch.replicas``, e.g. the
+            invariance loss); the mixing algorithms then mix the ``m`` copies of a seed with the same partner
+            seeds and weights, so a mixed batch keeps its groups (``m`` views of one mixture).
         needs_teacher: ``training_set`` needs a trained model (the engine trains the baseline first when
             the algorithm's config names none).
         replays_epoch: an owner of the step whose state saved inside an epoch continues by replaying the
@@ -182,6 +187,7 @@ class Algorithm:
     needs_input_grad: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     needs_mix_parent: ClassVar[bool] = False
+    needs_groups: ClassVar[bool] = False
     replays_epoch: ClassVar[bool] = False
 
     def training_set(self, dataset: torch.utils.data.Dataset,

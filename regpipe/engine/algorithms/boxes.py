@@ -40,7 +40,7 @@ class CutMixAlgorithm(_MixStage):
 
     def attach(self, run: RunContext) -> None:
         self.op = CutMix(alpha=self.config.alpha, prob=self.config.prob, seed=run.seed,
-                         keep_parent=run.keep_mix_parent)
+                         keep_parent=run.keep_mix_parent, keep_groups=run.keep_mix_groups)
 
     def describe(self) -> dict[str, Any]:
         return {"cutmix_alpha": self.config.alpha, "cutmix_prob": self.config.prob}
@@ -70,7 +70,8 @@ class MixUpAlgorithm(_MixStage):
     name = "mixup"
 
     def attach(self, run: RunContext) -> None:
-        self.op = MixUp(alpha=self.config.alpha, seed=run.seed, keep_parent=run.keep_mix_parent)
+        self.op = MixUp(alpha=self.config.alpha, seed=run.seed, keep_parent=run.keep_mix_parent,
+                        keep_groups=run.keep_mix_groups)
 
     def describe(self) -> dict[str, Any]:
         return {"mixup_alpha": self.config.alpha}

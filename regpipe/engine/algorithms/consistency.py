@@ -66,6 +66,7 @@ class Invariance(Algorithm):
 
     name = "invariance"
     uses = frozenset({Resource.FORWARD, Resource.STEP})
+    needs_groups = True
 
     def __init__(self, config: InvarianceConfig) -> None:
         self.config = config
@@ -79,7 +80,8 @@ class Invariance(Algorithm):
 
     def loss_terms(self, step: StepInputs) -> dict[str, torch.Tensor]:
         assert self.hook is not None  # attach() ran: the loop attaches before the first step
-        return {"invariance": self.hook.invariance(step.batch.source_ids)}
+        # groups of Batch.replicas rows: the copies of a seed (after a mix that kept them: the copies of a mixture)
+        return {"invariance": self.hook.invariance(step.batch.replicas)}
 
     def close(self) -> None:
         if self.hook is not None:

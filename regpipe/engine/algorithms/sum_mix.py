@@ -37,7 +37,7 @@ class FixedSum(Algorithm):
         _check_divides(config.mode, config.k, run.batch_size, "sum.k")
         # drop_remainder only ever trims a short last batch: the batch size is a multiple of k (checked above).
         self.op = SumMix(groups=config.k, mode=config.mode, seed=run.seed, drop_remainder=True,
-                           keep_parent=run.keep_mix_parent)
+                         keep_parent=run.keep_mix_parent, keep_groups=run.keep_mix_groups)
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.MIX, self.op)]
@@ -74,7 +74,7 @@ class CascadeSum(Algorithm):
         self.cascade = Cascade(stages=stages, patience=config.patience, stage_epochs=budgets,
                                stop_at=config.stop_at)
         self.op = SumMix(groups=self.cascade.k, mode=config.mode, seed=run.seed, drop_remainder=True,
-                           keep_parent=run.keep_mix_parent)
+                         keep_parent=run.keep_mix_parent, keep_groups=run.keep_mix_groups)
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.MIX, self.op)]
@@ -114,7 +114,7 @@ class GradualSum(Algorithm):
         gradual_epochs = max(1, round(run.epochs * (1.0 - config.fine_tune_frac)))
         self.op = GradualSumMix(k0=config.k0, gradual_steps=max(1, gradual_epochs * run.steps_per_epoch),
                                 mode=config.mode, seed=run.seed, drop_remainder=True,
-                           keep_parent=run.keep_mix_parent)
+                                keep_parent=run.keep_mix_parent, keep_groups=run.keep_mix_groups)
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.MIX, self.op)]
