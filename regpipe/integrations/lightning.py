@@ -268,7 +268,7 @@ class RegpipeCallback(L.Callback):
             num_train=int(batches) * seeds, train=None,
             prepare=TorchLoader((), self.num_classes, device=module.device, mean=self.mean, std=self.std).to_batch,
             validation=_no_holdout, keep_mix_parent=any(a.needs_mix_parent for a in self.algorithms),
-            eval_every=trainer.check_val_every_n_epoch or 1, image_shape=tuple(shape[1:]))
+            keep_mix_groups=any(a.needs_groups for a in self.algorithms), eval_every=trainer.check_val_every_n_epoch or 1, image_shape=tuple(shape[1:]))
         for alg in self.algorithms:
             alg.attach(context)
         ops = staged_ops(self.algorithms)
