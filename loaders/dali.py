@@ -105,6 +105,39 @@ def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, in
     return run
 
 
+def _split_params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int], rows: int, uniforms: int):
+    """numba run function of a chain split by :func:`regpipe.loaders._kernels.crop_split`: (uniforms (M, P),
+    shape (3,)) -> the whole copies' pixel matrices (M, 2, 3), factors (M, 2) and normalised matrices (M, 2, 3),
+    then the crop parts' normalised matrices (M, 2, 3) and the rest's pixel matrices at the output size
+    (M, 2, 3), by :func:`regpipe.loaders._kernels.crop_rest_params`."""
+    split, compose, to_pixels = K.crop_rest_params, K.compose_copies, K.pixel_matrices
+    out_h, out_w = out_size
+
+    def run(pixels_out, photo_out, theta_out, crop_out, rest_out, u, shape):
+        m = u.shape[0]
+        crop = np.empty((m, 2, 3))
+        rest = np.empty((m, 2, 3))
+        rest_pixels = np.empty((m, 2, 3))
+        photo = np.empty((m, 3))
+        theta = np.empty((m, 2, 3))
+        pixels = np.empty((m, 2, 3))
+        height, width = shape[0], shape[1]
+        split(u.astype(np.float64), spec, rows, uniforms, height, width, out_h, out_w, True, include_original, crop,
+              rest, photo, rest_pixels)
+        compose(crop, rest, theta)
+        to_pixels(theta, height, width, out_h, out_w, pixels)
+        for j in range(m):
+            for r in range(2):
+                for q in range(3):
+                    pixels_out[j, r, q] = pixels[j, r, q]
+                    theta_out[j, r, q] = theta[j, r, q]
+                    crop_out[j, r, q] = crop[j, r, q]
+                    rest_out[j, r, q] = rest_pixels[j, r, q]
+            photo_out[j, 0] = photo[j, 0]
+            photo_out[j, 1] = photo[j, 1]
+    return run
+
+
 def _roi_fn():
     def run(roi_out, theta):
         # theta (M, 2, 3) axis-aligned: x_in = t00 x + t02 (normalised) -> relative ROI [(1 + t02 - t00) / 2,
@@ -125,73 +158,114 @@ def _roi_setup(outs, ins):
 
 def _params_setup(outs, ins):
     for i in range(len(outs[0])):
-        for o in (0, 2):
-            outs[o][i][0] = ins[0][i][0]
-            outs[o][i][1] = 2
-            outs[o][i][2] = 3
-        outs[1][i][0] = ins[0][i][0]
-        outs[1][i][1] = 2
+        for o in range(len(outs)):
+            if o == 1:  # the factors (M, 2); the others are (M, 2, 3) matrices
+                outs[1][i][0] = ins[0][i][0]
+                outs[1][i][1] = 2
+            else:
+                outs[o][i][0] = ins[0][i][0]
+                outs[o][i][1] = 2
+                outs[o][i][2] = 3
 
 
-def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True) -> Replicas:
+def _roi_resizes(images: DataNode, theta: DataNode, m: int, size: tuple[int, int]) -> DataNode:
+    """``M`` copies of each sample, copy ``j`` DALI's ``resize`` of the region of interest its axis-aligned matrix
+    ``theta[j]`` picks (linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI), stacked
+    ``FHWC``."""
+    roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],
+                         in_types=[types.FLOAT], outs_ndim=[2], ins_ndim=[3], device="cpu")
+    copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
+                        interp_type=types.INTERP_LINEAR) for j in range(m)]
+    return fn.stack(*copies, axis_name="F")
+
+
+def _colour(images: DataNode, photo: DataNode, m: int, pivot: float) -> DataNode:
+    """Each copy's brightness ``b`` and contrast ``c`` (``photo`` ``(M, 2)``): ``b * (p + c * (x - p))`` with the
+    pivot ``p`` fixed (DALI's ``brightness_contrast``) or each copy's mean (``MEAN_PIVOT``, as the torch op and
+    the FFCV kernel: a per-frame mean, then the same formula in DALI's arithmetic, rounded and saturated to
+    uint8 by the cast)."""
+    if pivot > K.MEAN_PIVOT:
+        return fn.brightness_contrast(images, brightness=fn.per_frame(photo[:, 0]),
+                                      contrast=fn.per_frame(photo[:, 1]), contrast_center=pivot)
+    gpu = images.device == "gpu"
+    b, c = (fn.reshape(photo[:, i], shape=[m, 1, 1, 1]) for i in (0, 1))
+    if gpu:  # arithmetic needs its tensor inputs on one device
+        b, c = b.gpu(), c.gpu()
+    centre = fn.reshape(fn.reductions.mean(images, axes=[1, 2, 3], dtype=types.FLOAT), shape=[m, 1, 1, 1])
+    return fn.cast(b * (centre + c * (images - centre)), dtype=types.UINT8)
+
+
+def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True,
+              uniforms: DataNode | None = None) -> Replicas:
     """Inside a ``pipeline_def``: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample, parameters recorded.
 
-    The random draws are ``fn.random.uniform`` (DALI's seeded generator), ``augment.num_uniforms`` per copy;
-    a numba kernel reads the transforms' draw tables (the one definition the torch op reads too) to turn
-    them into the chain's matrices and colour factors; the ``M`` copies are one
-    ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros outside), then one
-    ``brightness_contrast`` with per-frame factors.
+    The random draws are ``augment.num_uniforms`` uniforms per copy: ``uniforms`` when given, else
+    ``fn.random.uniform`` (DALI's seeded generator). A numba kernel reads the transforms' draw tables (the
+    one definition the torch op reads too) to turn them into the chain's matrices and colour factors; the
+    ``M`` copies are one ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros
+    outside), then the colour change with per-frame factors.
 
     With a sized crop in the chain (``RandomResizedCrop(size=(h, w))``: the ImageNet recipe, repeated
     augmentation of Hoffer et al. 2020) the samples may have any size (straight from
     ``fn.decoders.image``): every copy is its own random-resized crop of the decoded image at full
     resolution (windows in the source's pixel aspect, as torchvision), resized to ``(h, w)``, and
-    ``theta`` records each copy's whole transform, crop included. A chain of crops and flips (the ImageNet
-    recipe) runs as DALI's own ``resize`` of each copy's region of interest (linear, antialiased, as
-    ``fn.random_resized_crop``; a flip is a reversed ROI); a chain with rotations or shears as one
-    ``warp_affine`` per copy with the composed matrix (bilinear, no antialiasing: the torch op's ``grid_sample``).
+    ``theta`` records each copy's whole transform, crop included. How a copy is made:
+
+    * crops and flips (the ImageNet recipe): DALI's own ``resize`` of the copy's region of interest
+      (linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI);
+    * crops and flips followed by rotations, shears, scales or shifts (the ImageNet crop with a replication
+      chain on top, :func:`regpipe.loaders._kernels.crop_split`): that ROI ``resize``, then one ``warp_affine``
+      of the crops at the output size with the rest of the chain (bilinear, zeros outside the crop, as the
+      device ``Replicate`` op warping a loader's crop); ``theta`` is the two composed;
+    * any other chain: one ``warp_affine`` per copy with the composed matrix from the decoded image
+      (bilinear, no antialiasing: the torch op's ``grid_sample``).
 
     Args:
         images: ``HWC`` uint8 samples (CPU or GPU), of one size or (with a sized crop) of any sizes.
         m: copies per sample, ``>= 1``.
-        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). Its colour
-            transform needs a fixed ``center`` (128 for uint8: DALI pivots at a fixed value).
+        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). A colour
+            transform's contrast pivots at its ``center``, or at each copy's mean (``center=None``).
         include_original: copy 0 is the sample itself (with a sized crop: the whole image resized).
+        uniforms: ``(M, augment.num_uniforms)`` float32 uniforms in ``[0, 1)`` per sample (CPU), e.g. counter-based
+            ones of ``(seed, epoch, index)`` fed by ``fn.external_source`` so that a resumed run redraws an
+            epoch's copies; ``None``: ``fn.random.uniform``.
 
     Raises:
-        ValueError: ``m < 1`` or a colour transform without ``center``.
+        ValueError: ``m < 1``.
         TypeError: a transform DALI cannot run (named).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (copies per sample) must be an integer >= 1, got {m!r}")
     spec, count = K.encode_augment(augment)
     pivot = K.colour_pivot(spec)
-    if pivot is not None and pivot <= K.MEAN_PIVOT:
-        raise ValueError("DALI's brightness_contrast pivots at a fixed value: give RandomBrightnessContrast "
-                         "a center (128 for uint8 images)")
     size = K.output_size(augment)
-    u = fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
+    aligned = K.axis_aligned(spec)
+    split = None if size is None or aligned else K.crop_split(spec)
+    u = uniforms if uniforms is not None else \
+        fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
     shape = images.shape(dtype=types.INT64)
-    pixels, photo, theta = numba_function(
-        u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
-        out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
-        outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
-    if size is not None and K.axis_aligned(spec):
-        # crops and flips only: each copy is DALI's own ROI resize of the decoded image (linear, antialiased, as
-        # fn.random_resized_crop), the ROI read from the copy's matrix
-        roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],
-                             in_types=[types.FLOAT], outs_ndim=[2], ins_ndim=[3], device="cpu")
-        copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
-                            interp_type=types.INTERP_LINEAR) for j in range(m)]
-        out = fn.stack(*copies, axis_name="F")
+    if split is not None:
+        # the ImageNet crop as DALI's ROI resize, then the rest of the chain warped at the output size
+        pixels, photo, theta, crop, rest = numba_function(
+            u, shape, run_fn=_split_params_fn(spec, include_original, size, *split), setup_fn=_params_setup,
+            out_types=[types.FLOAT] * 5, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 3, 3],
+            ins_ndim=[2, 1], device="cpu")
+        out = fn.warp_affine(_roi_resizes(images, crop, m, size), matrix=fn.per_frame(rest), inverse_map=True,
+                             fill_value=0, interp_type=types.INTERP_LINEAR)
     else:
-        frames = fn.stack(*([images] * m), axis_name="F")
-        warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
-        out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
-                             interp_type=types.INTERP_LINEAR, **warp_args)
+        pixels, photo, theta = numba_function(
+            u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
+            out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
+            outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
+        if size is not None and aligned:  # crops and flips: DALI's own ROI resize of the decoded image
+            out = _roi_resizes(images, theta, m, size)
+        else:
+            frames = fn.stack(*([images] * m), axis_name="F")
+            warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
+            out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
+                                 interp_type=types.INTERP_LINEAR, **warp_args)
     if pivot is not None:
-        out = fn.brightness_contrast(out, brightness=fn.per_frame(photo[:, 0]), contrast=fn.per_frame(photo[:, 1]),
-                                     contrast_center=pivot)
+        out = _colour(out, photo, m, pivot)
     return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u, theta=theta)
 
 
@@ -462,8 +536,12 @@ class DaliLoader(BuilderAdapter):
             seed_ids = ids[::m]
             mixing = MixRecord(sources=sources, weights=self.mix_weights.expand(s, -1).clone(),
                                source_ids=seed_ids[sources])
-        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                  photometric=photometric, mixing=mixing, raw=raw)
+        batch = self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
+                                   photometric=photometric, mixing=mixing, raw=raw)
+        if m > 1 and mixing is None:  # copies made in the pipeline: rows s*m .. s*m + m - 1 are views of seed s
+            self.builder._log(self, f"replicate[dali] {m} copies per image")
+            batch = batch.replace(replicas=m)
+        return batch
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
