@@ -7,6 +7,7 @@ calls, in this order, for every algorithm of the recipe:
 ``training_set(dataset, ...)`` before the model: the rows the run trains on (SIGN adds its versions)
 ``attach(run)``               once the model, optimizer and budget exist: build ops, hooks, samplers
 ``ops()``                     the batch ops the loader applies, each at a :class:`Stage`
+``copies()``                  the in-batch copies a decoding loader may make itself (:class:`Copies`)
 ``batch_order()``             the global batches of each epoch (replication: ``batch/m`` seeds)
 ``forward_loss(step)``        the whole forward and loss of a step (PatchUp mixes hidden layers)
 ``task_scale()``              factor on the task loss (the invariance objective's ``1 - alpha``)
@@ -36,10 +37,11 @@ import torch
 
 from regpipe.core.batch import Batch
 from regpipe.core.op import Op
+from regpipe.ops.augment import Augment
 from regpipe.sampler.epoch_order import EpochOrder
 
-__all__ = ["Algorithm", "ComposeError", "DataContext", "Resource", "RunContext", "Stage", "StepInputs", "StepReport",
-           "check_compatible"]
+__all__ = ["Algorithm", "ComposeError", "Copies", "DataContext", "Resource", "RunContext", "Stage", "StepInputs",
+           "StepReport", "check_compatible"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One optimizer step as an epoch reports it: the batch, its loss and extra per-step log values.
@@ -69,6 +71,22 @@ class Stage(enum.IntEnum):
     REPLICATE = 0
     MIX = 1
     PLAN = 2
+
+
+@dataclass(frozen=True)
+class Copies:
+    """In-batch copies that a loader decoding files can make itself, instead of the device op of the
+    :attr:`Stage.REPLICATE` stage: ``m`` views of each seed, each drawn from ``augment`` on top of the loader's
+    own random-resized crop and flip (DALI's :func:`~regpipe.loaders.dali.replicate`, FFCV's
+    :class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder`).
+
+    Attributes:
+        m: views per seed, ``>= 2``.
+        augment: the chain drawn per view after the crop (the replication chain).
+    """
+
+    m: int
+    augment: Augment
 
 
 class ComposeError(ValueError):
@@ -195,6 +213,11 @@ class Algorithm:
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return []
+
+    def copies(self) -> Copies | None:
+        """The copies its :attr:`Stage.REPLICATE` op makes, when a loader that decodes files may make them at decode
+        time instead (the engine then leaves that op out of the loader's chain); ``None``: it makes none."""
+        return None
 
     def batch_order(self) -> EpochOrder | torch.utils.data.Sampler | None:
         """The global batches (index lists) of each epoch, when the algorithm owns the sampler: an
