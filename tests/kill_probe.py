@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from regpipe.cli.main import build_parser
+from regpipe.cli.command import build_parser
 from regpipe.cli.options import build_config
 from regpipe.engine.train import train
 

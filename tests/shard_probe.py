@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from regpipe.cli.main import build_parser
+from regpipe.cli.command import build_parser
 from regpipe.cli.options import build_config
 from regpipe.engine.train import train
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagefolder import write_image_folder
-from regpipe.cli.main import main
+from regpipe.cli.command import main
 
 HERE = Path(__file__).parent
 TIMING = ("images_per_s",)

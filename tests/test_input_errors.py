@@ -438,7 +438,7 @@ def test_bench_pipeline_names_threads(threads: str, tmp_path: Path, capsys) -> N
 def test_cli_prints_a_dataloader_workers_error_as_its_original_line() -> None:
     from torch.utils.data import DataLoader, Dataset
 
-    from regpipe.cli.main import user_message
+    from regpipe.cli.command import user_message
 
     class Broken(Dataset):
         def __len__(self) -> int:
@@ -511,7 +511,7 @@ def test_beton_write_removes_the_temporary_files_of_dead_writers(tmp_path: Path)
 @pytest.mark.parametrize("image_size,expected", [(224, 256), (64, 73), (96, 110), (32, 37)])
 def test_val_resize_defaults_to_the_imagenet_ratio_of_the_image_size(image_size: int, expected: int) -> None:
     """It was 256 whatever the image size: at 96 px validation saw the central 37 % of the image's side."""
-    from regpipe.cli.main import build_parser
+    from regpipe.cli.command import build_parser
     from regpipe.cli.options import build_config
     from regpipe.engine.config import TrainConfig
 
