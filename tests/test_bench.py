@@ -76,3 +76,18 @@ def test_timm_dropblock_is_timed_with_a_mask_per_channel_as_regpipes() -> None:
     assert [o for _, o in _timm_dropblock_variants(SimpleNamespace(DropBlock2d=Older))] == [{"fast": True},
                                                                                              {"fast": False}]
 
+
+def test_gpu_stage_check_runs_its_cases_eagerly_on_cpu(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python part of ``benchmarks/gpu_check.sh`` (its dry run here: the sync and graph checks need CUDA)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_stage_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_stage_check", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_stage_check", module)  # its dataclasses resolve names there
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--side", "16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| eager |" in line]
+    assert len(rows) == len(module.CASES) and all("| pass |" in line for line in rows)
