@@ -197,7 +197,7 @@ class BatchBuilder:
 
     def build(self, images: torch.Tensor, labels: Any = None, indices: Any = None, position: int = 0, *,
               targets: Any = None, affine: torch.Tensor | None = None, photometric: torch.Tensor | None = None,
-              mixing: MixRecord | None = None, raw: bool = False) -> Batch:
+              mixing: MixRecord | None = None, raw: bool = False, replicas: int = 1) -> Batch:
         """Build the :class:`Batch` (no ops applied; with ``raw``, uint8 images stay uint8 for :meth:`apply`).
 
         Args:
@@ -208,6 +208,7 @@ class BatchBuilder:
             affine: ``(N, 2, 3)`` normalised output -> input matrices recorded by the loader.
             photometric: ``(N, 2)`` brightness/contrast factors recorded by the loader.
             mixing: the loader's mix record.
+            replicas: the rows' copies per seed, when the loader made them (``Batch.replicas``).
         """
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             self.images(images)  # raises the shared message
@@ -220,7 +221,8 @@ class BatchBuilder:
             mixing = MixRecord(*(self._to(t) for t in (mixing.sources, mixing.weights, mixing.source_ids)))
         return Batch(inputs=x, targets=self._to(y), source_ids=self._to(ids),
                      affine=None if affine is None else self._to(affine.float()),
-                     photometric=None if photometric is None else self._to(photometric.float()), mixing=mixing)
+                     photometric=None if photometric is None else self._to(photometric.float()), mixing=mixing,
+                     replicas=replicas)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch; a uint8 batch goes through the device stage first (see the class docstring).

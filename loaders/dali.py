@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -80,100 +81,114 @@ class Replicas:
     theta: DataNode
 
 
-def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int] | None):
+@numba.njit
+def _write_rois(theta: np.ndarray, roi_out: np.ndarray) -> None:
+    """``(M, 2, 3)`` axis-aligned matrices -> ``(M, 4)`` relative regions of interest ``[y0, x0, y1, x1]`` of DALI's
+    ``resize``: ``x_in = t00 x + t02`` (normalised) spans ``[(1 + t02 - t00) / 2, (1 + t02 + t00) / 2]`` (start >
+    end for a flip: DALI's resize then mirrors), ``y`` alike."""
+    for j in range(theta.shape[0]):
+        roi_out[j, 0] = (1.0 + theta[j, 1, 2] - theta[j, 1, 1]) / 2.0
+        roi_out[j, 1] = (1.0 + theta[j, 0, 2] - theta[j, 0, 0]) / 2.0
+        roi_out[j, 2] = (1.0 + theta[j, 1, 2] + theta[j, 1, 1]) / 2.0
+        roi_out[j, 3] = (1.0 + theta[j, 0, 2] + theta[j, 0, 0]) / 2.0
+
+
+@numba.njit
+def _write_params(pixels: np.ndarray, photo: np.ndarray, theta: np.ndarray, pixels_out: np.ndarray,
+                  photo_out: np.ndarray, theta_out: np.ndarray) -> None:
+    """Copy the float64 parameters into DALI's float32 outputs (the factors without their pivot)."""
+    for j in range(theta.shape[0]):
+        for r in range(2):
+            for q in range(3):
+                pixels_out[j, r, q] = pixels[j, r, q]
+                theta_out[j, r, q] = theta[j, r, q]
+        photo_out[j, 0] = photo[j, 0]
+        photo_out[j, 1] = photo[j, 1]
+
+
+def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int] | None, rois: bool):
     """numba run function: (uniforms (M, P), shape (3,)) -> pixel matrices (M, 2, 3), factors (M, 2), normalised
-    matrices (M, 2, 3), by :func:`regpipe.loaders._kernels.chain_params`."""
-    params = K.chain_params
+    matrices (M, 2, 3) by :func:`regpipe.loaders._kernels.chain_params`, and with ``rois`` the copies' regions of
+    interest (M, 4) (:func:`_write_rois`: crops and flips only)."""
+    params, write, write_rois = K.chain_params, _write_params, _write_rois
     sized = out_size is not None
     out_h, out_w = out_size if sized else (0, 0)
 
-    def run(pixels_out, photo_out, theta_out, u, shape):
+    def copies(u, shape):
         m = u.shape[0]
-        theta = np.empty((m, 2, 3))
-        photo = np.empty((m, 3))
-        pixels = np.empty((m, 2, 3))
+        theta, photo, pixels = np.empty((m, 2, 3)), np.empty((m, 3)), np.empty((m, 2, 3))
         height, width = shape[0], shape[1]
         oh, ow = (out_h, out_w) if sized else (height, width)
         params(u.astype(np.float64), spec, height, width, oh, ow, sized, include_original, theta, photo, pixels)
-        for j in range(m):
-            for r in range(2):
-                for q in range(3):
-                    pixels_out[j, r, q] = pixels[j, r, q]
-                    theta_out[j, r, q] = theta[j, r, q]
-            photo_out[j, 0] = photo[j, 0]
-            photo_out[j, 1] = photo[j, 1]
-    return run
+        return pixels, photo, theta
+
+    compiled = numba.njit(copies)
+    if not rois:
+        def run(pixels_out, photo_out, theta_out, u, shape):
+            pixels, photo, theta = compiled(u, shape)
+            write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        return run
+
+    def run_with_rois(pixels_out, photo_out, theta_out, roi_out, u, shape):
+        pixels, photo, theta = compiled(u, shape)
+        write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        write_rois(theta, roi_out)
+    return run_with_rois
 
 
 def _split_params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int], rows: int, uniforms: int):
     """numba run function of a chain split by :func:`regpipe.loaders._kernels.crop_split`: (uniforms (M, P),
     shape (3,)) -> the whole copies' pixel matrices (M, 2, 3), factors (M, 2) and normalised matrices (M, 2, 3),
-    then the crop parts' normalised matrices (M, 2, 3) and the rest's pixel matrices at the output size
-    (M, 2, 3), by :func:`regpipe.loaders._kernels.crop_rest_params`."""
+    then the crop parts' regions of interest (M, 4) and the rest's pixel matrices at the output size (M, 2, 3),
+    by :func:`regpipe.loaders._kernels.crop_rest_params`."""
     split, compose, to_pixels = K.crop_rest_params, K.compose_copies, K.pixel_matrices
+    write, write_rois = _write_params, _write_rois
     out_h, out_w = out_size
 
-    def run(pixels_out, photo_out, theta_out, crop_out, rest_out, u, shape):
+    def run(pixels_out, photo_out, theta_out, roi_out, rest_out, u, shape):
         m = u.shape[0]
-        crop = np.empty((m, 2, 3))
-        rest = np.empty((m, 2, 3))
-        rest_pixels = np.empty((m, 2, 3))
-        photo = np.empty((m, 3))
-        theta = np.empty((m, 2, 3))
-        pixels = np.empty((m, 2, 3))
+        crop, rest, rest_pixels = np.empty((m, 2, 3)), np.empty((m, 2, 3)), np.empty((m, 2, 3))
+        photo, theta, pixels = np.empty((m, 3)), np.empty((m, 2, 3)), np.empty((m, 2, 3))
         height, width = shape[0], shape[1]
         split(u.astype(np.float64), spec, rows, uniforms, height, width, out_h, out_w, True, include_original, crop,
               rest, photo, rest_pixels)
         compose(crop, rest, theta)
         to_pixels(theta, height, width, out_h, out_w, pixels)
+        write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        write_rois(crop, roi_out)
         for j in range(m):
             for r in range(2):
                 for q in range(3):
-                    pixels_out[j, r, q] = pixels[j, r, q]
-                    theta_out[j, r, q] = theta[j, r, q]
-                    crop_out[j, r, q] = crop[j, r, q]
                     rest_out[j, r, q] = rest_pixels[j, r, q]
-            photo_out[j, 0] = photo[j, 0]
-            photo_out[j, 1] = photo[j, 1]
     return run
 
 
-def _roi_fn():
-    def run(roi_out, theta):
-        # theta (M, 2, 3) axis-aligned: x_in = t00 x + t02 (normalised) -> relative ROI [(1 + t02 - t00) / 2,
-        # (1 + t02 + t00) / 2] (start > end for a flip: DALI's resize then mirrors), y alike; order (y, x)
-        for j in range(theta.shape[0]):
-            roi_out[j, 0] = (1.0 + theta[j, 1, 2] - theta[j, 1, 1]) / 2.0
-            roi_out[j, 1] = (1.0 + theta[j, 0, 2] - theta[j, 0, 0]) / 2.0
-            roi_out[j, 2] = (1.0 + theta[j, 1, 2] + theta[j, 1, 1]) / 2.0
-            roi_out[j, 3] = (1.0 + theta[j, 0, 2] + theta[j, 0, 0]) / 2.0
-    return run
+#: output kinds of the parameter functions (:func:`_setup_fn`)
+_MATRICES, _FACTORS, _ROIS = 0, 1, 2
 
 
-def _roi_setup(outs, ins):
-    for i in range(len(outs[0])):
-        outs[0][i][0] = ins[0][i][0]
-        outs[0][i][1] = 4
+def _setup_fn(kinds: tuple[int, ...]):
+    """numba setup function: output ``o`` of a sample with ``M`` copies is ``(M, 2, 3)`` (``_MATRICES``), ``(M, 2)``
+    (``_FACTORS``) or ``(M, 4)`` (``_ROIS``), ``M`` read from the uniforms' shape."""
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            m = ins[0][i][0]
+            for o in range(len(outs)):
+                outs[o][i][0] = m
+                if kinds[o] == _MATRICES:
+                    outs[o][i][1] = 2
+                    outs[o][i][2] = 3
+                elif kinds[o] == _FACTORS:
+                    outs[o][i][1] = 2
+                else:
+                    outs[o][i][1] = 4
+    return setup
 
 
-def _params_setup(outs, ins):
-    for i in range(len(outs[0])):
-        for o in range(len(outs)):
-            if o == 1:  # the factors (M, 2); the others are (M, 2, 3) matrices
-                outs[1][i][0] = ins[0][i][0]
-                outs[1][i][1] = 2
-            else:
-                outs[o][i][0] = ins[0][i][0]
-                outs[o][i][1] = 2
-                outs[o][i][2] = 3
-
-
-def _roi_resizes(images: DataNode, theta: DataNode, m: int, size: tuple[int, int]) -> DataNode:
-    """``M`` copies of each sample, copy ``j`` DALI's ``resize`` of the region of interest its axis-aligned matrix
-    ``theta[j]`` picks (linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI), stacked
+def _roi_resizes(images: DataNode, roi: DataNode, m: int, size: tuple[int, int]) -> DataNode:
+    """``M`` copies of each sample, copy ``j`` DALI's ``resize`` of its region of interest ``roi[j]`` (``(M, 4)``,
+    :func:`_write_rois`; linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI), stacked
     ``FHWC``."""
-    roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],
-                         in_types=[types.FLOAT], outs_ndim=[2], ins_ndim=[3], device="cpu")
     copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
                         interp_type=types.INTERP_LINEAR) for j in range(m)]
     return fn.stack(*copies, axis_name="F")
@@ -246,24 +261,29 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     shape = images.shape(dtype=types.INT64)
     if split is not None:
         # the ImageNet crop as DALI's ROI resize, then the rest of the chain warped at the output size
-        pixels, photo, theta, crop, rest = numba_function(
-            u, shape, run_fn=_split_params_fn(spec, include_original, size, *split), setup_fn=_params_setup,
-            out_types=[types.FLOAT] * 5, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 3, 3],
+        kinds = (_MATRICES, _FACTORS, _MATRICES, _ROIS, _MATRICES)
+        pixels, photo, theta, roi, rest = numba_function(
+            u, shape, run_fn=_split_params_fn(spec, include_original, size, *split), setup_fn=_setup_fn(kinds),
+            out_types=[types.FLOAT] * 5, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 2, 3],
             ins_ndim=[2, 1], device="cpu")
-        out = fn.warp_affine(_roi_resizes(images, crop, m, size), matrix=fn.per_frame(rest), inverse_map=True,
+        out = fn.warp_affine(_roi_resizes(images, roi, m, size), matrix=fn.per_frame(rest), inverse_map=True,
                              fill_value=0, interp_type=types.INTERP_LINEAR)
+    elif size is not None and aligned:  # crops and flips: DALI's own ROI resize of the decoded image
+        kinds = (_MATRICES, _FACTORS, _MATRICES, _ROIS)
+        pixels, photo, theta, roi = numba_function(
+            u, shape, run_fn=_params_fn(spec, include_original, size, rois=True), setup_fn=_setup_fn(kinds),
+            out_types=[types.FLOAT] * 4, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 2],
+            ins_ndim=[2, 1], device="cpu")
+        out = _roi_resizes(images, roi, m, size)
     else:
         pixels, photo, theta = numba_function(
-            u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
-            out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
-            outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
-        if size is not None and aligned:  # crops and flips: DALI's own ROI resize of the decoded image
-            out = _roi_resizes(images, theta, m, size)
-        else:
-            frames = fn.stack(*([images] * m), axis_name="F")
-            warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
-            out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
-                                 interp_type=types.INTERP_LINEAR, **warp_args)
+            u, shape, run_fn=_params_fn(spec, include_original, size, rois=False),
+            setup_fn=_setup_fn((_MATRICES, _FACTORS, _MATRICES)), out_types=[types.FLOAT] * 3,
+            in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
+        frames = fn.stack(*([images] * m), axis_name="F")
+        warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
+        out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
+                             interp_type=types.INTERP_LINEAR, **warp_args)
     if pivot is not None:
         out = _colour(out, photo, m, pivot)
     return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u, theta=theta)
@@ -536,12 +556,11 @@ class DaliLoader(BuilderAdapter):
             seed_ids = ids[::m]
             mixing = MixRecord(sources=sources, weights=self.mix_weights.expand(s, -1).clone(),
                                source_ids=seed_ids[sources])
-        batch = self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                   photometric=photometric, mixing=mixing, raw=raw)
-        if m > 1 and mixing is None:  # copies made in the pipeline: rows s*m .. s*m + m - 1 are views of seed s
+        copies = m > 1 and mixing is None  # made in the pipeline: rows s*m .. s*m + m - 1 are views of seed s
+        if copies:
             self.builder._log(self, f"replicate[dali] {m} copies per image")
-            batch = batch.replace(replicas=m)
-        return batch
+        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
+                                  photometric=photometric, mixing=mixing, raw=raw, replicas=m if copies else 1)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""

@@ -772,12 +772,11 @@ class FfcvLoader(BuilderAdapter):
             if m != self.replicate.m:
                 raise ValueError(f"the image field holds {m} copies per sample, Replicate makes {self.replicate.m}")
             affine, photometric = self.replicate.params(indices.numpy(), height, width, epoch)
-        batch = self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
-                                   photometric=photometric, mixing=mixing, raw=raw)
-        if m > 1 and self.mix is None:  # copies made in the loader: rows s*m .. s*m + m - 1 are views of seed s
+        copies = m > 1 and self.mix is None  # made in the loader: rows s*m .. s*m + m - 1 are views of seed s
+        if copies:
             self.builder._log(self.replicate or self, f"replicate[ffcv] {m} copies per image")
-            batch = batch.replace(replicas=m)
-        return batch
+        return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
+                                  photometric=photometric, mixing=mixing, raw=raw, replicas=m if copies else 1)
 
     def apply(self, batch: Batch) -> Batch:
         """Run the ops on a batch."""
