@@ -185,6 +185,14 @@ def _setup_fn(kinds: tuple[int, ...]):
     return setup
 
 
+def _parameters(u: DataNode, shape: DataNode, run_fn: Any, kinds: tuple[int, ...]) -> tuple[DataNode, ...]:
+    """The copies' parameters from their uniforms and the sample's shape: one CPU ``numba_function`` running
+    ``run_fn``, float32 outputs of the ``kinds`` given (:func:`_setup_fn`)."""
+    return numba_function(u, shape, run_fn=run_fn, setup_fn=_setup_fn(kinds), out_types=[types.FLOAT] * len(kinds),
+                          in_types=[types.FLOAT, types.INT64], outs_ndim=[3 if k == _MATRICES else 2 for k in kinds],
+                          ins_ndim=[2, 1], device="cpu")
+
+
 def _roi_resizes(images: DataNode, roi: DataNode, m: int, size: tuple[int, int]) -> DataNode:
     """``M`` copies of each sample, copy ``j`` DALI's ``resize`` of its region of interest ``roi[j]`` (``(M, 4)``,
     :func:`_write_rois`; linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI), stacked
@@ -261,25 +269,17 @@ def replicate(images: DataNode, m: int, augment: Augment, include_original: bool
     shape = images.shape(dtype=types.INT64)
     if split is not None:
         # the ImageNet crop as DALI's ROI resize, then the rest of the chain warped at the output size
-        kinds = (_MATRICES, _FACTORS, _MATRICES, _ROIS, _MATRICES)
-        pixels, photo, theta, roi, rest = numba_function(
-            u, shape, run_fn=_split_params_fn(spec, include_original, size, *split), setup_fn=_setup_fn(kinds),
-            out_types=[types.FLOAT] * 5, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 2, 3],
-            ins_ndim=[2, 1], device="cpu")
+        pixels, photo, theta, roi, rest = _parameters(u, shape, _split_params_fn(spec, include_original, size, *split),
+                                                      (_MATRICES, _FACTORS, _MATRICES, _ROIS, _MATRICES))
         out = fn.warp_affine(_roi_resizes(images, roi, m, size), matrix=fn.per_frame(rest), inverse_map=True,
                              fill_value=0, interp_type=types.INTERP_LINEAR)
     elif size is not None and aligned:  # crops and flips: DALI's own ROI resize of the decoded image
-        kinds = (_MATRICES, _FACTORS, _MATRICES, _ROIS)
-        pixels, photo, theta, roi = numba_function(
-            u, shape, run_fn=_params_fn(spec, include_original, size, rois=True), setup_fn=_setup_fn(kinds),
-            out_types=[types.FLOAT] * 4, in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3, 2],
-            ins_ndim=[2, 1], device="cpu")
+        pixels, photo, theta, roi = _parameters(u, shape, _params_fn(spec, include_original, size, rois=True),
+                                                (_MATRICES, _FACTORS, _MATRICES, _ROIS))
         out = _roi_resizes(images, roi, m, size)
     else:
-        pixels, photo, theta = numba_function(
-            u, shape, run_fn=_params_fn(spec, include_original, size, rois=False),
-            setup_fn=_setup_fn((_MATRICES, _FACTORS, _MATRICES)), out_types=[types.FLOAT] * 3,
-            in_types=[types.FLOAT, types.INT64], outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
+        pixels, photo, theta = _parameters(u, shape, _params_fn(spec, include_original, size, rois=False),
+                                           (_MATRICES, _FACTORS, _MATRICES))
         frames = fn.stack(*([images] * m), axis_name="F")
         warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
         out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
