@@ -793,9 +793,11 @@ class FfcvLoader(BuilderAdapter):
         self.epoch += 1
         position = 0
         threads = torch.get_num_threads()
-        iterator = iter(self.loader)
-        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count at every pass
-        for outputs in iterator:
+        for outputs in self.loader:
+            # FFCV's epoch thread sets torch's thread count to the loader's worker count when it starts, after
+            # iter() returned: set it back before each batch is used, so this process keeps its thread count
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             batch = self.to_batch(outputs, position, epoch, raw=True)
             position += batch.size
             yield self.apply(batch)
