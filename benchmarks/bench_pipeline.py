@@ -1,6 +1,7 @@
 """``regpipe bench pipeline`` on a synthetic ImageNet-like folder (JPEGs of varied sizes, 300-500 px by default), for
 the three loaders: the loader alone, with regpipe's device stage, and regpipe's replication against the same
-replication written natively in that loader (``regpipe/cli/bench_pipeline.py`` has the rows).
+replication written natively in that loader (``regpipe/cli/bench_pipeline.py`` has the rows). OpenMP settings as
+the ``regpipe`` command has them (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise).
 
     .venv/bin/python benchmarks/bench_pipeline.py [--images 256] [--steps 6] [--loaders dali ffcv torch]
         [--sides 300 500] [--size 224]
@@ -48,6 +49,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    import os
+
+    from regpipe.cli import OPENMP_DEFAULTS  # light: imports no torch
+
+    for name, value in OPENMP_DEFAULTS:  # as the `regpipe` command does, before torch loads
+        os.environ.setdefault(name, value)
     from regpipe.cli.bench_pipeline import run_pipeline
 
     rows = []

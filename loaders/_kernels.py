@@ -44,14 +44,15 @@ from regpipe.functional.augment import (
     SIZE_X,
     SIZE_Y,
     UNIFORM,
+    UNIFORMS_PER_DRAW,
     WINDOW,
     WINDOW_TRIES,
 )
 from regpipe.ops.augment import Augment
 
-__all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "axis_aligned", "chain_values",
-           "chain_params", "augment_params", "counter_uniforms", "copy_params", "snap_windows", "load_int64",
-           "replicate_sample", "warp_u8", "colour_u8"]
+__all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "axis_aligned", "crop_split", "chain_values",
+           "chain_params", "crop_rest_params", "compose_copies", "pixel_matrices", "augment_params", "counter_uniforms",
+           "copy_geometry", "copy_params", "snap_windows", "load_int64", "replicate_sample", "warp_u8", "colour_u8"]
 
 _IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
 _COLOUR_SLOTS = (BRIGHTNESS, CONTRAST, PIVOT)
@@ -123,6 +124,36 @@ def axis_aligned(spec: np.ndarray) -> bool:
     all_or_nothing = (kinds == BERNOULLI) | ((kinds == CONSTANT) & np.isin(values, (0.0, 1.0)))
     flips = np.isin(slots, (FLIP_X, FLIP_Y)) & all_or_nothing
     return bool(np.all((kinds == WINDOW) | np.isin(slots, _COLOUR_SLOTS) | flips))
+
+
+def crop_split(spec: np.ndarray) -> tuple[int, int] | None:
+    """Where an encoded chain splits into a crop the loader's resize makes and a rest its warp makes.
+
+    A chain that starts with crops and flips (its leading transforms are :func:`axis_aligned`, one of them
+    draws a crop window) and goes on with rotations, shears, scales or shifts (the replication chain on top
+    of the ImageNet crop) is made in two steps per copy: the crop's window resized by the loader's own
+    resize (antialiased), then the rest warped at the output size, zeros outside the crop (the device
+    ``Replicate`` op warping a loader's crop does the same). :func:`crop_rest_params` gives both parts.
+
+    Returns:
+        ``(rows, uniforms)``: the spec rows and the uniforms per copy of the leading crop part; ``None`` when
+        the whole chain is crops and flips (:func:`axis_aligned`: a resize per copy), when no crop window
+        leads it, or when the rest draws a window too (then the chain is one warp per copy).
+    """
+    rows = uniforms = 0
+    window = False
+    for index in dict.fromkeys(spec[:, 0].tolist()):  # the transforms, in chain order
+        part = spec[spec[:, 0] == index]
+        if not axis_aligned(part):
+            break
+        window = window or bool((part[:, 1] == WINDOW).any())
+        rows += len(part)
+        uniforms += sum(UNIFORMS_PER_DRAW[int(kind)] for kind in part[:, 1])
+    else:
+        return None  # crops and flips only
+    if not window or bool((spec[rows:, 1] == WINDOW).any()):
+        return None
+    return rows, uniforms
 
 
 @numba.njit(cache=True)
@@ -290,16 +321,66 @@ def chain_params(u: np.ndarray, spec: np.ndarray, src_height: int, src_width: in
         for r in range(2):
             for q in range(3):
                 theta[j, r, q] = mat[r, q]
-        hs, ws = src_height / 2.0, src_width / 2.0
+        photo[j, 0] = b
+        photo[j, 1] = c
+        photo[j, 2] = center
+    pixel_matrices(theta, src_height, src_width, out_height, out_width, pixels)
+
+
+@numba.njit(cache=True)
+def pixel_matrices(theta: np.ndarray, src_height: int, src_width: int, out_height: int, out_width: int,
+                   pixels: np.ndarray) -> None:
+    """``(M, 2, 3)`` normalised output -> source matrices as pixel matrices, output pixel -> source pixel (DALI's
+    ``warp_affine`` with ``inverse_map``): ``D_src theta D_out^-1`` with ``D = [[W/2, 0, W/2], [0, H/2, H/2]]``."""
+    hs, ws = src_height / 2.0, src_width / 2.0
+    for j in range(theta.shape[0]):
+        mat = theta[j]
         pixels[j, 0, 0] = mat[0, 0] * src_width / out_width
         pixels[j, 0, 1] = mat[0, 1] * src_width / out_height
         pixels[j, 1, 0] = mat[1, 0] * src_height / out_width
         pixels[j, 1, 1] = mat[1, 1] * src_height / out_height
         pixels[j, 0, 2] = ws * (mat[0, 2] + 1.0 - mat[0, 0] - mat[0, 1])
         pixels[j, 1, 2] = hs * (mat[1, 2] + 1.0 - mat[1, 0] - mat[1, 1])
-        photo[j, 0] = b
-        photo[j, 1] = c
-        photo[j, 2] = center
+
+
+@numba.njit(cache=True)
+def compose_copies(crop: np.ndarray, rest: np.ndarray, theta: np.ndarray) -> None:
+    """``theta[j] = crop[j] o rest[j]`` (``(M, 2, 3)`` each): a copy's whole output -> source matrix from its crop
+    (crop frame -> source) and its rest (output -> crop frame)."""
+    for j in range(theta.shape[0]):
+        theta[j] = _compose(crop[j], rest[j])
+
+
+@numba.njit(cache=True)
+def crop_rest_params(u: np.ndarray, spec: np.ndarray, rows: int, uniforms: int, src_height: int, src_width: int,
+                     out_height: int, out_width: int, pixel_aspect: bool, include_original: bool, crop: np.ndarray,
+                     rest: np.ndarray, photo: np.ndarray, rest_pixels: np.ndarray) -> None:
+    """The two parts of ``M`` copies of a chain split by :func:`crop_split`: the crop (``spec[:rows]`` from
+    ``u[:, :uniforms]``, source -> output size) and the rest (the other rows and uniforms, at the output
+    size). ``compose_copies(crop, rest)`` is what :func:`chain_params` gives for the whole chain.
+
+    Args:
+        u, spec, src_height, src_width, out_height, out_width, pixel_aspect, include_original: as
+            :func:`chain_params` (copy 0 with ``include_original``: both parts the identity).
+        rows, uniforms: where the chain splits (:func:`crop_split`).
+        crop: out ``(M, 2, 3)`` normalised crop-frame -> source matrices (axis-aligned).
+        rest: out ``(M, 2, 3)`` normalised output -> crop-frame matrices.
+        photo: out ``(M, 3)`` the copies' brightness, contrast and pivot (the parts' factors multiplied, the
+            last fixed pivot), as :func:`chain_params`.
+        rest_pixels: out ``(M, 2, 3)`` ``rest`` in pixel coordinates of the output frame.
+    """
+    m = u.shape[0]
+    crop_photo = np.empty((m, 3))
+    crop_pixels = np.empty((m, 2, 3))
+    chain_params(u[:, :uniforms], spec[:rows], src_height, src_width, out_height, out_width, pixel_aspect,
+                 include_original, crop, crop_photo, crop_pixels)
+    chain_params(u[:, uniforms:], spec[rows:], out_height, out_width, out_height, out_width, False, include_original,
+                 rest, photo, rest_pixels)
+    for j in range(m):
+        photo[j, 0] *= crop_photo[j, 0]
+        photo[j, 1] *= crop_photo[j, 1]
+        if photo[j, 2] <= MEAN_PIVOT:
+            photo[j, 2] = crop_photo[j, 2]
 
 
 @numba.njit(cache=True)
@@ -456,25 +537,50 @@ def snap_windows(theta: np.ndarray, height: int, width: int, windows: np.ndarray
 
 
 @numba.njit(cache=True)
+def copy_geometry(u: np.ndarray, spec: np.ndarray, rows: int, uniforms: int, height: int, width: int, out_h: int,
+                  out_w: int, pixel_aspect: bool, include_original: bool, snap: bool, theta: np.ndarray,
+                  photo: np.ndarray, crop: np.ndarray, rest: np.ndarray, windows: np.ndarray) -> None:
+    """The parameters of ``M`` copies of one ``height x width`` image from their ``(M, P)`` uniforms, as FFCV's
+    decoder makes them and its wrapper records them (one function, so the two cannot drift apart).
+
+    ``rows == 0``: the whole chain at once (:func:`chain_params` into ``theta``; with ``snap`` its windows are
+    rounded to whole source pixels, :func:`snap_windows`, into ``windows`` ``(M, 4)``). ``rows > 0``: the chain
+    split by :func:`crop_split` into its crop (``crop``, snapped with ``snap``) and the rest at the output size
+    (``rest``), ``theta`` the two composed. ``photo`` gets the colour factors (``(M, 3)``).
+    """
+    pixels = np.empty((u.shape[0], 2, 3))
+    if rows > 0:
+        crop_rest_params(u, spec, rows, uniforms, height, width, out_h, out_w, pixel_aspect, include_original, crop,
+                         rest, photo, pixels)
+        if snap:
+            snap_windows(crop, height, width, windows)
+        compose_copies(crop, rest, theta)
+    else:
+        chain_params(u, spec, height, width, out_h, out_w, pixel_aspect, include_original, theta, photo, pixels)
+        if snap:
+            snap_windows(theta, height, width, windows)
+
+
+@numba.njit(cache=True)
 def copy_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                 spec: np.ndarray, count: int, m: int, out_h: int, out_w: int, pixel_aspect: bool,
-                include_original: bool, snap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                include_original: bool, snap: bool, rows: int = 0,
+                uniforms: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(S, M, 2, 3)`` normalised output -> source matrices, ``(S, M, 3)`` colour factors and ``(S, M, 4)`` int64
-    whole-pixel windows of the copies of samples ``indices`` whose sizes are ``heights``, ``widths``:
-    :func:`counter_uniforms` keyed by ``(seed, epoch, index)``, then :func:`chain_params` per sample; ``snap``:
-    the windows rounded to whole source pixels (:func:`snap_windows`; else the windows are zeros)."""
+    whole-pixel windows (of the crop part when ``rows > 0``) of the copies of samples ``indices`` whose sizes
+    are ``heights``, ``widths``: :func:`counter_uniforms` keyed by ``(seed, epoch, index)``, then
+    :func:`copy_geometry` per sample; ``snap``: the windows rounded to whole source pixels (else zeros)."""
     s = indices.shape[0]
     theta = np.empty((s, m, 2, 3))
     photo = np.empty((s, m, 3))
     windows = np.zeros((s, m, 4), dtype=np.int64)
-    pixels = np.empty((m, 2, 3))
+    crop = np.empty((m, 2, 3))
+    rest = np.empty((m, 2, 3))
     u = np.empty((m, max(count, 1)))
     for i in range(s):
         counter_uniforms(seed, epoch, indices[i], u)
-        chain_params(u, spec, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original, theta[i],
-                     photo[i], pixels)
-        if snap:
-            snap_windows(theta[i], heights[i], widths[i], windows[i])
+        copy_geometry(u, spec, rows, uniforms, heights[i], widths[i], out_h, out_w, pixel_aspect, include_original,
+                      snap, theta[i], photo[i], crop, rest, windows[i])
     return theta, photo, windows
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -79,118 +80,211 @@ class Replicas:
     theta: DataNode
 
 
-def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int] | None):
+@numba.njit
+def _write_rois(theta: np.ndarray, roi_out: np.ndarray) -> None:
+    """``(M, 2, 3)`` axis-aligned matrices -> ``(M, 4)`` relative regions of interest ``[y0, x0, y1, x1]`` of DALI's
+    ``resize``: ``x_in = t00 x + t02`` (normalised) spans ``[(1 + t02 - t00) / 2, (1 + t02 + t00) / 2]`` (start >
+    end for a flip: DALI's resize then mirrors), ``y`` alike."""
+    for j in range(theta.shape[0]):
+        roi_out[j, 0] = (1.0 + theta[j, 1, 2] - theta[j, 1, 1]) / 2.0
+        roi_out[j, 1] = (1.0 + theta[j, 0, 2] - theta[j, 0, 0]) / 2.0
+        roi_out[j, 2] = (1.0 + theta[j, 1, 2] + theta[j, 1, 1]) / 2.0
+        roi_out[j, 3] = (1.0 + theta[j, 0, 2] + theta[j, 0, 0]) / 2.0
+
+
+@numba.njit
+def _write_params(pixels: np.ndarray, photo: np.ndarray, theta: np.ndarray, pixels_out: np.ndarray,
+                  photo_out: np.ndarray, theta_out: np.ndarray) -> None:
+    """Copy the float64 parameters into DALI's float32 outputs (the factors without their pivot)."""
+    for j in range(theta.shape[0]):
+        for r in range(2):
+            for q in range(3):
+                pixels_out[j, r, q] = pixels[j, r, q]
+                theta_out[j, r, q] = theta[j, r, q]
+        photo_out[j, 0] = photo[j, 0]
+        photo_out[j, 1] = photo[j, 1]
+
+
+def _params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int] | None, rois: bool):
     """numba run function: (uniforms (M, P), shape (3,)) -> pixel matrices (M, 2, 3), factors (M, 2), normalised
-    matrices (M, 2, 3), by :func:`regpipe.loaders._kernels.chain_params`."""
-    params = K.chain_params
+    matrices (M, 2, 3) by :func:`regpipe.loaders._kernels.chain_params`, and with ``rois`` the copies' regions of
+    interest (M, 4) (:func:`_write_rois`: crops and flips only)."""
+    params, write, write_rois = K.chain_params, _write_params, _write_rois
     sized = out_size is not None
     out_h, out_w = out_size if sized else (0, 0)
 
-    def run(pixels_out, photo_out, theta_out, u, shape):
+    def copies(u, shape):
         m = u.shape[0]
-        theta = np.empty((m, 2, 3))
-        photo = np.empty((m, 3))
-        pixels = np.empty((m, 2, 3))
+        theta, photo, pixels = np.empty((m, 2, 3)), np.empty((m, 3)), np.empty((m, 2, 3))
         height, width = shape[0], shape[1]
         oh, ow = (out_h, out_w) if sized else (height, width)
         params(u.astype(np.float64), spec, height, width, oh, ow, sized, include_original, theta, photo, pixels)
+        return pixels, photo, theta
+
+    compiled = numba.njit(copies)
+    if not rois:
+        def run(pixels_out, photo_out, theta_out, u, shape):
+            pixels, photo, theta = compiled(u, shape)
+            write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        return run
+
+    def run_with_rois(pixels_out, photo_out, theta_out, roi_out, u, shape):
+        pixels, photo, theta = compiled(u, shape)
+        write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        write_rois(theta, roi_out)
+    return run_with_rois
+
+
+def _split_params_fn(spec: np.ndarray, include_original: bool, out_size: tuple[int, int], rows: int, uniforms: int):
+    """numba run function of a chain split by :func:`regpipe.loaders._kernels.crop_split`: (uniforms (M, P),
+    shape (3,)) -> the whole copies' pixel matrices (M, 2, 3), factors (M, 2) and normalised matrices (M, 2, 3),
+    then the crop parts' regions of interest (M, 4) and the rest's pixel matrices at the output size (M, 2, 3),
+    by :func:`regpipe.loaders._kernels.crop_rest_params`."""
+    split, compose, to_pixels = K.crop_rest_params, K.compose_copies, K.pixel_matrices
+    write, write_rois = _write_params, _write_rois
+    out_h, out_w = out_size
+
+    def run(pixels_out, photo_out, theta_out, roi_out, rest_out, u, shape):
+        m = u.shape[0]
+        crop, rest, rest_pixels = np.empty((m, 2, 3)), np.empty((m, 2, 3)), np.empty((m, 2, 3))
+        photo, theta, pixels = np.empty((m, 3)), np.empty((m, 2, 3)), np.empty((m, 2, 3))
+        height, width = shape[0], shape[1]
+        split(u.astype(np.float64), spec, rows, uniforms, height, width, out_h, out_w, True, include_original, crop,
+              rest, photo, rest_pixels)
+        compose(crop, rest, theta)
+        to_pixels(theta, height, width, out_h, out_w, pixels)
+        write(pixels, photo, theta, pixels_out, photo_out, theta_out)
+        write_rois(crop, roi_out)
         for j in range(m):
             for r in range(2):
                 for q in range(3):
-                    pixels_out[j, r, q] = pixels[j, r, q]
-                    theta_out[j, r, q] = theta[j, r, q]
-            photo_out[j, 0] = photo[j, 0]
-            photo_out[j, 1] = photo[j, 1]
+                    rest_out[j, r, q] = rest_pixels[j, r, q]
     return run
 
 
-def _roi_fn():
-    def run(roi_out, theta):
-        # theta (M, 2, 3) axis-aligned: x_in = t00 x + t02 (normalised) -> relative ROI [(1 + t02 - t00) / 2,
-        # (1 + t02 + t00) / 2] (start > end for a flip: DALI's resize then mirrors), y alike; order (y, x)
-        for j in range(theta.shape[0]):
-            roi_out[j, 0] = (1.0 + theta[j, 1, 2] - theta[j, 1, 1]) / 2.0
-            roi_out[j, 1] = (1.0 + theta[j, 0, 2] - theta[j, 0, 0]) / 2.0
-            roi_out[j, 2] = (1.0 + theta[j, 1, 2] + theta[j, 1, 1]) / 2.0
-            roi_out[j, 3] = (1.0 + theta[j, 0, 2] + theta[j, 0, 0]) / 2.0
-    return run
+#: output kinds of the parameter functions (:func:`_setup_fn`)
+_MATRICES, _FACTORS, _ROIS = 0, 1, 2
 
 
-def _roi_setup(outs, ins):
-    for i in range(len(outs[0])):
-        outs[0][i][0] = ins[0][i][0]
-        outs[0][i][1] = 4
+def _setup_fn(kinds: tuple[int, ...]):
+    """numba setup function: output ``o`` of a sample with ``M`` copies is ``(M, 2, 3)`` (``_MATRICES``), ``(M, 2)``
+    (``_FACTORS``) or ``(M, 4)`` (``_ROIS``), ``M`` read from the uniforms' shape."""
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            m = ins[0][i][0]
+            for o in range(len(outs)):
+                outs[o][i][0] = m
+                if kinds[o] == _MATRICES:
+                    outs[o][i][1] = 2
+                    outs[o][i][2] = 3
+                elif kinds[o] == _FACTORS:
+                    outs[o][i][1] = 2
+                else:
+                    outs[o][i][1] = 4
+    return setup
 
 
-def _params_setup(outs, ins):
-    for i in range(len(outs[0])):
-        for o in (0, 2):
-            outs[o][i][0] = ins[0][i][0]
-            outs[o][i][1] = 2
-            outs[o][i][2] = 3
-        outs[1][i][0] = ins[0][i][0]
-        outs[1][i][1] = 2
+def _parameters(u: DataNode, shape: DataNode, run_fn: Any, kinds: tuple[int, ...]) -> tuple[DataNode, ...]:
+    """The copies' parameters from their uniforms and the sample's shape: one CPU ``numba_function`` running
+    ``run_fn``, float32 outputs of the ``kinds`` given (:func:`_setup_fn`)."""
+    return numba_function(u, shape, run_fn=run_fn, setup_fn=_setup_fn(kinds), out_types=[types.FLOAT] * len(kinds),
+                          in_types=[types.FLOAT, types.INT64], outs_ndim=[3 if k == _MATRICES else 2 for k in kinds],
+                          ins_ndim=[2, 1], device="cpu")
 
 
-def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True) -> Replicas:
+def _roi_resizes(images: DataNode, roi: DataNode, m: int, size: tuple[int, int]) -> DataNode:
+    """``M`` copies of each sample, copy ``j`` DALI's ``resize`` of its region of interest ``roi[j]`` (``(M, 4)``,
+    :func:`_write_rois`; linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI), stacked
+    ``FHWC``."""
+    copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
+                        interp_type=types.INTERP_LINEAR) for j in range(m)]
+    return fn.stack(*copies, axis_name="F")
+
+
+def _colour(images: DataNode, photo: DataNode, m: int, pivot: float) -> DataNode:
+    """Each copy's brightness ``b`` and contrast ``c`` (``photo`` ``(M, 2)``): ``b * (p + c * (x - p))`` with the
+    pivot ``p`` fixed (DALI's ``brightness_contrast``) or each copy's mean (``MEAN_PIVOT``, as the torch op and
+    the FFCV kernel: a per-frame mean, then the same formula in DALI's arithmetic, rounded and saturated to
+    uint8 by the cast)."""
+    if pivot > K.MEAN_PIVOT:
+        return fn.brightness_contrast(images, brightness=fn.per_frame(photo[:, 0]),
+                                      contrast=fn.per_frame(photo[:, 1]), contrast_center=pivot)
+    gpu = images.device == "gpu"
+    b, c = (fn.reshape(photo[:, i], shape=[m, 1, 1, 1]) for i in (0, 1))
+    if gpu:  # arithmetic needs its tensor inputs on one device
+        b, c = b.gpu(), c.gpu()
+    centre = fn.reshape(fn.reductions.mean(images, axes=[1, 2, 3], dtype=types.FLOAT), shape=[m, 1, 1, 1])
+    return fn.cast(b * (centre + c * (images - centre)), dtype=types.UINT8)
+
+
+def replicate(images: DataNode, m: int, augment: Augment, include_original: bool = True,
+              uniforms: DataNode | None = None) -> Replicas:
     """Inside a ``pipeline_def``: ``M`` augmented copies of each ``(H, W, C)`` uint8 sample, parameters recorded.
 
-    The random draws are ``fn.random.uniform`` (DALI's seeded generator), ``augment.num_uniforms`` per copy;
-    a numba kernel reads the transforms' draw tables (the one definition the torch op reads too) to turn
-    them into the chain's matrices and colour factors; the ``M`` copies are one
-    ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros outside), then one
-    ``brightness_contrast`` with per-frame factors.
+    The random draws are ``augment.num_uniforms`` uniforms per copy: ``uniforms`` when given, else
+    ``fn.random.uniform`` (DALI's seeded generator). A numba kernel reads the transforms' draw tables (the
+    one definition the torch op reads too) to turn them into the chain's matrices and colour factors; the
+    ``M`` copies are one ``fn.stack`` and one ``warp_affine`` with per-frame matrices (linear, zeros
+    outside), then the colour change with per-frame factors.
 
     With a sized crop in the chain (``RandomResizedCrop(size=(h, w))``: the ImageNet recipe, repeated
     augmentation of Hoffer et al. 2020) the samples may have any size (straight from
     ``fn.decoders.image``): every copy is its own random-resized crop of the decoded image at full
     resolution (windows in the source's pixel aspect, as torchvision), resized to ``(h, w)``, and
-    ``theta`` records each copy's whole transform, crop included. A chain of crops and flips (the ImageNet
-    recipe) runs as DALI's own ``resize`` of each copy's region of interest (linear, antialiased, as
-    ``fn.random_resized_crop``; a flip is a reversed ROI); a chain with rotations or shears as one
-    ``warp_affine`` per copy with the composed matrix (bilinear, no antialiasing: the torch op's ``grid_sample``).
+    ``theta`` records each copy's whole transform, crop included. How a copy is made:
+
+    * crops and flips (the ImageNet recipe): DALI's own ``resize`` of the copy's region of interest
+      (linear, antialiased, as ``fn.random_resized_crop``; a flip is a reversed ROI);
+    * crops and flips followed by rotations, shears, scales or shifts (the ImageNet crop with a replication
+      chain on top, :func:`regpipe.loaders._kernels.crop_split`): that ROI ``resize``, then one ``warp_affine``
+      of the crops at the output size with the rest of the chain (bilinear, zeros outside the crop, as the
+      device ``Replicate`` op warping a loader's crop); ``theta`` is the two composed;
+    * any other chain: one ``warp_affine`` per copy with the composed matrix from the decoded image
+      (bilinear, no antialiasing: the torch op's ``grid_sample``).
 
     Args:
         images: ``HWC`` uint8 samples (CPU or GPU), of one size or (with a sized crop) of any sizes.
         m: copies per sample, ``>= 1``.
-        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). Its colour
-            transform needs a fixed ``center`` (128 for uint8: DALI pivots at a fixed value).
+        augment: the regpipe chain to draw (flip, resized crop, affine, brightness/contrast). A colour
+            transform's contrast pivots at its ``center``, or at each copy's mean (``center=None``).
         include_original: copy 0 is the sample itself (with a sized crop: the whole image resized).
+        uniforms: ``(M, augment.num_uniforms)`` float32 uniforms in ``[0, 1)`` per sample (CPU), e.g. counter-based
+            ones of ``(seed, epoch, index)`` fed by ``fn.external_source`` so that a resumed run redraws an
+            epoch's copies; ``None``: ``fn.random.uniform``.
 
     Raises:
-        ValueError: ``m < 1`` or a colour transform without ``center``.
+        ValueError: ``m < 1``.
         TypeError: a transform DALI cannot run (named).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (copies per sample) must be an integer >= 1, got {m!r}")
     spec, count = K.encode_augment(augment)
     pivot = K.colour_pivot(spec)
-    if pivot is not None and pivot <= K.MEAN_PIVOT:
-        raise ValueError("DALI's brightness_contrast pivots at a fixed value: give RandomBrightnessContrast "
-                         "a center (128 for uint8 images)")
     size = K.output_size(augment)
-    u = fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
+    aligned = K.axis_aligned(spec)
+    split = None if size is None or aligned else K.crop_split(spec)
+    u = uniforms if uniforms is not None else \
+        fn.random.uniform(range=[0.0, 1.0], shape=[m, max(count, 1)], dtype=types.FLOAT)
     shape = images.shape(dtype=types.INT64)
-    pixels, photo, theta = numba_function(
-        u, shape, run_fn=_params_fn(spec, include_original, size), setup_fn=_params_setup,
-        out_types=[types.FLOAT, types.FLOAT, types.FLOAT], in_types=[types.FLOAT, types.INT64],
-        outs_ndim=[3, 2, 3], ins_ndim=[2, 1], device="cpu")
-    if size is not None and K.axis_aligned(spec):
-        # crops and flips only: each copy is DALI's own ROI resize of the decoded image (linear, antialiased, as
-        # fn.random_resized_crop), the ROI read from the copy's matrix
-        roi = numba_function(theta, run_fn=_roi_fn(), setup_fn=_roi_setup, out_types=[types.FLOAT],
-                             in_types=[types.FLOAT], outs_ndim=[2], ins_ndim=[3], device="cpu")
-        copies = [fn.resize(images, size=list(size), roi_start=roi[j, 0:2], roi_end=roi[j, 2:4], roi_relative=True,
-                            interp_type=types.INTERP_LINEAR) for j in range(m)]
-        out = fn.stack(*copies, axis_name="F")
+    if split is not None:
+        # the ImageNet crop as DALI's ROI resize, then the rest of the chain warped at the output size
+        pixels, photo, theta, roi, rest = _parameters(u, shape, _split_params_fn(spec, include_original, size, *split),
+                                                      (_MATRICES, _FACTORS, _MATRICES, _ROIS, _MATRICES))
+        out = fn.warp_affine(_roi_resizes(images, roi, m, size), matrix=fn.per_frame(rest), inverse_map=True,
+                             fill_value=0, interp_type=types.INTERP_LINEAR)
+    elif size is not None and aligned:  # crops and flips: DALI's own ROI resize of the decoded image
+        pixels, photo, theta, roi = _parameters(u, shape, _params_fn(spec, include_original, size, rois=True),
+                                                (_MATRICES, _FACTORS, _MATRICES, _ROIS))
+        out = _roi_resizes(images, roi, m, size)
     else:
+        pixels, photo, theta = _parameters(u, shape, _params_fn(spec, include_original, size, rois=False),
+                                           (_MATRICES, _FACTORS, _MATRICES))
         frames = fn.stack(*([images] * m), axis_name="F")
         warp_args: dict[str, Any] = {} if size is None else {"size": list(size)}
         out = fn.warp_affine(frames, matrix=fn.per_frame(pixels), inverse_map=True, fill_value=0,
                              interp_type=types.INTERP_LINEAR, **warp_args)
     if pivot is not None:
-        out = fn.brightness_contrast(out, brightness=fn.per_frame(photo[:, 0]), contrast=fn.per_frame(photo[:, 1]),
-                                     contrast_center=pivot)
+        out = _colour(out, photo, m, pivot)
     return Replicas(images=out, affine=pixels, photometric=photo, uniforms=u, theta=theta)
 
 
@@ -376,6 +470,8 @@ class DaliLoader(BuilderAdapter):
                 raise ValueError(f"DALI output 'photometric' has {photometric.shape[0]} rows for {s * m} images")
         targets = outputs["targets"].cpu().reshape(s, -1).repeat_interleave(m, 0) if "targets" in outputs else None
         # (S, M, H, W, C) images: M copies per sample, made by the pipeline (replicate): declared on the batch
+        if m > 1:
+            self.builder._log(self, f"replicate[dali] {m} copies per image")
         return self.builder.build(x, labels, ids, position, targets=targets, affine=affine,
                                   photometric=photometric, replicas=m, raw=raw)
 

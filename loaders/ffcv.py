@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -153,17 +152,46 @@ def _mirror(image: np.ndarray, horizontal: bool, vertical: bool) -> None:
 
 
 @numba.njit(nogil=True)
+def _crop_copy(image: np.ndarray, crop: np.ndarray, window: np.ndarray, dst: np.ndarray) -> None:
+    """One axis-aligned copy of an ``(H, W, 3)`` uint8 image into ``dst`` ``(h, w, 3)``: its whole-pixel ``window``
+    (``[r0, r1, c0, c1]``, :func:`regpipe.loaders._kernels.snap_windows`) resized by FFCV's C resize, mirrored
+    where its matrix ``crop`` ``(2, 3)`` flips an axis (a negative diagonal entry)."""
+    _resize_window(image, window[0], window[1], window[2], window[3], dst)
+    _mirror(dst, crop[0, 0] < 0.0, crop[1, 1] < 0.0)
+
+
+@numba.njit(nogil=True)
+def _is_identity(t: np.ndarray) -> bool:
+    return t[0, 0] == 1.0 and t[0, 1] == 0.0 and t[0, 2] == 0.0 and t[1, 0] == 0.0 and t[1, 1] == 1.0 and t[1, 2] == 0.0
+
+
+@numba.njit(nogil=True)
 def _crop_copies(image: np.ndarray, theta: np.ndarray, windows: np.ndarray, photo: np.ndarray,
                  dst: np.ndarray) -> None:
-    """``M`` axis-aligned copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)``: each copy's whole-pixel
-    window (``windows``, :func:`regpipe.loaders._kernels.snap_windows`) resized by FFCV's C resize, mirrored where
-    its matrix ``theta`` flips an axis (a negative diagonal entry), then its colour change (skipped for factors 1)."""
+    """``M`` axis-aligned copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)`` (:func:`_crop_copy`
+    each), then each copy's colour change (skipped for factors 1)."""
     for j in range(dst.shape[0]):
-        out = dst[j]
-        _resize_window(image, windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3], out)
-        _mirror(out, theta[j, 0, 0] < 0.0, theta[j, 1, 1] < 0.0)
+        _crop_copy(image, theta[j], windows[j], dst[j])
         if photo[j, 0] != 1.0 or photo[j, 1] != 1.0:
-            K.colour_u8(out, photo[j, 0], photo[j, 1], photo[j, 2])
+            K.colour_u8(dst[j], photo[j, 0], photo[j, 1], photo[j, 2])
+
+
+@numba.njit(nogil=True)
+def _crop_warp_copies(image: np.ndarray, crop: np.ndarray, windows: np.ndarray, rest: np.ndarray,
+                      photo: np.ndarray, dst: np.ndarray) -> None:
+    """``M`` copies of one ``(H, W, 3)`` uint8 image into ``dst`` ``(M, h, w, 3)`` made in two steps: the crop
+    (:func:`_crop_copy`: FFCV's resize of the window, antialiased), then the rest of the chain (``rest``
+    ``(M, 2, 3)``, output -> crop frame: rotations, shears, scales, shifts) as a bilinear warp at the output
+    size, zeros outside the crop (``K.warp_u8``; skipped for the identity), then the colour change."""
+    crop_pixels = np.empty(dst.shape[1:], dtype=np.uint8)
+    for j in range(dst.shape[0]):
+        if _is_identity(rest[j]):
+            _crop_copy(image, crop[j], windows[j], dst[j])
+        else:
+            _crop_copy(image, crop[j], windows[j], crop_pixels)
+            K.warp_u8(crop_pixels, rest[j], dst[j])
+        if photo[j, 0] != 1.0 or photo[j, 1] != 1.0:
+            K.colour_u8(dst[j], photo[j, 0], photo[j, 1], photo[j, 2])
 
 
 class Replicate(_EpochOp):
@@ -256,8 +284,13 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
       is resized one axis at a time, where OpenCV's one-pass resize would misplace the shrunk axis's
       samples; FFCV's decoder does resize it in one pass. Output pixel centres map to source points as
       with ``align_corners=False``, so the recorded matrix and the pixels agree to interpolation error;
-    * any other chain (rotations, shears, scales, shifts): the whole chain composed into one bilinear warp
-      from the decoded image (zeros outside, ``align_corners=False``, rounded:
+    * crops and flips followed by rotations, shears, scales or shifts (:func:`regpipe.loaders._kernels.crop_split`:
+      the ImageNet crop with a replication chain on top): two steps per copy, the crop's window resized
+      as above (antialiased), then the rest of the chain as a bilinear warp of that crop at the output size
+      (zeros outside the crop, as the device ``Replicate`` op warping a loader's crop;
+      :func:`regpipe.loaders._kernels.warp_u8`). The recorded matrix is the two composed;
+    * any other chain (a rotation before the crop, a second window): the whole chain composed into one
+      bilinear warp from the decoded image (zeros outside, ``align_corners=False``, rounded:
       :func:`regpipe.loaders._kernels.warp_u8`, the torch op's ``grid_sample``; no antialiasing).
 
     Use it in place of ``RandomResizedCropRGBImageDecoder`` (it replaces that decoder and
@@ -273,6 +306,8 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
 
     Attributes:
         axis_aligned: the chain is crops and flips: copies are FFCV resizes of whole-pixel windows.
+        split: ``(rows, uniforms)`` of the crop part when a copy is a crop then a warp
+            (:func:`regpipe.loaders._kernels.crop_split`), else ``None``.
 
     Raises:
         ValueError: ``m < 1`` or a chain without a sized crop.
@@ -290,6 +325,7 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
                              "the chain")
         self.m, self.augment, self.include_original, self.size = m, augment, bool(include_original), size
         self.axis_aligned = K.axis_aligned(self.spec)
+        self.split = None if self.axis_aligned else K.crop_split(self.spec)
 
     def source_sizes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(S,)`` heights and widths of the stored images ``indices`` (the ``.beton``'s metadata)."""
@@ -305,9 +341,11 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         the sources' sizes are read from the ``.beton``)."""
         indices = np.asarray(indices, dtype=np.int64)
         heights, widths = self.source_sizes(indices)
+        rows, uniforms = self.split or (0, 0)
         theta, photo, _ = K.copy_params(self.seed, self.epoch if epoch is None else epoch, indices, heights, widths,
                                         self.spec, self.count, self.m, self.size[0], self.size[1], True,
-                                        self.include_original, self.axis_aligned)
+                                        self.include_original, self.axis_aligned or self.split is not None, rows,
+                                        uniforms)
         return (torch.from_numpy(theta).reshape(-1, 2, 3).float(),
                 torch.from_numpy(photo[..., :2]).reshape(-1, 2).float())
 
@@ -325,8 +363,12 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
         seed, address, spec, count, m, include_original = self.seed, self.epoch_address, self.spec, self.count, \
             self.m, self.include_original
         out_h, out_w = self.size
-        params, counter, replicate_sample, load = K.chain_params, K.counter_uniforms, K.replicate_sample, K.load_int64
-        aligned, snap, crop_copies = self.axis_aligned, K.snap_windows, _crop_copies
+        counter, replicate_sample, geometry, load = K.counter_uniforms, K.replicate_sample, K.copy_geometry, \
+            K.load_int64
+        crop_copies, crop_warp_copies = _crop_copies, _crop_warp_copies
+        aligned = self.axis_aligned
+        rows, uniforms = self.split or (0, 0)
+        snap = aligned or rows > 0  # the crop's window resized by FFCV: rounded to whole source pixels
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -346,12 +388,15 @@ class ReplicatedCropDecoder(_EpochOp, SimpleRGBImageDecoder):
                 counter(seed, epoch, source_ix, u)
                 theta = np.empty((m, 2, 3))
                 photo = np.empty((m, 3))
-                pixels = np.empty((m, 2, 3))
-                params(u, spec, int(height), int(width), out_h, out_w, True, include_original, theta, photo, pixels)
+                crop = np.empty((m, 2, 3))
+                rest = np.empty((m, 2, 3))
+                windows = np.empty((m, 4), dtype=np.int64)
+                geometry(u, spec, rows, uniforms, int(height), int(width), out_h, out_w, True, include_original, snap,
+                         theta, photo, crop, rest, windows)
                 if aligned:  # crops and flips: FFCV's resize of each whole-pixel window
-                    windows = np.empty((m, 4), dtype=np.int64)
-                    snap(theta, int(height), int(width), windows)
                     crop_copies(image, theta, windows, photo, destination[dst_ix])
+                elif rows > 0:  # the crop resized by FFCV, then the rest of the chain warped at the output size
+                    crop_warp_copies(image, crop, windows, rest, photo, destination[dst_ix])
                 else:
                     replicate_sample(image, theta, photo, destination[dst_ix])
             return destination[:len(batch_indices)]
@@ -504,6 +549,8 @@ class FfcvLoader(BuilderAdapter):
                 raise ValueError(f"the image field holds {m} copies per sample, Replicate makes {self.replicate.m}")
             affine, photometric = self.replicate.params(indices.numpy(), height, width, epoch)
         # (N, M, H, W, C) images: M copies per sample, made at decode: declared on the batch
+        if m > 1:
+            self.builder._log(self.replicate or self, f"replicate[ffcv] {m} copies per image")
         return self.builder.build(x, labels, ids, position, affine=affine, photometric=photometric, replicas=m,
                                   raw=raw)
 
@@ -521,9 +568,11 @@ class FfcvLoader(BuilderAdapter):
         self.epoch += 1
         position = 0
         threads = torch.get_num_threads()
-        iterator = iter(self.loader)
-        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count at every pass
-        for outputs in iterator:
+        for outputs in self.loader:
+            # FFCV's epoch thread sets torch's thread count to the loader's worker count when it starts, after
+            # iter() returned: set it back before each batch is used, so this process keeps its thread count
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
             batch = self.to_batch(outputs, position, epoch, raw=True)
             position += batch.size
             yield self.apply(batch)

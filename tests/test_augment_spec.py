@@ -242,6 +242,46 @@ def test_sized_crop_torch_reader_and_kernels_agree_across_frames() -> None:
     torch.testing.assert_close(torch.from_numpy(pixels), want)
 
 
+@pytest.mark.parametrize("include_original", [False, True])
+def test_a_chain_split_at_its_crop_composes_to_the_whole_chain(include_original: bool) -> None:
+    """The replication chain on top of the ImageNet crop: the crop part (source -> output size) composed with the
+    rest (at the output size) is the whole chain's matrix, and the colour factors are the whole chain's."""
+    crop = [RandomResizedCrop(scale=(0.2, 1.0), size=(16, 24)), RandomFlip(vertical=0.5)]
+    rest = [RandomAffine(degrees=25, translate=(0.1, 0.1), scale=(0.8, 1.2), shear=(8, 4)),
+            RandomBrightnessContrast(center=128)]
+    aug = Augment(crop + rest)
+    spec, count = K.encode_augment(aug)
+    assert K.crop_split(spec) == (len(K.encode_augment(Augment(crop))[0]), Augment(crop).num_uniforms)
+    rows, uniforms = K.crop_split(spec)
+    u = np.random.default_rng(4).random((16, count))
+    theta, photo, pixels = np.empty((16, 2, 3)), np.empty((16, 3)), np.empty((16, 2, 3))
+    K.chain_params(u, spec, 30, 70, 16, 24, True, include_original, theta, photo, pixels)
+    crops, rests, parts_photo, rest_pixels = (np.empty((16, 2, 3)), np.empty((16, 2, 3)), np.empty((16, 3)),
+                                              np.empty((16, 2, 3)))
+    K.crop_rest_params(u, spec, rows, uniforms, 30, 70, 16, 24, True, include_original, crops, rests, parts_photo,
+                       rest_pixels)
+    composed = np.empty((16, 2, 3))
+    K.compose_copies(crops, rests, composed)
+    np.testing.assert_allclose(composed, theta, atol=1e-12)
+    np.testing.assert_allclose(parts_photo, photo, atol=1e-12)
+    assert np.all(crops[:, 0, 1] == 0) and np.all(crops[:, 1, 0] == 0)  # the crop part is a window (and flips)
+    assert (np.abs(rests[int(include_original):, 0, 1]) > 0).all()  # the rest rotates/shears
+    back = np.empty((16, 2, 3))
+    K.pixel_matrices(rests, 16, 24, 16, 24, back)
+    np.testing.assert_allclose(back, rest_pixels)
+
+
+@pytest.mark.parametrize("chain, split", [
+    ([RandomResizedCrop(size=8), RandomFlip()], False),  # crops and flips: a resize per copy, nothing to split
+    ([RandomAffine(degrees=5), RandomResizedCrop(size=8)], False),  # the rotation comes first: one warp
+    ([RandomFlip(), RandomAffine(degrees=5)], False),  # no crop window leads
+    ([RandomResizedCrop(size=8), RandomAffine(degrees=5), RandomResizedCrop()], False),  # a second window
+    ([RandomBrightnessContrast(), RandomResizedCrop(size=8), RandomAffine(scale=(0.9, 1.1))], True),
+])
+def test_crop_split_needs_a_leading_crop_and_a_rest_without_windows(chain: list, split: bool) -> None:
+    assert (K.crop_split(K.encode_augment(Augment(chain))[0]) is not None) == split
+
+
 def test_sized_replicate_op_outputs_the_crop_size_and_records_the_crop() -> None:
     from regpipe import Batch
     from regpipe.ops.augment import Replicate

@@ -55,3 +55,39 @@ def test_bench_rejects_cuda_without_cuda(capsys: pytest.CaptureFixture[str]) -> 
 def test_bench_rejects_bad_repeats(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
     assert "repeats must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_timm_dropblock_is_timed_with_a_mask_per_channel_as_regpipes() -> None:
+    """Newer timm couples the channels by default (one mask for all C) and ignores ``fast``: the comparison gives
+    it ``couple_channels=False``; older timm (no such argument) masks each channel already, fast or not."""
+    from types import SimpleNamespace
+
+    from regpipe.cli.bench import _timm_dropblock_variants
+
+    class Newer:
+        def __init__(self, drop_prob: float = 0.1, block_size: int = 7, couple_channels: bool = True,
+                     **kwargs: object) -> None: ...
+
+    class Older:
+        def __init__(self, drop_prob: float = 0.1, block_size: int = 7, batchwise: bool = False,
+                     fast: bool = True) -> None: ...
+
+    assert [o for _, o in _timm_dropblock_variants(SimpleNamespace(DropBlock2d=Newer))] == [{"couple_channels": False}]
+    assert [o for _, o in _timm_dropblock_variants(SimpleNamespace(DropBlock2d=Older))] == [{"fast": True},
+                                                                                             {"fast": False}]
+
+
+def test_gpu_stage_check_runs_its_cases_eagerly_on_cpu(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python part of ``benchmarks/gpu_check.sh`` (its dry run here: the sync and graph checks need CUDA)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_stage_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_stage_check", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_stage_check", module)  # its dataclasses resolve names there
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--side", "16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| eager |" in line]
+    assert len(rows) == len(module.CASES) and all("| pass |" in line for line in rows)

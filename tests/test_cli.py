@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tomllib
@@ -136,6 +137,20 @@ def test_version_is_pyprojects(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"regpipe {declared}"
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_command_waits_passively_in_openmp_unless_told(given: str | None) -> None:
+    """What the console script imports (``regpipe.cli``) loads no torch, and ``main`` sets ``OMP_WAIT_POLICY=PASSIVE``
+    before it does (torch's OpenMP reads it when it loads); a value the user gave is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys\nfrom regpipe.cli import main\nloaded = 'torch' in sys.modules\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(loaded, 'torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-3:] == ["False", "True", given or "PASSIVE"]
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists(),

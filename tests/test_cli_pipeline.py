@@ -43,3 +43,26 @@ def test_bench_pipeline_prints_its_rows(tmp_path: Path, capsys: pytest.CaptureFi
     assert "regpipe-rep" in capsys.readouterr().out
     assert main(["bench", "pipeline", "--loader", "torch"]) == 2  # --data is required
     assert len(SIZES) >= 2
+
+
+def test_bench_pipeline_takes_the_data_specs_of_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``imagefolder:ROOT`` times ``ROOT/train``; a bare ``ROOT`` holding splits, a folder without class folders,
+    a ``.beton`` for another loader or a missing path are one line each (exit 2), before any timing."""
+    from regpipe.cli.bench_pipeline import bench_source
+
+    make_jpeg_folder(tmp_path / "root" / "train")
+    make_jpeg_folder(tmp_path / "root" / "val")
+    assert bench_source(f"imagefolder:{tmp_path / 'root'}", "dali") == tmp_path / "root" / "train"
+    assert bench_source(tmp_path / "root" / "train", "torch") == tmp_path / "root" / "train"
+    (tmp_path / "a.beton").write_bytes(b"")
+    assert bench_source(f"beton:{tmp_path / 'a.beton'},{tmp_path / 'b.beton'}", "ffcv") == tmp_path / "a.beton"
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"")
+    cases = {str(tmp_path / "root"): f"imagefolder:{tmp_path / 'root'}",  # splits given bare: the fix is named
+             str(tmp_path / "flat"): "no class sub-folders",
+             f"beton:{tmp_path / 'a.beton'},{tmp_path / 'b.beton'}": "read by FFCV: use --loader ffcv",
+             f"imagefolder:{tmp_path / 'nowhere'}": "does not exist"}
+    for data, message in cases.items():
+        assert main(["bench", "pipeline", "--data", data, "--loader", "torch", "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

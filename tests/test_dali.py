@@ -53,9 +53,10 @@ def chain(center: float | None = 128.0) -> Augment:
                     RandomBrightnessContrast(center=center)], seed=0)
 
 
-@pytest.fixture(scope="module")
-def replicated(arrays: ImageArrays) -> tuple[dict, Batch, Augment]:
-    aug = chain()
+@pytest.fixture(scope="module", params=[128.0, None], ids=["fixed-pivot", "mean-pivot"])
+def replicated(arrays: ImageArrays, request: pytest.FixtureRequest) -> tuple[dict, Batch, Augment]:
+    """The pipeline's copies, contrast pivoting at 128 (DALI's ``brightness_contrast``) or at each copy's mean."""
+    aug = chain(center=request.param)
     source = ArraySource(ArrayDataset(arrays), sequential())
 
     @pipeline_def(batch_size=S, num_threads=1, device_id=None, seed=3)
@@ -187,14 +188,12 @@ def test_bad_input_gives_the_torch_loaders_errors(arrays: ImageArrays) -> None:
         loader.to_batch({"images": images, "labels": torch.zeros(4, 2, dtype=torch.long)})
 
 
-def test_colour_without_fixed_center_and_bad_m() -> None:
+def test_bad_m_is_named() -> None:
     @pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def pipe(aug, m):
         x = fn.random.uniform(shape=[4, 4, 3])
         return replicate(x, m, aug).images
 
-    with pytest.raises(ValueError, match="center"):
-        pipe(chain(center=None), 2)
     with pytest.raises(ValueError, match="m \\(copies per sample\\) must be an integer >= 1, got 0"):
         pipe(chain(), 0)
 

@@ -225,6 +225,46 @@ def test_dali_group_mix_after_replication_mixes_distinct_seeds_fused(folder) -> 
         assert len(set(rows.flatten().tolist())) == rows.numel()
 
 
+def test_dali_crop_then_rotation_resizes_the_crop_then_warps_it_from_the_given_uniforms(folder) -> None:
+    """The replication chain on top of the ImageNet crop in DALI: the crop's ROI resize (as the crop + flip chain
+    alone gives it, from the same uniforms), then the rotation as one ``warp_affine`` of the crops, zeros outside;
+    the copies are drawn from the uniforms fed to the pipeline, whatever DALI's own seed."""
+    from nvidia.dali import fn, pipeline_def
+
+    from regpipe.loaders.dali import replicate
+    from regpipe.ops.augment import warp_to
+
+    root, _ = folder
+    full = rotation_on_crop()
+    crop_chain = Augment(full.transforms[:2])
+    p = crop_chain.num_uniforms
+    rng = np.random.default_rng(0)
+    uniforms = [rng.random((1, full.num_uniforms)).astype(np.float32) for _ in range(S)]
+
+    def outputs(seed: int) -> list[torch.Tensor]:
+        @pipeline_def(batch_size=S, num_threads=1, device_id=None, seed=seed)
+        def pipe():
+            jpegs, _ = fn.readers.file(file_root=str(root), name="reader")
+            images = fn.decoders.image(jpegs, device="cpu")
+            u = fn.external_source(source=lambda: uniforms, batch=True)
+            a = replicate(images, 1, crop_chain, include_original=False, uniforms=u[:, 0:p])
+            b = replicate(images, 1, full, include_original=False, uniforms=u)
+            return a.images, a.theta, b.images, b.theta, b.uniforms
+
+        built = pipe()
+        built.build()
+        return [torch.from_numpy(np.stack([np.array(x) for x in out])) for out in built.run()]
+
+    crops, crop_theta, rotated, theta, u = outputs(seed=1)
+    assert torch.equal(u, torch.from_numpy(np.stack(uniforms)))
+    assert all(torch.equal(x, y) for x, y in zip((crops, rotated), outputs(seed=2)[::2]))  # DALI's seed unused
+    rest = crop_then_rest(crop_theta.reshape(S, 2, 3), theta.reshape(S, 2, 3))
+    assert float(rest[:, 0, 1].abs().min()) > 1e-4  # every copy rotated
+    want = warp_to(crops[:, 0].permute(0, 3, 1, 2), rest.float(), OUT)  # grid_sample of the crop, zeros outside
+    diff = (rotated[:, 0].permute(0, 3, 1, 2).int() - want.int()).abs()
+    assert int(diff.max()) <= 2 and float((diff > 0).float().mean()) < 0.05, (int(diff.max()), float((diff > 0).float().mean()))
+
+
 # ------------------------------------------------------------------------------------------------ FFCV
 
 
@@ -431,16 +471,51 @@ def test_ffcv_crop_flip_colour_is_applied_to_the_resized_pixels(raw_beton) -> No
     assert int((b.inputs.int() - want.int()).abs().max()) <= 1
 
 
-def test_ffcv_rotation_chains_still_warp_each_copy(folder, raw_beton) -> None:
-    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+def crop_then_rest(crop: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``(N, 2, 3)`` matrices ``R`` with ``whole = crop o R``: what the chain does after its crop (output -> crop frame)."""
+    def square(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.double(), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(len(t), 1, 3)], 1)
+
+    return (torch.linalg.inv(square(crop)) @ square(whole))[:, :2]
+
+
+def rotation_on_crop(affine_first: bool = False) -> Augment:
     from regpipe.ops.augment import RandomAffine
+
+    crop, rest = [RandomResizedCrop(scale=(0.25, 1.0), size=OUT), RandomFlip()], [RandomAffine(degrees=20)]
+    return Augment(rest + crop if affine_first else crop + rest)
+
+
+def test_ffcv_crop_then_rotation_resizes_the_crop_then_warps_it(raw_beton) -> None:
+    """The replication chain on top of the ImageNet crop: FFCV's resize of the crop (as the crop + flip chain alone
+    gives it), then the rotation as a bilinear warp of that crop, zeros outside it."""
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
+    from regpipe.ops.augment import warp_to
+
+    path, _ = raw_beton
+    crop_chain = Augment(rotation_on_crop().transforms[:2])
+    crop, rotated = ReplicatedCropDecoder(1, crop_chain, seed=1), ReplicatedCropDecoder(1, rotation_on_crop(), seed=1)
+    assert crop.axis_aligned and not rotated.axis_aligned
+    assert rotated.split == (len(crop.spec), crop_chain.num_uniforms)
+    # one copy: the rotation's uniforms come after the crop's and flip's, so both draw the same windows
+    a, b = (next(iter(FfcvLoader(ffcv_loader(path, d), 2, replicate=d, keep_uint8=True))) for d in (crop, rotated))
+    assert torch.equal(a.source_ids, b.source_ids)
+    rest = crop_then_rest(a.affine, b.affine)
+    assert float(rest[:, 0, 1].abs().min()) > 1e-4  # every copy rotated
+    np.testing.assert_allclose(rest[:, :, :2].det().numpy(), 1.0, atol=1e-4)  # a rotation (the record composes)
+    want = warp_to(a.inputs, rest.float(), OUT)  # grid_sample of the crop, zeros outside, rounded
+    assert int((b.inputs.int() - want.int()).abs().max()) <= 1
+
+
+def test_ffcv_rotation_before_the_crop_warps_each_copy_from_the_decoded_image(folder, raw_beton) -> None:
+    from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder
 
     _, decoded = folder
     path, index = raw_beton
-    decoder = ReplicatedCropDecoder(M, Augment([RandomResizedCrop(scale=(0.25, 1.0), size=OUT), RandomFlip(),
-                                               RandomAffine(degrees=20)]), seed=1)
-    assert not decoder.axis_aligned
+    decoder = ReplicatedCropDecoder(M, rotation_on_crop(affine_first=True), seed=1)
+    assert not decoder.axis_aligned and decoder.split is None
     batch = next(iter(FfcvLoader(ffcv_loader(path, decoder), 2, replicate=decoder, keep_uint8=True)))
+    assert batch.replicas == M
     assert float(batch.affine[:, 0, 1].abs().max()) > 0.01  # rotated
     check_copies_map_back(batch, index, decoded)  # bilinear warp: the tolerance of the grid_sample reference
 

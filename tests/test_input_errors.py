@@ -438,7 +438,7 @@ def test_bench_pipeline_names_threads(threads: str, tmp_path: Path, capsys) -> N
 def test_cli_prints_a_dataloader_workers_error_as_its_original_line() -> None:
     from torch.utils.data import DataLoader, Dataset
 
-    from regpipe.cli.main import user_message
+    from regpipe.cli.command import user_message
 
     class Broken(Dataset):
         def __len__(self) -> int:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from regpipe.core.mix_plan import MixPlan
-from regpipe.kernels import BACKEND_ENV, FusedMix, fused_mix, resolve_backend
+from regpipe.kernels import BACKEND_ENV, FusedMix, resolve_backend
 from regpipe.kernels import row_mix as rm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

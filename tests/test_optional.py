@@ -74,6 +74,17 @@ def test_missing_submodule_of_an_installed_package_is_not_installed(tmp_path: Pa
         require("regpipe_test_parent.absent", needed_by="the test")
 
 
+def test_a_package_that_changes_torchs_thread_count_on_import_leaves_it_as_it_was(broken) -> None:
+    """FFCV sets torch's intra-op thread count to 1 when imported; through ``require`` the process keeps its own."""
+    before = torch.get_num_threads()
+    broken("regpipe_test_sets_threads", f"import torch\ntorch.set_num_threads({before + 1})\n")
+    try:
+        assert require("regpipe_test_sets_threads", needed_by="the test") is not None
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_install_hints_name_the_extras() -> None:
     assert install_hint("nvidia.dali") == "pip install 'regpipe[dali]' (nvidia-dali-cuda120)"
     assert install_hint("matplotlib.pyplot") == "pip install 'regpipe[plot]'"

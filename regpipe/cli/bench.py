@@ -25,7 +25,7 @@ environment).
 from __future__ import annotations
 
 import argparse
-
+import inspect
 import json
 import sys
 import platform
@@ -197,10 +197,23 @@ def _block_mask_group(cfg: BenchConfig, device: torch.device, notes: list[str]) 
     group.add(f"seeds + block_mask b={b} + mask", "regpipe", regpipe_dropblock)
     timm_layers = _peer("timm.layers", notes, "timm DropBlock2d")
     if timm_layers is not None:
-        for fast in (True, False):
-            module = timm_layers.DropBlock2d(drop_prob=drop, block_size=b, fast=fast).train()
-            group.add(f"timm DropBlock2d b={b} (fast={fast})", "timm", lambda m=module: m(fmap))
+        for label, options in _timm_dropblock_variants(timm_layers):
+            module = timm_layers.DropBlock2d(drop_prob=drop, block_size=b, **options).train()
+            group.add(f"timm DropBlock2d b={b}{label}", "timm", lambda m=module: m(fmap))
     return group
+
+
+def _timm_dropblock_variants(timm_layers: Any) -> list[tuple[str, dict[str, Any]]]:
+    """timm ``DropBlock2d`` settings that draw a mask per channel, as regpipe's ``block_mask`` does: newer timm
+    couples the channels by default (one mask shared by all ``C``: ``1/C`` of the work) and ignores ``fast``, so
+    it is given ``couple_channels=False``; older timm (no such argument) masks per channel, fast or not."""
+    accepts = set(inspect.signature(timm_layers.DropBlock2d).parameters)
+    drop_block = getattr(timm_layers, "drop_block_2d", None)
+    if drop_block is not None:
+        accepts |= set(inspect.signature(drop_block).parameters)
+    if "couple_channels" in accepts:
+        return [(" (per-channel masks: couple_channels=False)", {"couple_channels": False})]
+    return [(f" (fast={fast})", {"fast": fast}) for fast in (True, False)]
 
 
 def _step_group(cfg: BenchConfig, device: torch.device, notes: list[str]) -> _Group:

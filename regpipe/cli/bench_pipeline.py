@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from regpipe.core.files import atomic_write
-from regpipe.engine.validate import check_output_path
 from regpipe.core.optional import require
+from regpipe.engine.splits import parse_data_spec
+from regpipe.engine.validate import check_output_path
 from regpipe.loaders.file_index import FileIndex
 from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop, Replicate
 from regpipe.ops.sum_mix import GradualSumMix
 
-__all__ = ["add_arguments", "run_pipeline", "run"]
+__all__ = ["add_arguments", "bench_source", "run_pipeline", "run"]
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -51,8 +52,10 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``regpipe bench pipeline`` (on the ``bench`` parser)."""
     g = p.add_argument_group("pipeline mode (regpipe bench pipeline)")
-    g.add_argument("--data", default=None, metavar="DIR",
-                   help="ImageNet-layout folder (ROOT/CLASS/IMAGE); FFCV writes it to a .beton first")
+    g.add_argument("--data", default=None, metavar="SPEC",
+                   help="the images to time, as `train --data` takes them: imagefolder:ROOT (its train/ split), "
+                        "beton:TRAIN.beton,VAL.beton (--loader ffcv; TRAIN is timed), or a class folder "
+                        "ROOT/CLASS/IMAGE (FFCV writes it to a .beton first)")
     g.add_argument("--loader", default="torch", choices=["dali", "ffcv", "torch"], help="the loader to time")
     g.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
     g.add_argument("--copies", type=int, default=4, help="crops per image of the replication rows (default 4)")
@@ -254,13 +257,51 @@ def _torch(root: Path, batch: int, m: int, size: int, threads: int, steps: int) 
     ]
 
 
+def bench_source(data: str | Path, loader: str) -> Path:
+    """The training images ``--data`` names, in the forms ``regpipe train --data`` takes: ``imagefolder:ROOT`` (its
+    ``ROOT/train`` split), ``beton:TRAIN,VAL`` (``TRAIN``, read by FFCV), or a class folder ``ROOT/CLASS/IMAGE``
+    (or a ``.beton`` file, for FFCV), checked before any work.
+
+    Raises:
+        FileNotFoundError: the folder or file does not exist.
+        ValueError: a ``.beton`` for a loader other than FFCV; a folder that is not ``ROOT/CLASS/IMAGE`` (no class
+            folders, an empty class, images in sub-folders of a class: what DALI's file reader does not list,
+            e.g. ``ROOT`` with ``train/`` and ``val/`` splits given bare); one line each, naming the fix.
+    """
+    text = str(data)
+    spec = parse_data_spec(text)
+    if spec is not None and spec.kind == "beton":
+        if loader != "ffcv":
+            raise ValueError(f"--data {text}: a .beton is read by FFCV: use --loader ffcv, not {loader!r}")
+        if not spec.train.is_file():
+            raise FileNotFoundError(f"--data {text}: {spec.train} does not exist")
+        return spec.train
+    root = spec.train if spec is not None else Path(text)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {text}: {root} does not exist")
+    if root.is_file():
+        if root.suffix == ".beton" and loader == "ffcv":
+            return root
+        raise ValueError(f"--data {text}: give a class folder ROOT/CLASS/IMAGE, imagefolder:ROOT or "
+                         f"beton:TRAIN,VAL{'' if root.suffix != '.beton' else ' (a .beton is read by --loader ffcv)'}")
+    index = FileIndex(root)  # no class folders, or an empty class, are one line there
+    nested = next((path for path in index.paths if path.count("/") > 1), None)
+    if nested is not None:
+        fix = f"its train/ and val/ are splits: give imagefolder:{text}" if spec is None and (root / "train").is_dir() \
+            else "move them up, or give the folder of class folders"
+        raise ValueError(f"--data {text}: images must sit directly in the class folders ({root}/CLASS/IMAGE, what "
+                         f"DALI's file reader lists), but {nested} is deeper; {fix}")
+    return root
+
+
 def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int = 4, size: int = 224, steps: int = 8,
                  threads: int | None = None) -> list[dict[str, Any]]:
     """Time the five rows for one loader; ``ratio`` is ``images_per_s / images_per_s[against]`` (1 for the
-    references). ``bare+stage`` counts the images it reads (the mix halves the rows).
+    references). ``bare+stage`` counts the images it reads (the mix halves the rows). ``data`` is what ``--data``
+    takes (:func:`bench_source`).
 
     Raises:
-        ValueError: a bad setting (named); FileNotFoundError: ``data`` does not exist.
+        ValueError: a bad setting or layout (named); FileNotFoundError: ``data`` does not exist.
     """
     counts = [("batch", batch), ("copies", copies), ("size", size), ("steps", steps)]
     if threads is not None:  # None: torch's thread count
@@ -270,11 +311,9 @@ def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int 
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")
     if batch % 2:
         raise ValueError(f"--batch must be even (the device stage mixes pairs), got {batch}")
-    root = Path(data)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {str(root)!r} does not exist")
     if loader not in _LIBRARY:
         raise ValueError(f"--loader must be one of {sorted(_LIBRARY)}, got {loader!r}")
+    root = bench_source(data, loader)
     require(_LIBRARY[loader], needed_by=f"regpipe bench pipeline --loader {loader}")  # before any work
     threads = threads or max(1, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="regpipe-bench-") as work:
@@ -297,7 +336,8 @@ def run_pipeline(data: str | Path, loader: str, *, batch: int = 32, copies: int 
 def run(args: argparse.Namespace) -> int:
     """``regpipe bench pipeline``: print the table, optionally write the JSON rows."""
     if args.data is None:
-        raise ValueError("regpipe bench pipeline needs --data DIR (an ImageNet-layout folder, or a .beton for ffcv)")
+        raise ValueError("regpipe bench pipeline needs --data: imagefolder:ROOT, beton:TRAIN,VAL (ffcv) or a class "
+                         "folder ROOT/CLASS/IMAGE")
     if args.json:
         check_output_path("--json", args.json, "file")  # before the timing, not after
     rows = run_pipeline(args.data, args.loader, batch=args.batch, copies=args.copies, size=args.size,

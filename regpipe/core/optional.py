@@ -70,7 +70,7 @@ def import_optional(module: str, *, needed_by: str | None = None, install: str |
     if not installed(module.partition(".")[0]):
         return None
     try:
-        return importlib.import_module(module)
+        return _import_keeping_torch_threads(module)
     except ModuleNotFoundError as err:
         if _names_module(err, module):
             return None
@@ -81,6 +81,22 @@ def import_optional(module: str, *, needed_by: str | None = None, install: str |
     raise ImportError(f"{who} is installed but failed to import ({type(failure).__name__}: {failure}); "
                       f"it may be built for another torch, numpy or Python: reinstall it in this environment "
                       f"({install if install is not None else install_hint(module)})") from failure
+
+
+def _import_keeping_torch_threads(module: str) -> ModuleType:
+    """``importlib.import_module(module)``, undoing a change of torch's intra-op thread count made while it imported.
+
+    FFCV sets it to 1 when its compiler module is first imported; left so, importing a loader would change the
+    training process's thread count, hence its speed and the float sums of its CPU kernels (a run resumed in a
+    fresh process would no longer add like the interrupted one). torch is only consulted when it is loaded already.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return importlib.import_module(module)
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def require(module: str, *, needed_by: str, install: str | None = None) -> ModuleType:

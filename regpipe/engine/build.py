@@ -22,7 +22,7 @@ from regpipe.engine import distributed
 from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext, staged_ops
 from regpipe.engine.config import TrainConfig
 from regpipe.engine.data import ArrayDataset, ImageArrays
-from regpipe.engine.loading import clean_loader, default_workers, eval_loader, train_loader
+from regpipe.engine.loading import clean_loader, decode_copier, default_workers, eval_loader, train_loader
 from regpipe.engine.loop import ResumeMode, Run, owner
 from regpipe.engine.models import build_model
 from regpipe.engine.precision import Precision
@@ -181,7 +181,10 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
                          grad_scaler=precision.scaler, image_shape=splits.image_shape)
     for alg in algorithms:
         alg.attach(context)
-    ops = staged_ops(algorithms)  # copies are made, then mixed, then planned, whatever the order of the words
+    # DALI and FFCV reading files make the copies at decode: that algorithm's replication op is left out, and
+    # the other ops run in stage order (copies are made, then mixed, then planned, whatever the order of the words).
+    copier = decode_copier(cfg.loader, splits, algorithms)
+    ops = staged_ops(algorithms, decode_copier=copier)
     if info.rank > 0:
         distributed.reseed_ops(ops, cfg.seed, info.rank)  # ranks draw their own op parameters (before a restore)
 
@@ -209,7 +212,8 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
                          skip=state.step if mode == "skip" else 0)
     batches = train_loader(cfg.loader, splits, passes, seed=cfg.seed, device=device, ops=ops,
                            channels_last=cfg.channels_last, workers=workers, start_epoch=state.epoch,
-                           work_dir=scratch, cache_dir=cfg.cache_dir, info=info, val_resize=cfg.val_resize)
+                           work_dir=scratch, cache_dir=cfg.cache_dir, info=info, val_resize=cfg.val_resize,
+                           copies=copier.copies() if copier is not None else None)
 
     eval_size = cfg.eval_batch_size or max(1, cfg.batch_size // info.world_size)
     bn_size = max(1, cfg.batch_size // info.world_size)

@@ -25,6 +25,7 @@ import torch
 
 from regpipe.core.optional import require
 from regpipe.engine import distributed
+from regpipe.engine.algorithms import Copies
 from regpipe.engine.splits import DataSpec, Splits
 from regpipe.loaders import EpochBatches, ffcv_pass_loader
 
@@ -103,12 +104,17 @@ def _centre_loader(path: Path, size: int, resize: int, batch_size: int, indices:
 
 def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes: int, *, size: int, seed: int,
                        workers: int, device: torch.device, ops: Sequence[Any], mean: Sequence[float],
-                       std: Sequence[float], channels_last: bool, start_epoch: int = 0) -> Iterable:
+                       std: Sequence[float], channels_last: bool, start_epoch: int = 0,
+                       copies: Copies | None = None) -> Iterable:
     """Training batches of a ``.beton``: each image decoded and randomly resized-cropped to ``size x size`` and
     flipped (:class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder` with one copy: the crop and flip of FFCV's
     ``RandomResizedCropRGBImageDecoder`` + ``RandomHorizontalFlip``, drawn from ``(seed, epoch, index)``
     instead of numpy's global generator, so a pass of epoch ``e`` is the same in every run, and a resumed
     run starts at ``start_epoch``). The crops are recorded in ``Batch.affine``.
+
+    With ``copies`` (a replicating recipe) the decoder makes ``copies.m`` copies of each decoded image, each its
+    own crop and flip with ``copies.augment`` on top (FFCV's resize of the crop, then one warp at ``size`` for
+    the chain's rotations and shifts), and the batch declares them (``Batch.replicas``).
 
     Raises:
         ValueError: the index lists have different sizes (FFCV batches have one size).
@@ -122,8 +128,10 @@ def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes
 
     ref = BetonRef(path)
     epochs = EpochBatches(batches)
-    # the ImageNet crop (area 0.08-1, aspect 3/4-4/3, as FFCV's decoder) and a horizontal flip with probability 1/2
-    decoder = ReplicatedCropDecoder(1, Augment([RandomResizedCrop(size=(size, size)), RandomFlip()]), seed=seed)
+    # the ImageNet crop (area 0.08-1, aspect 3/4-4/3, as FFCV's decoder) and a horizontal flip with probability 1/2,
+    # then the copies' chain when the loader makes them
+    chain = [RandomResizedCrop(size=(size, size)), RandomFlip(), *(copies.augment.transforms if copies else [])]
+    decoder = ReplicatedCropDecoder(copies.m if copies else 1, Augment(chain), seed=seed)
     pipelines: dict[str, Any] = {name: None for name in ref.fields}  # None: the field is not read
     # the crops are keyed by each row's index: from the index field, else from the labels' WithIndices
     pipelines.update(image=[decoder, ToTensor()],

@@ -9,6 +9,11 @@ Every loader reads the same index lists (this rank's slice of every global batch
   decoding and cropping the encoded files (:mod:`regpipe.engine.dali_files`), or FFCV reading ``.beton``
   files converted once into a cache folder (:mod:`regpipe.engine.ffcv_files`);
 * ``beton:``: FFCV's JPEG decoders with its random-resized crop and flip.
+
+With a recipe that replicates (``replicate``, ``invariance``, ``saliency``), DALI and FFCV reading files make
+the copies at decode (:func:`decode_copier`): DALI's :func:`~regpipe.loaders.dali.replicate` and FFCV's
+:class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder` crop every copy from the image decoded once, and the
+device ``Replicate`` op does not run; in-memory data and ``--loader torch`` keep the device op.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from regpipe.engine import distributed
+from regpipe.engine.algorithms import Algorithm, Copies
 from regpipe.engine.data import ArrayDataset
 from regpipe.engine.datasets import ImageFolderDataset
 from regpipe.engine.ffcv_files import BetonRef  # FFCV itself is imported only when a .beton is read
@@ -29,7 +35,10 @@ from regpipe.engine.splits import Splits, clean_view
 from regpipe.loaders import make_train_loader
 from regpipe.loaders.torch import TorchLoader
 
-__all__ = ["default_workers", "eval_loader", "clean_loader", "train_loader"]
+__all__ = ["decode_copier", "default_workers", "eval_loader", "clean_loader", "train_loader"]
+
+#: the loaders that make a replicating recipe's copies at decode when they read files
+DECODE_COPIES = ("dali", "ffcv")
 
 
 def default_workers(streaming: bool, info: distributed.DistInfo) -> int:
@@ -40,6 +49,16 @@ def default_workers(streaming: bool, info: distributed.DistInfo) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(8, cores // max(local, 1)))
+
+
+def decode_copier(kind: str, splits: Splits, algorithms: Sequence[Algorithm]) -> Algorithm | None:
+    """The algorithm whose in-batch copies (:meth:`~regpipe.engine.algorithms.Algorithm.copies`) the training loader
+    makes at decode: DALI or FFCV reading files (``imagefolder:``, ``beton:``) decode each image once and crop
+    its copies there. ``None`` for in-memory data (the loaders read arrays already cropped) and for
+    ``--loader torch``: their batches go through the device op."""
+    if splits.spec is None or kind not in DECODE_COPIES:
+        return None
+    return next((alg for alg in algorithms if alg.copies() is not None), None)
 
 
 def _torch_loader(dataset: Dataset, workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
@@ -53,7 +72,7 @@ def _torch_loader(dataset: Dataset, workers: int, device: torch.device, **kwargs
 def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *, seed: int, device: torch.device,
                  ops: Sequence[Any], channels_last: bool, workers: int, start_epoch: int = 0,
                  work_dir: Path | None = None, cache_dir: str | None = None, info: distributed.DistInfo = distributed.DistInfo(),
-                 val_resize: int = 256) -> Iterable:
+                 val_resize: int = 256, copies: Copies | None = None) -> Iterable:
     """The training :class:`~regpipe.Batch` es of ``splits.train`` read by ``kind`` in the order of ``batches``.
 
     Args:
@@ -64,7 +83,15 @@ def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *,
         start_epoch: the first pass's epoch (a resumed run's), for the loaders that key their draws by epoch.
         work_dir: where the in-memory FFCV path writes its ``.beton`` (removed by the caller).
         cache_dir: where ``imagefolder:`` data converted for FFCV is kept between runs.
+        copies: the copies DALI or FFCV make at decode (:func:`decode_copier`; ``ops`` then holds no op of the
+            replication stage).
+
+    Raises:
+        ValueError: ``copies`` for a loader that reads arrays or decodes with torch (they go through the device op).
     """
+    if copies is not None and (splits.spec is None or kind not in DECODE_COPIES):
+        raise ValueError(f"--loader {kind} does not make copies at decode"
+                         f"{' from in-memory arrays' if splits.spec is None else ''}: give the replication op instead")
     common = dict(device=device, ops=ops, mean=splits.mean, std=splits.std, channels_last=channels_last)
     if splits.spec is None:
         return make_train_loader(kind, splits.train, batches, splits.num_classes, seed=seed, work_dir=work_dir,
@@ -77,12 +104,12 @@ def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *,
         if kind != "ffcv":
             raise ValueError(f"--data beton:... is read by FFCV: use --loader ffcv, not {kind!r}")
         return beton_train_loader(path, batches, splits.num_classes, size=splits.image_shape[1], seed=seed,
-                                  workers=workers, start_epoch=start_epoch, **common)
+                                  workers=workers, start_epoch=start_epoch, copies=copies, **common)
     if kind == "dali":
         from regpipe.engine.dali_files import dali_folder_loader
 
         return dali_folder_loader(splits.train, batches, splits.num_classes, seed=seed, threads=max(1, workers),
-                                  start_epoch=start_epoch, **common)
+                                  start_epoch=start_epoch, copies=copies, **common)
     loader = _torch_loader(splits.train, workers, device, batch_sampler=batches)
     return TorchLoader(loader, splits.num_classes, **common)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from regpipe.engine.algorithms.base import (
     Algorithm,
     ComposeError,
+    Copies,
     DataContext,
     Resource,
     RunContext,
@@ -32,6 +33,7 @@ from regpipe.engine.config import TrainConfig
 __all__ = [
     "Algorithm",
     "ComposeError",
+    "Copies",
     "DataContext",
     "RECIPE_WORDS",
     "Resource",

@@ -7,6 +7,7 @@ calls, in this order, for every algorithm of the recipe:
 ``training_set(dataset, ...)`` before the model: the rows the run trains on (SIGN adds its versions)
 ``attach(run)``               once the model, optimizer and budget exist: build ops, hooks, samplers
 ``ops()``                     the batch ops the loader applies, each at a :class:`Stage`
+``copies()``                  the in-batch copies a decoding loader may make itself (:class:`Copies`)
 ``batch_order()``             the global batches of each epoch (replication: ``batch/m`` seeds)
 ``forward_loss(step)``        the whole forward and loss of a step (PatchUp mixes hidden layers)
 ``task_scale()``              factor on the task loss (the invariance objective's ``1 - alpha``)
@@ -36,10 +37,11 @@ import torch
 
 from regpipe.core.batch import Batch
 from regpipe.core.op import Op
+from regpipe.ops.augment import Augment
 from regpipe.sampler.epoch_order import EpochOrder
 
-__all__ = ["Algorithm", "ComposeError", "DataContext", "Resource", "RunContext", "Stage", "StepInputs", "StepReport",
-           "check_compatible", "staged_ops"]
+__all__ = ["Algorithm", "ComposeError", "Copies", "DataContext", "Resource", "RunContext", "Stage", "StepInputs",
+           "StepReport", "check_compatible", "staged_ops"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One optimizer step as an epoch reports it: the batch, its loss and extra per-step log values.
@@ -69,6 +71,22 @@ class Stage(enum.IntEnum):
     REPLICATE = 0
     MIX = 1
     PLAN = 2
+
+
+@dataclass(frozen=True)
+class Copies:
+    """In-batch copies that a loader decoding files can make itself, instead of the device op of the
+    :attr:`Stage.REPLICATE` stage: ``m`` views of each seed, each drawn from ``augment`` on top of the loader's
+    own random-resized crop and flip (DALI's :func:`~regpipe.loaders.dali.replicate`, FFCV's
+    :class:`~regpipe.loaders.ffcv.ReplicatedCropDecoder`).
+
+    Attributes:
+        m: views per seed, ``>= 2``.
+        augment: the chain drawn per view after the crop (the replication chain).
+    """
+
+    m: int
+    augment: Augment
 
 
 class ComposeError(ValueError):
@@ -202,6 +220,11 @@ class Algorithm:
     def ops(self) -> list[tuple[Stage, Op]]:
         return []
 
+    def copies(self) -> Copies | None:
+        """The copies its :attr:`Stage.REPLICATE` op makes, when a loader that decodes files may make them at decode
+        time instead (the engine then leaves that op out of the loader's chain); ``None``: it makes none."""
+        return None
+
     def batch_order(self) -> EpochOrder | torch.utils.data.Sampler | None:
         """The global batches (index lists) of each epoch, when the algorithm owns the sampler: an
         :class:`~regpipe.sampler.epoch_order.EpochOrder` (a function of the epoch: resumable inside an epoch),
@@ -248,10 +271,14 @@ class Algorithm:
         return None
 
 
-def staged_ops(algorithms: Sequence[Algorithm]) -> list[Op]:
+def staged_ops(algorithms: Sequence[Algorithm], decode_copier: Algorithm | None = None) -> list[Op]:
     """Every algorithm's ops in :class:`Stage` order (copies are made, then mixed, then planned), in recipe
-    order within a stage: a stable sort, so ``gradual+invariance`` and ``invariance+gradual`` run the same chain."""
-    staged = sorted(((stage, i, op) for i, alg in enumerate(algorithms) for stage, op in alg.ops()),
+    order within a stage: a stable sort, so ``gradual+invariance`` and ``invariance+gradual`` run the same chain.
+
+    ``decode_copier`` is the algorithm whose copies the loader makes at decode: its
+    :attr:`Stage.REPLICATE` op is left out (the batch arrives replicated)."""
+    staged = sorted(((stage, i, op) for i, alg in enumerate(algorithms) for stage, op in alg.ops()
+                     if not (alg is decode_copier and stage == Stage.REPLICATE)),
                     key=lambda t: (t[0], t[1]))
     return [op for _, _, op in staged]
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from regpipe.core.op import Op
-from regpipe.engine.algorithms.base import Algorithm, Resource, RunContext, Stage, StepInputs
+from regpipe.engine.algorithms.base import Algorithm, Copies, Resource, RunContext, Stage, StepInputs
 from regpipe.engine.config import InvarianceConfig, ReplicationConfig, SaliencyConfig
 from regpipe.functional.saliency import saliency_from_logits
 from regpipe.hooks.invariance import InvarianceLoss
@@ -31,9 +31,17 @@ def replication_augment(seed: int) -> Augment:
 
 
 class Replication(Algorithm):
-    """``replicate``: each batch holds ``batch_size / m`` seeds and :class:`~regpipe.ops.augment.Replicate`
-    makes ``m`` views of each (the original first), so a step sees ``batch_size`` rows and an epoch as many
-    rows as the baseline's (equal compute; each epoch draws a fresh random ``1/m`` of the training set)."""
+    """``replicate``: each batch holds ``batch_size / m`` seeds and ``m`` views of each, so a step sees
+    ``batch_size`` rows and an epoch as many rows as the baseline's (equal compute; each epoch draws a fresh
+    random ``1/m`` of the training set).
+
+    Where the views are made depends on the loader. On the device (in-memory data, ``--loader torch``):
+    :class:`~regpipe.ops.augment.Replicate` warps the loader's one crop of each seed ``m - 1`` times with
+    :func:`replication_augment`, the crop itself the first view. At decode (``--loader dali|ffcv`` reading
+    files, :meth:`copies`): each image is decoded once and each of its ``m`` views is its own ImageNet crop
+    (random-resized crop and flip) with :func:`replication_augment` on top, counter-based in
+    ``(seed, epoch, index)`` (repeated augmentation, Hoffer et al. 2020, with the replication chain).
+    """
 
     name = "replicate"
     owns = frozenset({Resource.SAMPLER})
@@ -51,6 +59,9 @@ class Replication(Algorithm):
 
     def ops(self) -> list[tuple[Stage, Op]]:
         return [(Stage.REPLICATE, self.op)]
+
+    def copies(self) -> Copies:
+        return Copies(self.config.replicas, self.op.augment)
 
     def batch_order(self) -> ShuffledBatches:
         return self.order
