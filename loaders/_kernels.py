@@ -7,7 +7,7 @@ The chain's randomness is not written here: each transform of a regpipe
 :func:`regpipe.functional.augment.values_from_uniforms`), :func:`encode_augment` stacks the tables, and
 :func:`augment_params` interprets them per copy with the same formulas as the torch reader. The slot
 values then become a matrix by the rules of :mod:`regpipe.functional.augment` (``flip_affine``,
-``crop_affine``, ``affine_matrix``, ``compose_affine``), and :func:`warp_u8` / :func:`colour_u8` mirror
+``shift_affine``, ``crop_affine``, ``affine_matrix``, ``compose_affine``), and :func:`warp_u8` / :func:`colour_u8` mirror
 ``warp`` (``align_corners=False``, zero padding) and ``brightness_contrast``. ``tests/test_augment_spec.py``
 checks, for every transform, that both readers give the same parameters and matrices.
 """
@@ -33,9 +33,12 @@ from regpipe.functional.augment import (
     FLIP_X,
     FLIP_Y,
     IDENTITY_VALUES,
+    INTEGER,
     MEAN_PIVOT,
     NUM_SLOTS,
     PIVOT,
+    PIXEL_SHIFT_X,
+    PIXEL_SHIFT_Y,
     SCALE,
     SHEAR_X,
     SHEAR_Y,
@@ -57,9 +60,9 @@ __all__ = ["MEAN_PIVOT", "encode_augment", "output_size", "colour_pivot", "axis_
 _IDENTITY = np.asarray(IDENTITY_VALUES, dtype=np.float64)
 _COLOUR_SLOTS = (BRIGHTNESS, CONTRAST, PIVOT)
 #: every constant of regpipe.functional.augment the kernels are compiled with (see _refresh_stale_cache)
-_LAYOUT = np.asarray([CONSTANT, BERNOULLI, UNIFORM, WINDOW, WINDOW_TRIES, NUM_SLOTS, FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X,
-                      CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y, BRIGHTNESS, CONTRAST, PIVOT,
-                      MEAN_PIVOT, *IDENTITY_VALUES], dtype=np.float64)
+_LAYOUT = np.asarray([CONSTANT, BERNOULLI, UNIFORM, WINDOW, INTEGER, WINDOW_TRIES, NUM_SLOTS, FLIP_X, FLIP_Y, SIZE_X,
+                      SIZE_Y, CENTER_X, CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y, BRIGHTNESS,
+                      CONTRAST, PIVOT, PIXEL_SHIFT_X, PIXEL_SHIFT_Y, MEAN_PIVOT, *IDENTITY_VALUES], dtype=np.float64)
 
 
 def encode_augment(augment: Augment) -> tuple[np.ndarray, int]:
@@ -175,6 +178,9 @@ def _draw(row: np.ndarray, u: np.ndarray, k: int, values: np.ndarray, shift: flo
     if kind == UNIFORM:
         values[slot] = a + u[k] * (b - a)
         return 1
+    if kind == INTEGER:
+        values[slot] = a + min(math.floor(u[k] * (b - a + 1.0)), b - a)
+        return 1
     w, h = 1.0, 1.0  # WINDOW: the first of the tries that fits, else the whole image
     for t in range(WINDOW_TRIES):
         area = a + u[k + t] * (b - a)
@@ -258,17 +264,23 @@ def _affine(v: np.ndarray, height: int, width: int) -> np.ndarray:
 @numba.njit(cache=True)
 def _values_matrix(v: np.ndarray, height: int, width: int) -> np.ndarray:
     """The ``(2, 3)`` output -> input matrix of one transform's slot values: its flip (``flip_affine``), then its
-    crop window (``crop_affine``), then its affine (``affine_matrix``); slots at their identity values
-    contribute the identity exactly, so each built-in transform gets its own matrix."""
+    whole-pixel shift (``shift_affine``), then its crop window (``crop_affine``), then its affine
+    (``affine_matrix``); slots at their identity values contribute the identity exactly, so each built-in
+    transform gets its own matrix."""
     flip = np.zeros((2, 3))
     flip[0, 0] = 1.0 - 2.0 * v[FLIP_X]
     flip[1, 1] = 1.0 - 2.0 * v[FLIP_Y]
+    shift = np.zeros((2, 3))
+    shift[0, 0] = 1.0
+    shift[1, 1] = 1.0
+    shift[0, 2] = v[PIXEL_SHIFT_X] * (2.0 / width)
+    shift[1, 2] = v[PIXEL_SHIFT_Y] * (2.0 / height)
     crop = np.zeros((2, 3))
     crop[0, 0] = v[SIZE_X]
     crop[1, 1] = v[SIZE_Y]
     crop[0, 2] = v[CENTER_X]
     crop[1, 2] = v[CENTER_Y]
-    return _compose(_compose(flip, crop), _affine(v, height, width))
+    return _compose(_compose(_compose(flip, shift), crop), _affine(v, height, width))
 
 
 @numba.njit(cache=True)

@@ -27,6 +27,7 @@ from regpipe.ops.augment import (
     RandomAffine,
     RandomBrightnessContrast,
     RandomFlip,
+    RandomPadCrop,
     RandomResizedCrop,
     Replicate,
 )
@@ -319,3 +320,50 @@ def test_augment_checks_its_settings() -> None:
         Augment(["flip"])
     chain = Augment([RandomFlip()], padding_mode="border")
     assert chain.state_dict()["padding_mode"] == "border"
+
+
+def _pad_crop_flip_loop(x: torch.Tensor, pad: int, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The CIFAR crop written row by row: zero-pad by ``pad``, slice the window at offset ``pad + d``, then flip."""
+    h, w = x.shape[-2:]
+    rows = []
+    for i in range(x.shape[0]):
+        dx, dy = (int(v) for v in shift[i].tolist())
+        window = torch.nn.functional.pad(x[i], (pad, pad, pad, pad))[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+        rows.append(window.flip(-1) if bool(flip[i]) else window)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_pad_crop_and_flip_equal_pad_then_slice_per_row(dtype) -> None:
+    pad, n = 4, 64
+    x = torch.rand(n, 3, 12, 10, generator=torch.Generator().manual_seed(0))  # non-square: x and y kept apart
+    x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x
+    batch = Batch.from_labels(x, torch.arange(n) % 4, num_classes=4)
+    op = Augment([RandomPadCrop(pad), RandomFlip()], seed=3)
+    params = op.draw(batch)
+    shift, flip = params[0].shift, params[1].horizontal
+    assert bool((shift == shift.round()).all()) and int(shift.abs().max()) == pad  # whole pixels, up to the pad
+    assert len({tuple(r) for r in shift.int().tolist()}) > n // 2 and 0 < int(flip.sum()) < n  # the draws vary
+    out = op.apply(batch, params)
+    reference = _pad_crop_flip_loop(x, pad, shift, flip)
+    if dtype == torch.uint8:
+        assert torch.equal(out.inputs, reference)
+    else:
+        torch.testing.assert_close(out.inputs, reference, atol=1e-5, rtol=0)
+    # The recorded affine is the whole transform: warping the loader's rows with it gives the same pixels.
+    torch.testing.assert_close(warp(x.float(), out.affine).to(out.inputs.dtype) if dtype == torch.float32
+                               else warp(x, out.affine), out.inputs, atol=1e-5, rtol=0)
+
+
+def test_pad_crop_offsets_are_uniform_over_the_whole_pixels() -> None:
+    t = RandomPadCrop(2)
+    shift = t.sample(20_000, torch.Generator().manual_seed(0)).shift
+    counts = torch.stack([torch.bincount((shift[:, k] + 2).long(), minlength=5) for k in range(2)])
+    assert counts.shape == (2, 5) and bool((counts - 4000).abs().max() < 250)  # 5 values, 1/5 each (4 sigma)
+    # float32 uniforms just below 1 stay in range; 0 gives the lowest offset
+    edges = t.from_uniforms(torch.tensor([[0.0, 1.0 - 2.0 ** -24]])).shift
+    assert edges.tolist() == [[-2.0, 2.0]]
+    assert bool((RandomPadCrop(0).sample(5, torch.Generator()).shift == 0).all())
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"pad must be an integer >= 0 \\(pixels\\), got {bad!r}"):
+            RandomPadCrop(bad)

@@ -17,16 +17,20 @@ from regpipe.functional.augment import (
     ANGLE,
     CONSTANT,
     IDENTITY_VALUES,
+    INTEGER,
     NUM_SLOTS,
+    PIXEL_SHIFT_X,
     SIZE_X,
     UNIFORMS_PER_DRAW,
     WINDOW,
     WINDOW_TRIES,
     draw_table,
+    integer,
     table_uniforms,
     uniform,
     values_from_uniforms,
 )
+from regpipe import Batch
 from regpipe.loaders import _kernels as K
 from regpipe.ops.augment import (
     AffineParams,
@@ -34,6 +38,7 @@ from regpipe.ops.augment import (
     RandomAffine,
     RandomBrightnessContrast,
     RandomFlip,
+    RandomPadCrop,
     RandomResizedCrop,
     RandomTransform,
 )
@@ -44,6 +49,7 @@ TRANSFORMS = {
     "flip": RandomFlip(horizontal=0.5, vertical=0.3),
     "crop": RandomResizedCrop(scale=(0.3, 1.0), ratio=(0.4, 2.5)),  # wide ratios: some tries do not fit
     "crop-fallback": RandomResizedCrop(scale=(0.9, 1.0), ratio=(4.0, 5.0)),  # no try fits: the whole image
+    "pad-crop": RandomPadCrop(3),  # whole-pixel shifts: an INTEGER draw, read by both
     "affine": RandomAffine(degrees=30, translate=(0.1, 0.2), scale=(0.7, 1.3), shear=(10, 5)),
     "colour": RandomBrightnessContrast(brightness=(0.5, 1.5), contrast=(0.6, 1.4), center=128),
     "colour-mean": RandomBrightnessContrast(),
@@ -298,3 +304,32 @@ def test_sized_replicate_op_outputs_the_crop_size_and_records_the_crop() -> None
         Augment([RandomResizedCrop(size=8), RandomResizedCrop(size=8)])
     with pytest.raises(ValueError, match="size must be a positive int"):
         RandomResizedCrop(size=(0, 4))
+
+
+def test_the_base_chain_in_the_kernels_gives_the_torch_matrices_and_pixels() -> None:
+    """The CIFAR base (pad-crop, flip) encoded for DALI/FFCV: for the same uniforms, the kernels' matrices are the
+    op's (``from_uniforms`` then ``matrix``) and their uint8 warp makes the op's pixels (whole-pixel moves)."""
+    aug = Augment([RandomPadCrop(4), RandomFlip()], seed=0)
+    spec, count = K.encode_augment(aug)
+    assert count == aug.num_uniforms == 4
+    assert not K.axis_aligned(spec) and K.crop_split(spec) is None  # windows may leave the frame: one warp per copy
+    u = uniforms(64, count, seed=5)
+    theta, photo, pixels = np.empty((64, 2, 3)), np.empty((64, 3)), np.empty((64, 2, 3))
+    K.chain_params(u.numpy(), spec, H, W, H, W, False, False, theta, photo, pixels)
+    params = aug.from_uniforms(u)
+    torch.testing.assert_close(torch.from_numpy(theta).float(), aug.matrix(params, H, W), atol=1e-6, rtol=0)
+    assert np.all(photo[:, :2] == 1.0)
+    images = torch.randint(0, 256, (64, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch_rows = aug.apply(Batch.from_labels(images, torch.zeros(64, dtype=torch.long), 2), params).inputs
+    for i in range(64):
+        dst = np.empty((1, H, W, 3), dtype=np.uint8)
+        K.replicate_sample(images[i].permute(1, 2, 0).contiguous().numpy(), theta[i:i + 1], photo[i:i + 1], dst)
+        assert np.array_equal(dst[0], torch_rows[i].permute(1, 2, 0).numpy()), i
+
+
+def test_integer_draws_need_integer_bounds() -> None:
+    assert table_uniforms([integer(PIXEL_SHIFT_X, -3, 3)]) == UNIFORMS_PER_DRAW[INTEGER] == 1
+    with pytest.raises(ValueError, match=r"INTEGER draw needs integer bounds low <= high, got \[0.5, 2.0\]"):
+        draw_table([(INTEGER, PIXEL_SHIFT_X, 0.5, 2.0, 0.0, 0.0)])
+    with pytest.raises(ValueError, match=r"got \[3.0, -3.0\]"):
+        draw_table([integer(PIXEL_SHIFT_X, 3, -3)])

@@ -14,6 +14,8 @@ warps once (:func:`compose_affine`, :func:`warp`), and :func:`inverse_warp` undo
 Conventions of the matrix builders, per row (all tensors ``(N,)`` or ``(N, 2)``, float):
 
 - :func:`flip_affine`: ``x -> -x`` (horizontal) and/or ``y -> -y`` (vertical); samples land on pixel centres.
+- :func:`shift_affine`: output pixel ``(i, j)`` reads input pixel ``(i + dy, j + dx)`` for whole-pixel ``(dx, dy)``
+  (zeros outside): a zero-padded random crop, whose samples land on pixel centres too.
 - :func:`crop_affine`: the output shows the input window of relative size ``(w, h)`` (fractions of
   the width and height) centred at ``(cx, cy)`` (normalised), resized to the full frame.
 - :func:`affine_matrix`: the *forward* map rotates by ``angle`` degrees (counter-clockwise on
@@ -27,8 +29,8 @@ DALI and other libraries state matrices in pixel coordinates; :func:`affine_from
 
 **Parameters from uniforms.** A random transform is declared once, as a *draw table*
 (:func:`draw_table`): rows ``[kind, slot, a, b, c, d]``, each saying which distribution (``kind``:
-:data:`CONSTANT`, :data:`BERNOULLI`, :data:`UNIFORM`, :data:`WINDOW`) fills which parameter *slot*
-(:data:`FLIP_X` ... :data:`PIVOT`) from how many uniforms. :func:`values_from_uniforms` reads the table
+:data:`CONSTANT`, :data:`BERNOULLI`, :data:`UNIFORM`, :data:`WINDOW`, :data:`INTEGER`) fills which parameter
+*slot* (:data:`FLIP_X` ... :data:`PIXEL_SHIFT_Y`) from how many uniforms. :func:`values_from_uniforms` reads the table
 in torch (the ops, on any device); the loaders' numba kernels read the same numbers per copy. A new
 transform is a new table (and, for a new kind of parameter, a new slot both readers know).
 """
@@ -55,9 +57,12 @@ __all__ = [
     "FLIP_X",
     "FLIP_Y",
     "IDENTITY_VALUES",
+    "INTEGER",
     "MEAN_PIVOT",
     "NUM_SLOTS",
     "PIVOT",
+    "PIXEL_SHIFT_X",
+    "PIXEL_SHIFT_Y",
     "SCALE",
     "SHEAR_X",
     "SHEAR_Y",
@@ -80,8 +85,10 @@ __all__ = [
     "crop_window",
     "draw_table",
     "flip_affine",
+    "integer",
     "invert_affine",
     "inverse_warp",
+    "shift_affine",
     "table_uniforms",
     "uniform",
     "valid_mask",
@@ -188,6 +195,26 @@ def flip_affine(horizontal: torch.Tensor, vertical: torch.Tensor) -> torch.Tenso
     theta = torch.zeros(horizontal.shape[0], 2, 3, device=horizontal.device)
     theta[:, 0, 0] = 1.0 - 2.0 * horizontal.float()
     theta[:, 1, 1] = 1.0 - 2.0 * vertical.float()
+    return theta
+
+
+def shift_affine(shift: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 2, 3)`` whole-pixel translations: output pixel ``(i, j)`` reads input pixel ``(i + dy, j + dx)``.
+
+    ``shift`` is ``(N, 2)`` float ``(dx, dy)`` in pixels. The normalised offset of ``d`` pixels along an axis of
+    ``n`` pixels is ``2 d / n``, so with ``align_corners=False`` an output pixel centre ``(2 j + 1) / n - 1``
+    lands on the input pixel centre ``(2 (j + d) + 1) / n - 1``: for integer offsets the bilinear warp only
+    copies pixels, and rows that come from outside the frame are zeros. Drawing ``dx, dy`` uniformly from
+    ``{-p, ..., p}`` is the CIFAR crop: pad the image by ``p`` zeros on every side, then take a random
+    ``H x W`` window of the padded image (window offset ``d + p``).
+    """
+    if shift.dim() != 2 or shift.shape[1] != 2:
+        raise ValueError(f"shift must be (N, 2) pixel offsets (dx, dy), got {tuple(shift.shape)}")
+    theta = torch.zeros(shift.shape[0], 2, 3, dtype=shift.dtype, device=shift.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = shift[:, 0] * (2.0 / width)
+    theta[:, 1, 2] = shift[:, 1] * (2.0 / height)
     return theta
 
 
@@ -300,24 +327,25 @@ def brightness_contrast(x: torch.Tensor, brightness: torch.Tensor, contrast: tor
 # Parameters from uniforms: the one declaration of a random transform, read by the ops and by the loaders' kernels.
 
 #: draw kinds (column 0 of a draw table)
-CONSTANT, BERNOULLI, UNIFORM, WINDOW = 0, 1, 2, 3
+CONSTANT, BERNOULLI, UNIFORM, WINDOW, INTEGER = 0, 1, 2, 3, 4
 #: tries of a :data:`WINDOW` draw before it falls back to the whole image (torchvision's count)
 WINDOW_TRIES = 10
 #: uniforms one draw of each kind consumes, indexed by kind
-UNIFORMS_PER_DRAW = (0, 1, 1, 2 * WINDOW_TRIES + 2)
+UNIFORMS_PER_DRAW = (0, 1, 1, 2 * WINDOW_TRIES + 2, 1)
 #: parameter slots (column 1 of a draw table): flips (1 = flipped), crop window size and centre, affine angle
-#: (degrees), scale, shift (fractions of width and height), shear (degrees), colour factors and contrast pivot.
-#: A transform's matrix is that of its flip, then its crop window, then its affine (``flip_affine``,
-#: ``crop_affine``, ``affine_matrix`` composed in that order; slots left at their identity values change nothing),
-#: which is how the loaders' kernels build it: a new transform that fits these slots needs no kernel change.
+#: (degrees), scale, shift (fractions of width and height), shear (degrees), colour factors, contrast pivot, and
+#: whole-pixel shifts (pixels). A transform's matrix is that of its flip, then its whole-pixel shift, then its
+#: crop window, then its affine (``flip_affine``, ``shift_affine``, ``crop_affine``, ``affine_matrix`` composed
+#: in that order; slots left at their identity values change nothing), which is how the loaders' kernels build
+#: it: a new transform that fits these slots needs no kernel change.
 (FLIP_X, FLIP_Y, SIZE_X, SIZE_Y, CENTER_X, CENTER_Y, ANGLE, SCALE, SHIFT_X, SHIFT_Y, SHEAR_X, SHEAR_Y,
- BRIGHTNESS, CONTRAST, PIVOT) = range(15)
-NUM_SLOTS = 15
+ BRIGHTNESS, CONTRAST, PIVOT, PIXEL_SHIFT_X, PIXEL_SHIFT_Y) = range(17)
+NUM_SLOTS = 17
 #: the :data:`PIVOT` meaning "each image's mean" (a finite sentinel, not NaN: FFCV compiles its kernels with
 #: fastmath, which folds NaN tests away)
 MEAN_PIVOT = -1.0e30
 #: the slot values of "no change": a slot no draw writes keeps its value here
-IDENTITY_VALUES = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, MEAN_PIVOT)
+IDENTITY_VALUES = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, MEAN_PIVOT, 0.0, 0.0)
 #: columns of a draw table: kind, slot, then the kind's settings a, b, c, d
 DRAW_COLUMNS = 6
 
@@ -339,6 +367,12 @@ def uniform(slot: int, low: float, high: float) -> Row:
     return (UNIFORM, slot, float(low), float(high), 0.0, 0.0)
 
 
+def integer(slot: int, low: int, high: int) -> Row:
+    """Draw-table row: ``slot = low + min(floor(u * (high - low + 1)), high - low)``, an integer uniform over
+    ``{low, ..., high}`` (one uniform; the ``min`` keeps a float32 ``u`` just below 1 inside the range)."""
+    return (INTEGER, slot, float(low), float(high), 0.0, 0.0)
+
+
 def crop_window(area: tuple[float, float], ratio: tuple[float, float]) -> Row:
     """Draw-table row of a random crop window: writes :data:`SIZE_X`, :data:`SIZE_Y`, :data:`CENTER_X`,
     :data:`CENTER_Y` from ``2 * WINDOW_TRIES + 2`` uniforms (see :func:`values_from_uniforms`).
@@ -351,7 +385,7 @@ def crop_window(area: tuple[float, float], ratio: tuple[float, float]) -> Row:
 
 
 def draw_table(rows: Sequence[Sequence[float]]) -> torch.Tensor:
-    """Rows from :func:`constant`, :func:`bernoulli`, :func:`uniform`, :func:`crop_window` as a ``(D, 6)`` float64
+    """Rows from :func:`constant`, :func:`bernoulli`, :func:`uniform`, :func:`integer`, :func:`crop_window` as a ``(D, 6)`` float64
     CPU tensor, the form the ops and the loaders' kernels read.
 
     Raises:
@@ -382,11 +416,15 @@ def _table_rows(table: Table) -> list[tuple[float, ...]]:
             raise ValueError(f"a draw-table row has {DRAW_COLUMNS} values [kind, slot, a, b, c, d], got {list(row)!r}")
     rows = [tuple(float(v) for v in row) for row in given]
     for kind, slot, *_ in rows:
-        if kind not in (CONSTANT, BERNOULLI, UNIFORM, WINDOW):
-            raise ValueError(f"unknown draw kind {kind!r}; known: CONSTANT=0, BERNOULLI=1, UNIFORM=2, WINDOW=3")
+        if kind not in (CONSTANT, BERNOULLI, UNIFORM, WINDOW, INTEGER):
+            raise ValueError(f"unknown draw kind {kind!r}; known: CONSTANT=0, BERNOULLI=1, UNIFORM=2, WINDOW=3, "
+                             "INTEGER=4")
         if slot != int(slot) or not 0 <= slot < NUM_SLOTS or (kind == WINDOW and slot != SIZE_X):
             raise ValueError(f"draw of kind {int(kind)} writes slot {slot!r}: slots are 0..{NUM_SLOTS - 1}, and a "
                              f"WINDOW draw writes SIZE_X={SIZE_X} (and the three slots after it)")
+    for kind, _, low, high, *_ in rows:
+        if kind == INTEGER and not (low == int(low) and high == int(high) and low <= high):
+            raise ValueError(f"an INTEGER draw needs integer bounds low <= high, got [{low!r}, {high!r}]")
     return rows
 
 
@@ -402,6 +440,8 @@ def values_from_uniforms(table: Table, u: torch.Tensor) -> torch.Tensor:
     row writes keep :data:`IDENTITY_VALUES`. The kinds:
 
     - ``CONSTANT a``: ``a``. ``BERNOULLI p``: ``1`` if ``u < p`` else ``0``. ``UNIFORM a b``: ``a + u (b - a)``.
+    - ``INTEGER a b``: ``a + min(floor(u (b - a + 1)), b - a)``, each of ``a, ..., b`` with probability
+      ``1 / (b - a + 1)``.
     - ``WINDOW`` (area ``[a, b]``, log aspect ``[c, d]``): the random-resized-crop window of Szegedy et al.
       (2015, "Going deeper with convolutions", section 6), drawn as torchvision's ``RandomResizedCrop``
       does. Try ``t = 0 .. WINDOW_TRIES - 1``: area ``s_t = a + u_t (b - a)``, aspect
@@ -437,6 +477,8 @@ def values_from_uniforms(table: Table, u: torch.Tensor) -> torch.Tensor:
             columns[slot] = (u[:, k] < a).to(u.dtype)
         elif kind == UNIFORM:
             columns[slot] = a + u[:, k] * (b - a)
+        elif kind == INTEGER:
+            columns[slot] = a + torch.floor(u[:, k] * (b - a + 1.0)).clamp_(max=b - a)
         else:
             tries = WINDOW_TRIES
             area = a + u[:, k:k + tries] * (b - a)

@@ -54,6 +54,8 @@ from regpipe.functional.augment import (
     FLIP_Y,
     MEAN_PIVOT,
     PIVOT,
+    PIXEL_SHIFT_X,
+    PIXEL_SHIFT_Y,
     SCALE,
     SHEAR_X,
     SHEAR_Y,
@@ -70,7 +72,9 @@ from regpipe.functional.augment import (
     crop_window,
     draw_table,
     flip_affine,
+    integer,
     inverse_warp,
+    shift_affine,
     table_uniforms,
     uniform,
     values_from_uniforms,
@@ -87,9 +91,11 @@ __all__ = [
     "RandomAffine",
     "RandomBrightnessContrast",
     "RandomFlip",
+    "RandomPadCrop",
     "RandomResizedCrop",
     "RandomTransform",
     "Replicate",
+    "ShiftParams",
     "warp_to",
 ]
 
@@ -118,6 +124,14 @@ class CropParams:
 
     size: torch.Tensor
     center: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ShiftParams:
+    """``shift``: ``(N, 2)`` whole-pixel offsets ``(dx, dy)`` (float holding integers): output pixel ``(i, j)`` is
+    input pixel ``(i + dy, j + dx)``."""
+
+    shift: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,37 @@ class RandomFlip(RandomTransform):
 
     def matrix(self, params: FlipParams, height: int, width: int) -> torch.Tensor:
         return flip_affine(params.horizontal, params.vertical)
+
+
+class RandomPadCrop(RandomTransform):
+    """The CIFAR crop: pad each image with ``pad`` zero pixels on every side, then take a random window of the
+    image's own size, its position uniform over the ``(2 pad + 1)^2`` whole-pixel offsets (the standard CIFAR
+    training augmentation, pad 4 for 32-pixel images, with a horizontal flip).
+
+    Drawn as two integer offsets per row, ``dx, dy`` uniform over ``{-pad, ..., pad}``, and applied as the
+    whole-pixel translation :func:`~regpipe.functional.augment.shift_affine`, which samples exact pixel
+    centres: the warp equals ``F.pad`` followed by slicing the window ``[pad + dy : pad + dy + H, pad + dx :
+    pad + dx + W]``.
+
+    Args:
+        pad: zero pixels added on each side, ``>= 0`` (0: the identity).
+    """
+
+    geometric = True
+
+    def __init__(self, pad: int = 4) -> None:
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"pad must be an integer >= 0 (pixels), got {pad!r}")
+        self.pad = pad
+
+    def draws(self) -> tuple[tuple[float, ...], ...]:
+        return integer(PIXEL_SHIFT_X, -self.pad, self.pad), integer(PIXEL_SHIFT_Y, -self.pad, self.pad)
+
+    def from_values(self, values: torch.Tensor) -> ShiftParams:
+        return ShiftParams(shift=values[:, [PIXEL_SHIFT_X, PIXEL_SHIFT_Y]])
+
+    def matrix(self, params: ShiftParams, height: int, width: int) -> torch.Tensor:
+        return shift_affine(params.shift, height, width)
 
 
 class RandomResizedCrop(RandomTransform):
@@ -394,7 +439,8 @@ class Augment(BatchOp[AugmentParams]):
     columns side by side in chain order (the layout the DALI and FFCV adapters draw too).
 
     Args:
-        transforms: instances of :class:`RandomFlip`, :class:`RandomResizedCrop`, :class:`RandomAffine`,
+        transforms: instances of :class:`RandomFlip`, :class:`RandomPadCrop`, :class:`RandomResizedCrop`,
+            :class:`RandomAffine`,
             :class:`RandomBrightnessContrast` (or any :class:`RandomTransform`; anything else with
             ``geometric``, ``num_uniforms``, ``from_uniforms`` and ``matrix`` or ``apply`` runs in torch
             but not in the DALI/FFCV kernels).
