@@ -32,7 +32,7 @@ __all__ = ["Command", "NoOptions", "as_default", "parse_command"]
 Options = TypeVar("Options")
 
 #: TrainConfig fields resolved at construction from other fields, and the value that asks for it.
-RESOLVED = MappingProxyType({"val_resize": None, "samples_per_class": "auto"})
+RESOLVED = MappingProxyType({"val_resize": None, "samples_per_class": "auto", "augment": "auto"})
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,10 @@ __all__ = [
     "ReplicationConfig",
     "SaliencyConfig",
     "SignConfig",
+    "AUGMENT_WORDS",
     "SumConfig",
     "TrainConfig",
+    "augment_words",
     "check_val_resize",
     "config_from_dict",
     "config_to_dict",
@@ -56,6 +58,8 @@ LoggerName = Literal["json", "tensorboard", "wandb"]
 SMALL_DATA_PER_CLASS = 100
 #: ``dataset`` prefixes of data streamed from disk by reference (everything else is read into memory).
 STREAMED_PREFIXES = ("imagefolder:", "beton:")
+#: The words of ``augment`` (the base augmentation), in the order they are applied and recorded.
+AUGMENT_WORDS = ("crop", "flip")
 
 
 def _also(*names: str) -> Any:
@@ -88,6 +92,26 @@ def _names(owner: str, name: str, value: tuple[str, ...]) -> None:
 def _ints(owner: str, name: str, value: tuple[int, ...]) -> None:
     if not value or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in value):
         raise ValueError(f"{owner}.{name} must be integers >= 1, got {value!r}")
+
+
+def augment_words(value: str) -> tuple[str, ...]:
+    """The words of an ``augment`` setting: ``"none"`` -> ``()``, ``"flip,crop"`` -> ``("crop", "flip")`` (the
+    order of :data:`AUGMENT_WORDS`; ``"auto"`` must be resolved first).
+
+    Raises:
+        ValueError: not a string, an unknown or repeated word (named, with the allowed words).
+    """
+    allowed = f"auto, none, or a comma list of {', '.join(AUGMENT_WORDS)} (e.g. crop,flip)"
+    if not isinstance(value, str):
+        raise ValueError(f"train.augment must be {allowed}, got {value!r}")
+    if value == "none":
+        return ()
+    words = [w.strip() for w in value.split(",")]
+    unknown = [w for w in words if w not in AUGMENT_WORDS]
+    if unknown or len(set(words)) != len(words):
+        bad = f"unknown word(s) {unknown}" if unknown else "a word given twice"
+        raise ValueError(f"train.augment={value!r}: {bad}; it must be {allowed}")
+    return tuple(w for w in AUGMENT_WORDS if w in words)
 
 
 def _choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -391,13 +415,14 @@ class TrainConfig:
     ``gradual``...), whichever recipe is chosen, so a combined recipe such as ``gradual+invariance``
     needs no settings of its own.
 
-    Two fields are resolved at construction, so that afterwards they hold the number the run uses (and
+    Three fields are resolved at construction, so that afterwards they hold the value the run uses (and
     ``metrics.json`` and ``OUT/config.yaml`` record it): ``val_resize`` left ``None`` becomes
-    :func:`default_val_resize` ``(image_size)``, and ``samples_per_class="auto"`` becomes 100 for in-memory
+    :func:`default_val_resize` ``(image_size)``, ``samples_per_class="auto"`` becomes 100 for in-memory
     datasets and ``None`` (every image) for data streamed from disk (``imagefolder:``, ``beton:``);
-    ``samples_per_class=0`` means every image too (``None``). ``dataclasses.replace`` of ``image_size`` or
-    ``dataset`` alone keeps the resolved numbers: pass ``val_resize=None`` / ``samples_per_class="auto"``
-    with it to resolve them again. Checks that relate several settings are in
+    ``samples_per_class=0`` means every image too (``None``); ``augment="auto"`` becomes ``"none"`` in memory
+    and ``"crop,flip"`` for streamed data, and any other value its words in :data:`AUGMENT_WORDS` order.
+    ``dataclasses.replace`` of ``image_size`` or ``dataset`` alone keeps the resolved values: pass
+    ``val_resize=None`` / ``samples_per_class="auto"`` / ``augment="auto"`` with it to resolve them again. Checks that relate several settings are in
     :func:`~regpipe.engine.config_checks.check_config`, which :func:`~regpipe.engine.train.train` runs first.
 
     Attributes:
@@ -464,6 +489,15 @@ class TrainConfig:
             the cascade count these evaluations.
         eval_subset: the per-epoch test accuracy reads only the first N test images (a seeded draw of
             in-memory data); the final test accuracy always reads the whole test set (None: all).
+        augment: the base augmentation of every recipe's training inputs, applied before the recipe's own
+            ops (replicate's copies are made from the augmented rows): crop,flip is the CIFAR protocol (a
+            random crop of the image padded by augment-pad zero pixels, and a horizontal flip, each drawn per
+            row), crop or flip alone, none, or auto: none for in-memory data (fashion-mnist, npz:, folder:),
+            crop,flip for imagefolder:/beton: data, where the base is the loader's random-resized crop and
+            horizontal flip (the ImageNet protocol; it must stay auto or crop,flip there, as the loaders always
+            crop and flip).
+        augment_pad: the zero padding (pixels per side) of the base crop: 4 for 32-pixel images (CIFAR); less
+            than the image's height and width.
         sum: the sum recipe's settings.
         cascade: the cascade recipe's settings.
         gradual: the gradual recipe's settings.
@@ -516,6 +550,8 @@ class TrainConfig:
     plateau_patience: int = 3
     eval_every: int = 1
     eval_subset: int | None = None
+    augment: str = "auto"
+    augment_pad: int = 4
     sum: SumConfig = field(default_factory=SumConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     gradual: GradualConfig = field(default_factory=GradualConfig)
@@ -539,6 +575,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive_int("train", name, getattr(self, name))
         _positive_int("train", "tta_draws", self.tta_draws, low=0)
+        _positive_int("train", "augment_pad", self.augment_pad, low=0)
         if self.workers is not None:
             _positive_int("train", "workers", self.workers, low=0)
         for name in ("lr", "momentum", "weight_decay"):
@@ -554,12 +591,17 @@ class TrainConfig:
             raise ValueError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     def _resolve(self) -> None:
-        """Replace ``val_resize=None`` and ``samples_per_class="auto"`` (or 0) by what the run uses (once, here:
-        every reader sees the same number)."""
+        """Replace ``val_resize=None``, ``samples_per_class="auto"`` (or 0) and ``augment="auto"`` by what the run
+        uses (once, here: every reader sees the same value)."""
+        streamed = isinstance(self.dataset, str) and self.dataset.startswith(STREAMED_PREFIXES)
         if self.val_resize is None and isinstance(self.image_size, int):
             object.__setattr__(self, "val_resize", default_val_resize(self.image_size))
+        if self.augment == "auto":
+            # In memory, none keeps the meaning of earlier runs; streamed data is always cropped and flipped.
+            object.__setattr__(self, "augment", ",".join(AUGMENT_WORDS) if streamed else "none")
+        elif self.augment != "none":  # one spelling, so flip,crop and crop,flip record (and compare) as one setting
+            object.__setattr__(self, "augment", ",".join(augment_words(self.augment)))
         if self.samples_per_class == "auto":
-            streamed = isinstance(self.dataset, str) and self.dataset.startswith(STREAMED_PREFIXES)
             object.__setattr__(self, "samples_per_class", None if streamed else SMALL_DATA_PER_CLASS)
         elif self.samples_per_class == 0 and not isinstance(self.samples_per_class, bool):
             object.__setattr__(self, "samples_per_class", None)

@@ -9,7 +9,9 @@ checked here, by :func:`check_config`, which :func:`~regpipe.engine.train.train`
 from __future__ import annotations
 
 from regpipe.engine.algorithms import build_algorithms
-from regpipe.engine.config import TrainConfig, check_val_resize
+from dataclasses import fields
+
+from regpipe.engine.config import AUGMENT_WORDS, TrainConfig, augment_words, check_val_resize
 from regpipe.engine.loggers import check_logger
 from regpipe.engine.splits import parse_data_spec
 
@@ -35,6 +37,7 @@ def check_config(cfg: TrainConfig) -> None:
     algorithms = build_algorithms(cfg)  # unknown words, and algorithms that take over the same resource
     check_logger(cfg)
     spec = parse_data_spec(cfg.dataset)
+    _check_augment(cfg, spec.kind if spec is not None else None)
     if spec is None:
         return
     if cfg.samples_per_class is not None:
@@ -57,3 +60,25 @@ def check_config(cfg: TrainConfig) -> None:
                          "use --eval-every to evaluate less often")
     if cfg.loader != "ffcv":
         raise ValueError(f"--data beton:... is read by FFCV: add --loader ffcv (got --loader {cfg.loader})")
+
+
+def _check_augment(cfg: TrainConfig, streamed: str | None) -> None:
+    """The base augmentation against the data: streamed data (``streamed``: its kind) is always cropped and
+    flipped by its loader, and an in-memory crop with no padding would move nothing.
+
+    Raises:
+        ValueError: the setting and what to use instead.
+    """
+    base = ",".join(AUGMENT_WORDS)
+    if streamed is not None:
+        if cfg.augment != base:
+            raise ValueError(f"--augment {cfg.augment}: {streamed}:... data is always augmented by the loader's "
+                             f"random-resized crop and horizontal flip; use --augment auto or {base}")
+        default_pad = next(f.default for f in fields(TrainConfig) if f.name == "augment_pad")
+        if cfg.augment_pad != default_pad:
+            raise ValueError(f"--augment-pad {cfg.augment_pad} pads the crop of in-memory data; {streamed}:... data "
+                             "is cropped by the loader's random-resized crop: leave --augment-pad unset")
+        return
+    if "crop" in augment_words(cfg.augment) and cfg.augment_pad == 0:
+        raise ValueError(f"--augment {cfg.augment} with --augment-pad 0: a crop of the unpadded image is the image "
+                         "itself; give a padding >= 1 (4 for 32-pixel images) or drop crop")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from regpipe.engine.algorithms.augment import BaseAugmentation, base_augment
 from regpipe.engine.algorithms.base import (
     Algorithm,
     ComposeError,
@@ -28,10 +29,11 @@ from regpipe.engine.algorithms.patchup import PatchUpAlgorithm
 from regpipe.engine.algorithms.scoring import LossDelta, LossOrder
 from regpipe.engine.algorithms.sign import Sign
 from regpipe.engine.algorithms.sum_mix import CascadeSum, FixedSum, GradualSum
-from regpipe.engine.config import TrainConfig
+from regpipe.engine.config import STREAMED_PREFIXES, TrainConfig
 
 __all__ = [
     "Algorithm",
+    "BaseAugmentation",
     "ComposeError",
     "Copies",
     "DataContext",
@@ -41,6 +43,7 @@ __all__ = [
     "Stage",
     "StepInputs",
     "StepReport",
+    "base_augment",
     "build_algorithms",
     "check_compatible",
     "parse_recipe",
@@ -92,13 +95,17 @@ def parse_recipe(recipe: str) -> list[str]:
 
 
 def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
-    """The algorithms of ``cfg.recipe`` in recipe order, each once (``invariance+saliency`` replicates once).
+    """The algorithms of ``cfg.recipe`` in recipe order, each once (``invariance+saliency`` replicates once), after
+    the base augmentation (:class:`BaseAugmentation`) when ``cfg.augment`` asks for one on in-memory data (data
+    streamed from disk gets its base from the loader).
 
     Raises:
         ValueError: an unknown recipe word.
         ComposeError: two algorithms claim the same part of the loop (both are named).
     """
     algorithms: list[Algorithm] = []
+    if cfg.augment != "none" and not cfg.dataset.startswith(STREAMED_PREFIXES):
+        algorithms.append(BaseAugmentation(cfg.augment, cfg.augment_pad))
     for word in parse_recipe(cfg.recipe):
         for factory in RECIPE_WORDS[word]:
             alg = factory(cfg)

@@ -62,15 +62,17 @@ class Resource(str, enum.Enum):
 
 
 class Stage(enum.IntEnum):
-    """Where an op runs in the loader's chain: copies are made, then mixed, then planned.
+    """Where an op runs in the loader's chain: rows are augmented, then copied, then mixed, then planned.
 
-    The order is fixed so that ``gradual+invariance`` and ``invariance+gradual`` are the same run:
-    replication must see seeds, mixing the copies, and a PatchUp plan the final rows it pairs.
+    The order is fixed so that ``gradual+invariance`` and ``invariance+gradual`` are the same run: the base
+    augmentation (``--augment``) sees the loader's rows, replication the augmented seeds, mixing the copies,
+    and a PatchUp plan the final rows it pairs.
     """
 
-    REPLICATE = 0
-    MIX = 1
-    PLAN = 2
+    AUGMENT = 0
+    REPLICATE = 1
+    MIX = 2
+    PLAN = 3
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ class Algorithm:
 
 
 def staged_ops(algorithms: Sequence[Algorithm], decode_copier: Algorithm | None = None) -> list[Op]:
-    """Every algorithm's ops in :class:`Stage` order (copies are made, then mixed, then planned), in recipe
+    """Every algorithm's ops in :class:`Stage` order (rows are augmented, copied, mixed, then planned), in recipe
     order within a stage: a stable sort, so ``gradual+invariance`` and ``invariance+gradual`` run the same chain.
 
     ``decode_copier`` is the algorithm whose copies the loader makes at decode: its
