@@ -111,3 +111,79 @@ def test_replicate_copies_are_augmented_on_top_of_the_base(fake_dir: Path, tmp_p
     copies = replicated.affine.view(-1, m, 2, 3)[:, 1:]
     assert not torch.equal(copies, augmented.affine[:, None].expand_as(copies))
 
+
+
+class Interrupted(Exception):
+    """Stands for a kill inside the loop."""
+
+
+def test_a_resumed_run_draws_the_same_augmentations(fake_dir: Path, tmp_path: Path) -> None:
+    """Killed inside epoch 2 and resumed from its last state: every batch trained on after the resume holds the
+    pixels and affines of the uninterrupted run's batch at that step (the base op's generator is saved with
+    the run, and so is the replication chain's drawing on top of it), and the metrics end the same."""
+    cfg = _config(fake_dir, recipe="replicate", epochs=2, samples_per_class=4, checkpoint_every=2)  # 5 steps per epoch
+    whole: list[tuple[torch.Tensor, torch.Tensor]] = []
+    metrics = train(replace(cfg, out=str(tmp_path / "whole")),
+                    observe=lambda epoch, batch: whole.append((batch.inputs.clone(), batch.affine.clone())))
+    seen = {"n": 0}
+
+    def kill(epoch: int, batch: object) -> None:
+        seen["n"] += 1
+        if seen["n"] == 8:  # during step 3 of epoch 2, before its state: the last one is that of step 6
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(replace(cfg, out=str(tmp_path / "resumed")), observe=kill)
+    after: list[tuple[torch.Tensor, torch.Tensor]] = []
+    resumed = train(replace(cfg, out=str(tmp_path / "resumed"), resume=True),
+                    observe=lambda epoch, batch: after.append((batch.inputs.clone(), batch.affine.clone())))
+    assert len(whole) == 10 and len(after) == 4  # steps 7..10 trained again
+    for (x, affine), (x_whole, affine_whole) in zip(after, whole[6:]):
+        assert torch.equal(affine, affine_whole) and torch.equal(x, x_whole)
+    assert all(bool((a[:, :, 2] != 0).any()) for _, a in after)  # the base moved rows of these batches
+    assert [r["train_loss"] for r in resumed["epochs"]] == [r["train_loss"] for r in metrics["epochs"]]
+    assert resumed["test_accuracy"] == metrics["test_accuracy"]
+
+
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_in_memory_dali_and_ffcv_runs_apply_the_base_op(loader: str, fake_dir: Path, tmp_path: Path) -> None:
+    """The in-memory DALI and FFCV adapters run the device ops too: the base op heads their chain and its draws
+    are the torch loader's for the same rows (one generator, one seed)."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[loader])
+    cfg = _config(fake_dir, loader=loader)
+    built = {}
+    for kind in ("torch", loader):
+        c = replace(cfg, loader=kind)
+        run, _ = build_run(c, build_algorithms(c), torch.device("cpu"), DistInfo(), tmp_path / kind, train)
+        assert _is_base(run.batches.ops[0])
+        built[kind] = next(iter(run.batches))
+    torch.testing.assert_close(built[loader].affine, built["torch"].affine, atol=0, rtol=0)
+    torch.testing.assert_close(built[loader].inputs, built["torch"].inputs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--augment", "spin"], "train.augment='spin': unknown word(s) ['spin']; it must be auto, none, or a comma list "
+                            "of crop, flip"),
+    (["--augment-pad", "-1"], "train.augment_pad must be an integer >= 0, got -1"),
+    (["--augment", "crop", "--augment-pad", "0"], "--augment crop with --augment-pad 0"),
+    (["--augment", "crop,flip", "--augment-pad", "32"], "--augment-pad 32 must be less than the images' height and "
+                                                        "width (32 x 32)"),
+    (["--data", "imagefolder:/nowhere", "--augment", "none"], "data is always augmented by the loader's "
+                                                              "random-resized crop and horizontal flip"),
+])
+def test_bad_values_give_one_line(flags: list[str], fragment: str, fake_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "--data-dir", str(fake_dir), "--out", str(tmp_path / "run"), *TINY, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_compare_gives_the_base_to_every_recipe(fake_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "baseline,mixup", "--seeds", "1", "--data-dir", str(fake_dir),
+                 "--out", str(out), *TINY, "--augment", "crop,flip"]) == 0
+    for recipe in ("baseline", "mixup"):
+        run = out / recipe / "seed0"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["config"]["augment"] == "crop,flip" and metrics["algorithms"][0] == "augment"
+        assert read_config(run / "config.yaml").augment == "crop,flip"
