@@ -90,6 +90,28 @@ def test_every_recipe_word_runs_on_top_of_the_base(word: str, fake_dir: Path, tm
     assert row["steps"] >= 1 and math.isfinite(row["train_loss"])
 
 
+def test_the_engine_op_pads_with_black_and_equals_a_per_row_loop(fake_dir: Path, tmp_path: Path) -> None:
+    """The ops see normalised rows: the base crop's outside pixels are black, ``-mean / std`` per channel (not 0,
+    the mean colour), and each row is the padded image's window at the drawn offset, flipped when drawn."""
+    cfg = _config(fake_dir)
+    run, _ = build_run(cfg, build_algorithms(cfg), torch.device("cpu"), DistInfo(), tmp_path, train)
+    op = run.batches.ops[0]
+    arrays, take = run.splits.arrays.train, torch.arange(16)
+    raw = run.batches.builder.build(arrays.images[take], arrays.labels[take], take)
+    params = op.draw(raw)
+    out = op.apply(raw, params)
+    black = -torch.tensor(run.splits.mean) / torch.tensor(run.splits.std)
+    pad, (h, w) = 4, raw.inputs.shape[-2:]
+    for i in range(len(take)):
+        dx, dy = (int(v) for v in params[0].shift[i].tolist())
+        canvas = black.view(-1, 1, 1).expand(-1, h + 2 * pad, w + 2 * pad).clone()
+        canvas[:, pad:pad + h, pad:pad + w] = raw.inputs[i]
+        window = canvas[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+        expected = window.flip(-1) if bool(params[1].horizontal[i]) else window
+        torch.testing.assert_close(out.inputs[i], expected, atol=1e-5, rtol=0)
+    assert bool((params[0].shift != 0).any())
+
+
 def test_replicate_copies_are_augmented_on_top_of_the_base(fake_dir: Path, tmp_path: Path) -> None:
     """The base op draws each seed's crop and flip, Replicate then copies the *augmented* seed: the first copy
     of each seed (its original) is the seed after the base, and every copy's recorded affine composes both."""

@@ -491,7 +491,7 @@ class TrainConfig:
             in-memory data); the final test accuracy always reads the whole test set (None: all).
         augment: the base augmentation of every recipe's training inputs, applied before the recipe's own
             ops (replicate's copies are made from the augmented rows): crop,flip is the CIFAR protocol (a
-            random crop of the image padded by augment-pad zero pixels, and a horizontal flip, each drawn per
+            random crop of the image padded by augment-pad black pixels, and a horizontal flip, each drawn per
             row), crop or flip alone, none, or auto: none for in-memory data (fashion-mnist, npz:, folder:),
             crop,flip for imagefolder:/beton: data, where the base is the loader's random-resized crop and
             horizontal flip (the ImageNet protocol; it must stay auto or crop,flip there, as the loaders always
