@@ -7,9 +7,10 @@ The chain's randomness is not written here: each transform of a regpipe
 :func:`regpipe.functional.augment.values_from_uniforms`), :func:`encode_augment` stacks the tables, and
 :func:`augment_params` interprets them per copy with the same formulas as the torch reader. The slot
 values then become a matrix by the rules of :mod:`regpipe.functional.augment` (``flip_affine``,
-``shift_affine``, ``crop_affine``, ``affine_matrix``, ``compose_affine``), and :func:`warp_u8` / :func:`colour_u8` mirror
-``warp`` (``align_corners=False``, zero padding) and ``brightness_contrast``. ``tests/test_augment_spec.py``
-checks, for every transform, that both readers give the same parameters and matrices.
+``shift_affine``, ``crop_affine``, ``affine_matrix``, ``compose_affine``), and :func:`warp_u8` /
+:func:`colour_u8` mirror ``warp`` (``align_corners=False``, zero padding) and ``brightness_contrast``.
+``tests/test_augment_spec.py`` checks, for every transform, that both readers give the same parameters and
+matrices.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from regpipe.core.files import atomic_write
 from regpipe.engine.schedule import check_plateau
 
 __all__ = [
+    "AUGMENT_WORDS",
     "CascadeConfig",
     "CutMixConfig",
     "CutOutConfig",
@@ -37,7 +38,6 @@ __all__ = [
     "ReplicationConfig",
     "SaliencyConfig",
     "SignConfig",
-    "AUGMENT_WORDS",
     "SumConfig",
     "TrainConfig",
     "augment_words",
@@ -422,8 +422,9 @@ class TrainConfig:
     ``samples_per_class=0`` means every image too (``None``); ``augment="auto"`` becomes ``"none"`` in memory
     and ``"crop,flip"`` for streamed data, and any other value its words in :data:`AUGMENT_WORDS` order.
     ``dataclasses.replace`` of ``image_size`` or ``dataset`` alone keeps the resolved values: pass
-    ``val_resize=None`` / ``samples_per_class="auto"`` / ``augment="auto"`` with it to resolve them again. Checks that relate several settings are in
-    :func:`~regpipe.engine.config_checks.check_config`, which :func:`~regpipe.engine.train.train` runs first.
+    ``val_resize=None`` / ``samples_per_class="auto"`` / ``augment="auto"`` with it to resolve them again.
+    Checks that relate several settings are in :func:`~regpipe.engine.config_checks.check_config`, which
+    :func:`~regpipe.engine.train.train` runs first.
 
     Attributes:
         recipe: '+'-joined algorithm words, e.g. gradual+invariance (the words, RECIPE_WORDS of
@@ -496,7 +497,7 @@ class TrainConfig:
             crop,flip for imagefolder:/beton: data, where the base is the loader's random-resized crop and
             horizontal flip (the ImageNet protocol; it must stay auto or crop,flip there, as the loaders always
             crop and flip).
-        augment_pad: the zero padding (pixels per side) of the base crop: 4 for 32-pixel images (CIFAR); less
+        augment_pad: the black padding (pixels per side) of the base crop: 4 for 32-pixel images (CIFAR); less
             than the image's height and width.
         sum: the sum recipe's settings.
         cascade: the cascade recipe's settings.

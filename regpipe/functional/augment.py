@@ -385,8 +385,8 @@ def crop_window(area: tuple[float, float], ratio: tuple[float, float]) -> Row:
 
 
 def draw_table(rows: Sequence[Sequence[float]]) -> torch.Tensor:
-    """Rows from :func:`constant`, :func:`bernoulli`, :func:`uniform`, :func:`integer`, :func:`crop_window` as a ``(D, 6)`` float64
-    CPU tensor, the form the ops and the loaders' kernels read.
+    """Rows from :func:`constant`, :func:`bernoulli`, :func:`uniform`, :func:`integer`, :func:`crop_window` as a
+    ``(D, 6)`` float64 CPU tensor, the form the ops and the loaders' kernels read.
 
     Raises:
         ValueError: a row of the wrong length, an unknown kind or slot, or a window row not writing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from regpipe.engine.algorithms.augment import BaseAugmentation, base_augment
+from regpipe.engine.algorithms.augment import BaseAugmentation
 from regpipe.engine.algorithms.base import (
     Algorithm,
     ComposeError,
@@ -43,7 +43,6 @@ __all__ = [
     "Stage",
     "StepInputs",
     "StepReport",
-    "base_augment",
     "build_algorithms",
     "check_compatible",
     "parse_recipe",

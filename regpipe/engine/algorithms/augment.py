@@ -88,7 +88,8 @@ class BaseAugmentation(Algorithm):
         if "crop" in self.words and self.pad >= min(shape[1:]):
             raise ValueError(f"--augment-pad {self.pad} must be less than the images' height and width "
                              f"({shape[1]} x {shape[2]}): a larger shift leaves no pixel of the image")
-        black = run.prepare((torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)))
+        index = torch.zeros(1, dtype=torch.long)
+        black = run.prepare((torch.zeros(1, *shape), index, index))  # a zero image, normalised as the rows are
         # kept on the run's device: no per-batch host -> device copy
         self.op = base_augment(self.words, self.pad, run.seed, fill=black.inputs[0, :, 0, 0].float())
 
