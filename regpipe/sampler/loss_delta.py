@@ -242,11 +242,11 @@ class LossDeltaOrderer:
         # Rollback after each trial: one snapshot of the start state, one of the best trial's state (exact);
         # approximate mode keeps buffers (+ the best trial's gradients) only.
         if approximate:
-            self._start = StateSnapshot(model, None, params=False, buffers=True)
-            self._best = StateSnapshot(model, None, params=False, buffers=True, grads=True)
+            self._start = StateSnapshot(model, None, params=False, buffers=True, scaler=self.scaler)
+            self._best = StateSnapshot(model, None, params=False, buffers=True, grads=True, scaler=self.scaler)
         else:
-            self._start = StateSnapshot(model, optimizer)
-            self._best = StateSnapshot(model, optimizer)
+            self._start = StateSnapshot(model, optimizer, scaler=self.scaler)
+            self._best = StateSnapshot(model, optimizer, scaler=self.scaler)
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
@@ -386,7 +386,7 @@ class LossDeltaOrderer:
                 try:
                     return torch.as_tensor(self.step_fn(batch)).detach()
                 except NonFiniteLoss as err:
-                    self._restore_start()
+                    self._start.restore()
                     raise NonFiniteLoss(f"{err} (loss-delta candidate {j})") from err
             self.optimizer.zero_grad()
             loss = self._forward_loss(batch)
@@ -395,27 +395,9 @@ class LossDeltaOrderer:
                 self.optimizer.step()
         loss = loss.detach()
         if not math.isfinite(float(loss)):  # float(loss) was read below for the log anyway
-            self._restore_start()
+            self._start.restore()
             raise self._non_finite(f"the training loss of candidate {j}", float(loss), batch)
         return loss
-
-    def _save_start(self) -> None:
-        self._start.save()
-        self._scaler_start = self.scaler.state_dict() if self.scaler is not None else None
-
-    def _restore_start(self) -> None:
-        self._start.restore()
-        if self.scaler is not None:
-            self.scaler.load_state_dict(self._scaler_start)
-
-    def _save_best(self) -> None:
-        self._best.save()
-        self._scaler_best = self.scaler.state_dict() if self.scaler is not None else None
-
-    def _restore_best(self) -> None:
-        self._best.restore()
-        if self.scaler is not None:
-            self.scaler.load_state_dict(self._scaler_best)
 
     def _score_loss(self, batch: Batch) -> torch.Tensor:
         """A score loss: current mode, no grad, running statistics untouched."""
@@ -428,7 +410,7 @@ class LossDeltaOrderer:
     def _score_and_commit(self, buffer: list[Batch]) -> tuple[int, float, list[float]]:
         n = len(buffer)
         external = self.external_batch if self.variant == "external" else None
-        self._save_start()
+        self._start.save()
         grads_e: list[torch.Tensor | None] | None = None
         before_e: torch.Tensor | None = None
         if external is not None:
@@ -441,7 +423,7 @@ class LossDeltaOrderer:
         best = -1
         for j, batch in enumerate(buffer):
             if j:
-                self._restore_start()
+                self._start.restore()
             loss = self._trial(batch, j)
             before = before_e if before_e is not None else loss
             if self.approximate:
@@ -458,11 +440,11 @@ class LossDeltaOrderer:
             if better:
                 best = j
                 if j < n - 1 and not self.recompute:
-                    self._save_best()
+                    self._best.save()
         if not any(math.isfinite(s) for s in scores):
             # Every trial step made the score non-finite (e.g. the loss after the step is nan): committing
             # any of them would poison the parameters.
-            self._restore_start()
+            self._start.restore()
             epoch, step = self._where
             raise ValueError(f"loss-delta: the scores of all {n} candidate batches are non-finite ({scores}) at "
                              f"epoch {epoch + 1} step {step + 1}: every trial step diverged; the model was left "
@@ -472,11 +454,11 @@ class LossDeltaOrderer:
 
     def _commit(self, winner: Batch, last: bool) -> None:
         if self.recompute:  # DDP: redo the winner's step with gradient sync (module docstring)
-            self._restore_start()
+            self._start.restore()
             self._plain_step(winner)
             return
         if not last:
-            self._restore_best()
+            self._best.restore()
         if self.approximate:  # gradients and BN buffers of the winner's forward are live now
             self.optimizer.step()
 

@@ -91,15 +91,20 @@ class StateSnapshot:
         buffers: capture module buffers (BatchNorm ``running_mean``/``running_var`` float,
             ``num_batches_tracked`` int64).
         grads: capture ``.grad`` of the parameters (``None`` grads are restored as ``None``).
+        scaler: an fp16 loss scaler (``torch.amp.GradScaler``) whose scale and growth tracker are captured
+            too (its ``state_dict``), so a rolled-back step also undoes the scale change that step made.
 
     Buffers are allocated on the first :meth:`save` (``torch.empty_like``: same shape, dtype, device
     and strides) and reused afterwards; later saves allocate only when the optimizer created new state.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 params: bool = True, buffers: bool = True, grads: bool = False) -> None:
+                 params: bool = True, buffers: bool = True, grads: bool = False,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.scaler = scaler
+        self._scaler_saved: dict[str, Any] = {}
         self._params = tracked_parameters(model, optimizer)
         self._live: list[torch.Tensor] = []
         if params:
@@ -126,6 +131,8 @@ class StateSnapshot:
             self._save_grads()
         if self.optimizer is not None:
             self._save_optimizer()
+        if self.scaler is not None:
+            self._scaler_saved = self.scaler.state_dict()
         self.saved = True
 
     def restore(self) -> None:
@@ -142,6 +149,8 @@ class StateSnapshot:
             self._restore_grads()
         if self.optimizer is not None:
             self._restore_optimizer()
+        if self.scaler is not None:
+            self.scaler.load_state_dict(self._scaler_saved)
 
     # -- gradients ---------------------------------------------------------------------------------
     def _save_grads(self) -> None:
