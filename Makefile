@@ -37,7 +37,7 @@ dataset:
 	fi
 
 # The main job: the baseline and the invariance recipe side by side on the same budget, clean and FGSM accuracy,
-# a verdict and runs/demo/compare.png (`regpipe demo --help`; e.g. DEMO_ARGS="--method saliency --epochs 20").
+# a verdict and runs/demo/demo.png (`regpipe demo --help`; e.g. DEMO_ARGS="--method saliency --epochs 20").
 demo: deps dataset
 	$(VENV)/bin/regpipe demo $(DEMO_ARGS)
 
