@@ -8,6 +8,7 @@ from regpipe.ops.augment import (
     RandomAffine,
     RandomBrightnessContrast,
     RandomFlip,
+    RandomPadCrop,
     RandomResizedCrop,
     Replicate,
 )
@@ -16,6 +17,6 @@ from regpipe.ops.sign import SignAugment, SignPlan
 from regpipe.ops.sum_mix import GradualSumMix, RowMixOp, SumMix, mix_batch
 from regpipe.ops.tta import TestTimeSumAugmentation, TTAParams, draw_partners
 
-__all__ = ["Augment", "RandomAffine", "RandomBrightnessContrast", "RandomFlip", "RandomResizedCrop", "Replicate",
-           "GradualSumMix", "MixPlan", "PatchUp", "PatchUpPlan", "SignAugment", "SignPlan", "SumMix",
+__all__ = ["Augment", "RandomAffine", "RandomBrightnessContrast", "RandomFlip", "RandomPadCrop", "RandomResizedCrop",
+           "Replicate", "GradualSumMix", "MixPlan", "PatchUp", "PatchUpPlan", "SignAugment", "SignPlan", "SumMix",
            "RowMixOp", "TTAParams", "TestTimeSumAugmentation", "draw_partners", "mix_batch"]
