@@ -52,7 +52,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``regpipe bench pipeline`` (on the ``bench`` parser)."""
     g = p.add_argument_group("pipeline mode (regpipe bench pipeline)")
-    g.add_argument("--data", default=None, metavar="SPEC",
+    g.add_argument("--data", default=None, metavar="DATA",
                    help="the images to time, as `train --data` takes them: imagefolder:ROOT (its train/ split), "
                         "beton:TRAIN.beton,VAL.beton (--loader ffcv; TRAIN is timed), or a class folder "
                         "ROOT/CLASS/IMAGE (FFCV writes it to a .beton first)")
