@@ -209,3 +209,24 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
     print(f"peak RSS MB, 160 vs 1600 training images: process {main_small:.1f} vs {main_large:.1f}, "
           f"worker {worker_small:.1f} vs {worker_large:.1f}")
     assert main_large - main_small < 50 and worker_large - worker_small < 50
+
+
+def test_evaluation_workers_start_from_a_fork_server_beside_dali_and_ffcv(folder: Path) -> None:
+    # DALI's and FFCV's native threads run in the process while evaluation passes start their workers:
+    # those runs start workers from a fork server, and the batches are the ones forked workers read.
+    from regpipe.engine.loading import clean_loader, eval_loader, worker_start_method
+    from regpipe.engine.splits import folder_splits, parse_data_spec
+
+    assert [worker_start_method(k) for k in ("torch", "dali", "ffcv")] == [None, "forkserver", "forkserver"]
+    splits = folder_splits(parse_data_spec(f"imagefolder:{folder}"), 32, 36, seed=0, val_per_class=None)
+
+    def read(start: str | None) -> list[torch.Tensor]:
+        test = eval_loader(splits, splits.test, 5, torch.device("cpu"), 2, resize=36, start_method=start)
+        clean = clean_loader(splits, 8, torch.Generator().manual_seed(3), torch.device("cpu"), 2, count=16,
+                             resize=36, start_method=start)
+        assert [getattr(t.iterable.multiprocessing_context, "get_start_method", lambda: None)()
+                for t in (test, clean)] == [start, start]
+        return [t for b in [*test, *clean] for t in (b.inputs, b.targets)]
+
+    forked, served = read(None), read("forkserver")
+    assert len(forked) == 2 * (3 + 5) and all(torch.equal(a, b) for a, b in zip(forked, served, strict=True))

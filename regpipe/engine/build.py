@@ -22,7 +22,8 @@ from regpipe.engine import distributed
 from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext, staged_ops
 from regpipe.engine.config import TrainConfig
 from regpipe.engine.data import ArrayDataset, ImageArrays
-from regpipe.engine.loading import clean_loader, decode_copier, default_workers, eval_loader, train_loader
+from regpipe.engine.loading import (clean_loader, decode_copier, default_workers, eval_loader, train_loader,
+                                    worker_start_method)
 from regpipe.engine.loop import ResumeMode, Run, owner
 from regpipe.engine.models import build_model
 from regpipe.engine.precision import Precision
@@ -218,9 +219,11 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
     eval_size = cfg.eval_batch_size or max(1, cfg.batch_size // info.world_size)
     bn_size = max(1, cfg.batch_size // info.world_size)
     # Clean batches for re-estimating BatchNorm statistics while an algorithm mixes the inputs.
+    start = worker_start_method(cfg.loader)
     bn_batches = clean_loader(splits, bn_size, state.bn_order, device, workers, count=bn_size * cfg.bn_batches,
-                              resize=cfg.val_resize)
-    test_batches = eval_loader(splits, splits.test, eval_size, device, workers, info, resize=cfg.val_resize)
+                              resize=cfg.val_resize, start_method=start)
+    test_batches = eval_loader(splits, splits.test, eval_size, device, workers, info, resize=cfg.val_resize,
+                               start_method=start)
     # The per-epoch test accuracy may read a seeded subset (--eval-subset); the final one reads the whole set.
     epoch_test_batches = test_batches
     if cfg.eval_subset is not None and cfg.eval_subset < len(splits.test):
@@ -228,8 +231,10 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
         rows = rows[:cfg.eval_subset].sort().values
         subset: torch.utils.data.Dataset = ArrayDataset(splits.test.arrays.subset(rows)) \
             if isinstance(splits.test, ArrayDataset) else torch.utils.data.Subset(splits.test, rows.tolist())
-        epoch_test_batches = eval_loader(splits, subset, eval_size, device, workers, info, resize=cfg.val_resize)
-    val_batches = eval_loader(splits, splits.holdout, eval_size, device, workers, info, resize=cfg.val_resize) \
+        epoch_test_batches = eval_loader(splits, subset, eval_size, device, workers, info, resize=cfg.val_resize,
+                                         start_method=start)
+    val_batches = eval_loader(splits, splits.holdout, eval_size, device, workers, info, resize=cfg.val_resize,
+                              start_method=start) \
         if splits.holdout is not None else None
     run = Run(cfg=cfg, device=device, info=info, splits=splits, model=model, algorithms=algorithms, loss_fn=loss_fn,
               batches=batches, steps_per_epoch=steps_per_epoch, resume_mode=mode, bn_batches=bn_batches,

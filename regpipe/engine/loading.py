@@ -18,6 +18,7 @@ device ``Replicate`` op does not run; in-memory data and ``--loader torch`` keep
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,7 +36,8 @@ from regpipe.engine.splits import Splits, clean_view
 from regpipe.loaders import make_train_loader
 from regpipe.loaders.torch import TorchLoader
 
-__all__ = ["decode_copier", "default_workers", "eval_loader", "clean_loader", "train_loader"]
+__all__ = ["decode_copier", "default_workers", "eval_loader", "clean_loader", "train_loader",
+           "worker_start_method"]
 
 #: the loaders that make a replicating recipe's copies at decode when they read files
 DECODE_COPIES = ("dali", "ffcv")
@@ -61,8 +63,25 @@ def decode_copier(kind: str, splits: Splits, algorithms: Sequence[Algorithm]) ->
     return next((alg for alg in algorithms if alg.copies() is not None), None)
 
 
-def _torch_loader(dataset: Dataset, workers: int, device: torch.device, **kwargs: Any) -> DataLoader:
+def worker_start_method(kind: str) -> str | None:
+    """How the torch ``DataLoader`` workers of a run whose training loader is ``kind`` start.
+
+    DALI and FFCV run native threads in this process while the evaluation and BatchNorm loaders start their
+    workers each pass; a child forked while such a thread holds a lock can crash ("DataLoader worker exited
+    unexpectedly"). Those runs start workers from a fork server, a clean process that has imported torch and
+    the dataset module once (a worker then starts in about 0.1 s). With the torch loader, workers are forked
+    as torch does by default.
+    """
+    return "forkserver" if kind in ("dali", "ffcv") else None
+
+
+def _torch_loader(dataset: Dataset, workers: int, device: torch.device, start_method: str | None = None,
+                  **kwargs: Any) -> DataLoader:
     extra: dict[str, Any] = {"persistent_workers": False, "prefetch_factor": 4} if workers > 0 else {}
+    if workers > 0 and start_method is not None:
+        extra["multiprocessing_context"] = context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":  # takes effect when the server starts (the first such loader)
+            context.set_forkserver_preload(["torch", "regpipe.engine.datasets"])
     # A generator of its own (unless given): each pass draws its workers' base seed from it, which must not
     # advance torch's global generator (a resumed epoch starts a pass the interrupted run did not).
     kwargs.setdefault("generator", torch.Generator().manual_seed(0))
@@ -125,8 +144,10 @@ def _shard(dataset: Dataset, info: distributed.DistInfo) -> Dataset:
 
 
 def eval_loader(splits: Splits, dataset: Dataset, batch_size: int, device: torch.device, workers: int,
-                info: distributed.DistInfo = distributed.DistInfo(), resize: int = 256) -> Iterable:
-    """Normalised evaluation batches (no ops) of this rank's shard of ``dataset`` (a ``.beton`` through FFCV)."""
+                info: distributed.DistInfo = distributed.DistInfo(), resize: int = 256,
+                start_method: str | None = None) -> Iterable:
+    """Normalised evaluation batches (no ops) of this rank's shard of ``dataset`` (a ``.beton`` through FFCV);
+    DataLoader workers start by ``start_method`` (:func:`worker_start_method`)."""
     if isinstance(dataset, BetonRef):
         from regpipe.engine.ffcv_files import beton_eval_loader
 
@@ -134,14 +155,14 @@ def eval_loader(splits: Splits, dataset: Dataset, batch_size: int, device: torch
                                  workers=workers, device=device, mean=splits.mean, std=splits.std, info=info,
                                  resize=resize)
     loader = _torch_loader(_shard(dataset, info), workers if isinstance(dataset, ImageFolderDataset) else 0, device,
-                           batch_size=batch_size, shuffle=False)
+                           start_method, batch_size=batch_size, shuffle=False)
     return TorchLoader(loader, splits.num_classes, device=device, mean=splits.mean, std=splits.std)
 
 
 def clean_loader(splits: Splits, batch_size: int, generator: torch.Generator, device: torch.device,
-                 workers: int, count: int, resize: int = 256) -> Iterable:
+                 workers: int, count: int, resize: int = 256, start_method: str | None = None) -> Iterable:
     """Shuffled clean (unaugmented) training batches, for re-estimating BatchNorm statistics (``count`` rows
-    per pass of a ``.beton``)."""
+    per pass of a ``.beton``); DataLoader workers start by ``start_method`` (:func:`worker_start_method`)."""
     if isinstance(splits.train, BetonRef):
         from regpipe.engine.ffcv_files import beton_clean_loader
 
@@ -150,5 +171,5 @@ def clean_loader(splits: Splits, batch_size: int, generator: torch.Generator, de
                                   device=device, mean=splits.mean, std=splits.std)
     dataset = clean_view(splits.train)
     loader = _torch_loader(dataset, workers if isinstance(dataset, ImageFolderDataset) else 0, device,
-                           batch_size=batch_size, shuffle=True, generator=generator)
+                           start_method, batch_size=batch_size, shuffle=True, generator=generator)
     return TorchLoader(loader, splits.num_classes, device=device, mean=splits.mean, std=splits.std)
