@@ -430,7 +430,12 @@ def _table_rows(table: Table) -> list[tuple[float, ...]]:
 
 def table_uniforms(table: Table) -> int:
     """Uniforms one row of parameters consumes under the draw table ``table`` (``(D, 6)`` tensor or rows)."""
-    return int(sum(UNIFORMS_PER_DRAW[int(row[0])] for row in _table_rows(table)))
+    return _uniform_count(_table_rows(table))
+
+
+def _uniform_count(rows: Sequence[tuple[float, ...]]) -> int:
+    """Uniforms consumed by validated table rows (:func:`_table_rows`)."""
+    return int(sum(UNIFORMS_PER_DRAW[int(row[0])] for row in rows))
 
 
 def values_from_uniforms(table: Table, u: torch.Tensor) -> torch.Tensor:
@@ -461,7 +466,7 @@ def values_from_uniforms(table: Table, u: torch.Tensor) -> torch.Tensor:
         ValueError: ``u`` is not ``(N, P)`` floating point (the shape is named).
     """
     rows = _table_rows(table)
-    count = table_uniforms(rows)
+    count = _uniform_count(rows)  # rows validated once per call (the ops call this per batch)
     if not isinstance(u, torch.Tensor) or not u.dtype.is_floating_point or u.dim() != 2 or u.shape[1] != count:
         raise ValueError(f"expected (N, {count}) float uniforms for this draw table, got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}"

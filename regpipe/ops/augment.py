@@ -192,7 +192,8 @@ class RandomTransform(ABC):
 
     @abstractmethod
     def draws(self) -> tuple[tuple[float, ...], ...]:
-        """The draw-table rows of this transform (from ``bernoulli``, ``uniform``, ``crop_window``, ``constant``)."""
+        """The draw-table rows of this transform (from ``bernoulli``, ``uniform``, ``integer``, ``crop_window``,
+        ``constant``)."""
 
     @abstractmethod
     def from_values(self, values: torch.Tensor) -> Any:
