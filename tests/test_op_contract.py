@@ -230,3 +230,14 @@ def test_batch_to_moves_the_plan_to_cuda_and_back(layer: int) -> None:
     assert torch.equal(back.patchup.perm, batch.patchup.perm) and torch.equal(back.patchup.lam, batch.patchup.lam)
     if batch.patchup.box is not None:
         assert torch.equal(back.patchup.box, batch.patchup.box)
+
+
+def test_load_state_dict_refuses_an_unknown_mode_before_touching_the_generator() -> None:
+    op, batch = SumMix(groups=3, mode="permute", seed=4), _batch()
+    op.draw(batch)
+    before = op.state_dict()
+    state = {**SumMix(groups=3, mode="permute", seed=9).state_dict(), "mode": "shuffle"}
+    with pytest.raises(ValueError, match="'shuffle'"):
+        op.load_state_dict(state)
+    assert op.mode == "permute"
+    assert torch.equal(op.state_dict()["rng"]["generator"], before["rng"]["generator"])

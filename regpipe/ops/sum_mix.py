@@ -168,9 +168,7 @@ class RowMixOp(BatchOp[MixPlan]):
         return {"mode": self.mode, "drop_remainder": self.drop_remainder, **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mode = state["mode"]
-        if mode not in ("group", "permute"):
-            raise ValueError(f"state has an unknown mode {mode!r}")
+        mode = _check_mode(state["mode"])  # before the generator's state is replaced
         super().load_state_dict(state)
         self.mode, self.drop_remainder = mode, bool(state["drop_remainder"])
 
