@@ -145,7 +145,7 @@ class CutMix(_HostDraws, BatchOp[CutMixParams]):
             return CutMixParams(None, None)
         m = batch.replicas
         shared = self.keep_groups and m > 1
-        sources = draw_mix_sources(n, 2, "permute", self.rng.get(batch.device), replicas=m, shared=self.keep_groups)
+        sources = draw_mix_sources(n, 2, "permute", self.rng.get(batch.device), replicas=m, shared=shared)
         draws = (n // m if shared else n) if self.per_row else 1
         lam = rng.beta(self.alpha, self.alpha, size=draws)
         cy, cx = rng.integers(0, height, draws), rng.integers(0, width, draws)
