@@ -170,8 +170,8 @@ def check_soft_targets(name: str, targets: torch.Tensor, atol: float | None = No
         return
     bounds = _finite_bounds(targets)
     if bounds is None:
-        check_finite(name, targets, sync=sync)  # names the first non-finite value
-    if bounds is not None and bounds[0] < 0:
+        check_finite(name, targets, sync=sync)  # raises, naming the first non-finite value
+    elif bounds[0] < 0:
         row = int((targets < 0).any(dim=1).nonzero()[0])
         raise ValueError(f"{name} must be non-negative soft targets; row {row} is {targets[row].tolist()}")
     if atol is None:  # a few roundings of the dtype (bfloat16 mixing weights such as 1/3 are off by ~2e-3)
