@@ -64,7 +64,7 @@ def stage_and_batch(case: Case, device: torch.device, side: int) -> tuple[BatchB
     labels = torch.randint(0, 1000, (case.seeds,), generator=g).repeat_interleave(case.replicas)
     ids = torch.arange(case.seeds).repeat_interleave(case.replicas)
     builder = BatchBuilder(1000, device=device, ops=[case.make_op()], mean=MEAN, std=STD, channels_last=True)
-    batch = builder.build(images, labels, ids, raw=True).replace(replicas=case.replicas)
+    batch = builder.build(images, labels, ids, replicas=case.replicas, raw=True)
     assert batch.size == n and batch.inputs.dtype == torch.uint8
     return builder, batch
 
