@@ -222,7 +222,7 @@ class Replicate(_EpochOp):
         """``(S*M, 2, 3)`` normalised output -> input matrices and ``(S*M, 2)`` brightness/contrast of the copies
         of samples ``indices`` (``(S,)``) in ``epoch`` (default: the current one), seed-contiguous."""
         indices = np.asarray(indices, dtype=np.int64)
-        # K.augment_params per sample: the output frame is the image's, windows in frame fractions
+        # what generate_code's K.augment_params draws: the output frame is the image's, windows in frame fractions
         theta, photo, _ = K.copy_params(self.seed, self.epoch if epoch is None else epoch, indices,
                                         np.full(len(indices), height, np.int64),
                                         np.full(len(indices), width, np.int64), self.spec, self.count, self.m, height,
