@@ -394,8 +394,8 @@ class DaliLoader(BuilderAdapter):
         self.builder = BatchBuilder(num_classes, device=device, ops=ops, mean=mean, std=std,
                                     channels_last=channels_last, non_blocking=non_blocking, keep_uint8=keep_uint8,
                                     executor=executor)
+        pipes = None
         if isinstance(pipeline, DALIGenericIterator):
-            self.iterator = pipeline
             names = list(pipeline.output_map)
         else:
             if output_map is None:
@@ -405,8 +405,11 @@ class DaliLoader(BuilderAdapter):
             for p in pipes:
                 if not isinstance(p, Pipeline):
                     raise TypeError(f"pipeline must be a DALI Pipeline or DALIGenericIterator, got {type(p).__name__}")
-            labels_needed = "targets" not in names
-            check_outputs(names, ["images", "labels"] if labels_needed else ["images"], "the DALI pipeline")
+        # checked once, before the iterator is built (building it builds the pipelines)
+        check_outputs(names, ["images", "labels"] if "targets" not in names else ["images"], "the DALI pipeline")
+        if pipes is None:
+            self.iterator = pipeline
+        else:
             kwargs: dict[str, Any] = {"auto_reset": auto_reset}
             if reader_name is not None:
                 kwargs["reader_name"] = reader_name
@@ -414,7 +417,6 @@ class DaliLoader(BuilderAdapter):
                 kwargs["size"] = size
             kwargs["last_batch_policy"] = last_batch_policy if last_batch_policy is not None else LastBatchPolicy.DROP
             self.iterator = DALIGenericIterator(list(pipes), names, **kwargs)
-        check_outputs(names, ["images", "labels"] if "targets" not in names else ["images"], "the DALI pipeline")
         self.names = names
 
     def __len__(self) -> int:

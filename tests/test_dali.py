@@ -173,6 +173,11 @@ def test_missing_outputs_are_named(arrays: ImageArrays) -> None:
         DaliLoader(pipe(), K, ["pictures", "ids"])
     with pytest.raises(ValueError, match="give output_map"):
         DaliLoader(pipe(), K)
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    built = DALIGenericIterator([pipe()], ["images", "ids"], size=N)  # a ready iterator: its output map is checked
+    with pytest.raises(ValueError, match=r"lacks the output\(s\) \['labels'\]"):
+        DaliLoader(built, K)
 
 
 def test_bad_input_gives_the_torch_loaders_errors(arrays: ImageArrays) -> None:
