@@ -292,13 +292,13 @@ class BatchBuilder:
         mixer = None if self.executor == "torch" else self._fused(x)
         backend = "torch" if mixer is None else mixer.resolve(x.device)
         if mixer is None or backend == "torch":
-            name = "mix_rows[torch]"
+            name, out = "mix_rows[torch]", torch.float32 if uint8 else x.dtype  # mix_rows keeps a float dtype
 
             def run(inputs: torch.Tensor, plan: MixPlan) -> torch.Tensor:
                 return mix_rows(self.convert(inputs) if uint8 else inputs, plan)
         else:
-            name, run = f"fused_mix[{backend}]", mixer
-        out_dtype = "float32" if uint8 or mixer is None else str(mixer.out_dtype).replace("torch.", "")
+            name, run, out = f"fused_mix[{backend}]", mixer, mixer.out_dtype
+        out_dtype = str(out).replace("torch.", "")
 
         def counted(inputs: torch.Tensor, plan: MixPlan) -> torch.Tensor:
             self.ran[name] += 1

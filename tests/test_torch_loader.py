@@ -281,3 +281,15 @@ def test_loaders_import_nothing_from_the_engine() -> None:
                 [n.split()[0] for n in imported.split(",")]
             assert not any(m.startswith(("regpipe.engine", "regpipe.cli", "..engine", "..cli"))
                            for m in modules), (path.name, modules)
+
+
+@pytest.mark.parametrize("executor", ["auto", "torch"])
+def test_kernel_log_names_the_dtype_the_torch_mix_writes(data, executor: str, monkeypatch, capsys) -> None:
+    from regpipe.loaders.common import LOG_ENV, BatchBuilder
+    from regpipe.ops import SumMix
+
+    monkeypatch.setenv(LOG_ENV, "1")
+    builder = BatchBuilder(K, ops=[SumMix(groups=2)], executor=executor)  # float64: no kernel writes it
+    out = builder.apply(builder.build(data["images"].double() / 255.0, data["labels"]))
+    assert out.inputs.dtype == torch.float64 and builder.ran == {"mix_rows[torch]": 1}
+    assert "SumMix: mix_rows[torch] float64 -> float64" in capsys.readouterr().err
