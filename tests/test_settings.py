@@ -114,6 +114,25 @@ def test_every_setting_has_a_flag_that_sets_it_alone() -> None:
     assert len({_flag(path) for path, _, _ in leaves}) == len(leaves)
 
 
+def test_every_word_setting_refuses_an_unknown_word_naming_its_choices() -> None:
+    """Each ``Literal`` setting's dataclass refuses a word outside its annotation, naming the setting, the word
+    and every choice the annotation lists (built directly: the dataclass's own check, not the parser's)."""
+    hints = typing.get_type_hints(TrainConfig)
+    checked = []
+    for path, kind, _ in _leaves():
+        if get_origin(kind) is not Literal:
+            continue
+        group, _, name = path.rpartition(".")
+        with pytest.raises(ValueError) as refused:
+            (hints[group] if group else TrainConfig)(**{name: "not-a-choice"})
+        message = str(refused.value)
+        assert f"{name} must be" in message and "'not-a-choice'" in message, message
+        assert all(repr(choice) in message for choice in get_args(kind)), message
+        checked.append(path)
+    assert sorted(checked) == sorted(["sum.mode", "cascade.mode", "gradual.mode", "patchup.loss", "loss_order.order",
+                                      "shape", "loss", "logger", "loader", "amp", "schedule"])
+
+
 def test_every_setting_has_its_help_written_once_in_its_class() -> None:
     """The help of each flag is its field's entry in its dataclass's ``Attributes:`` section, which tyro reads:
     every field has one, no entry names a field that does not exist, and the entries reach ``--help``."""
