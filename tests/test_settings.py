@@ -270,6 +270,9 @@ def test_compare_reads_a_runs_config_yaml(fake_dir: Path, tmp_path: Path, capsys
     ({"cascade": {"stages": [4, 2], "stop_at": 5}}, "cascade.stop_at=5 leaves none of the stages (4, 2)"),
     ({"recipe": "sum+gradual"}, "take over"),
     ({"logger": "tensorboard"}, "train.logger='tensorboard' writes under train.out"),
+    ({"dataset": "imagefolder:/x", "augment": "flip"}, "--augment flip: imagefolder:... data is always augmented"),
+    ({"dataset": "imagefolder:/x", "augment_pad": 2}, "--augment-pad 2 pads the crop of in-memory data"),
+    ({"augment": "crop", "augment_pad": 0}, "--augment crop with --augment-pad 0"),
 ])
 def test_cross_field_checks_are_in_check_config(changes: dict, needle: str) -> None:
     """Each setting is valid alone (the dataclasses build); check_config refuses the combination, reading nothing."""
