@@ -14,7 +14,7 @@ launches only the runs that have not finished.
   caps how many run at once (Slurm's job-array parallelism). Logs go to ``OUT/slurm/``.
 
 The options are fields of :class:`regpipe.cli.compare.CompareOptions`; the functions here read them as
-attributes of ``args`` (those fields plus ``out``, ``rerun`` and ``device``).
+attributes of ``args`` (those fields, ``rerun`` among them, plus ``out`` and ``device``).
 """
 
 from __future__ import annotations

@@ -183,7 +183,8 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
     for alg in algorithms:
         alg.attach(context)
     # DALI and FFCV reading files make the copies at decode: that algorithm's replication op is left out, and
-    # the other ops run in stage order (copies are made, then mixed, then planned, whatever the order of the words).
+    # the other ops run in stage order (rows are augmented, copied, mixed, then planned, whatever the order of the
+    # words: staged_ops).
     copier = decode_copier(cfg.loader, splits, algorithms)
     ops = staged_ops(algorithms, decode_copier=copier)
     if info.rank > 0:
