@@ -264,6 +264,8 @@ def test_compare_reads_a_runs_config_yaml(fake_dir: Path, tmp_path: Path, capsys
     ({"dataset": "imagefolder:/x", "recipe": "loss-order"}, "['loss-order'] read the whole training set in memory"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "schedule": "plateau"}, "--schedule plateau decides"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "recipe": "cascade"}, "recipe 'cascade' decides from a"),
+    ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "recipe": "loss-delta-external"},
+     "recipe 'loss-delta-external' decides from a"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "eval_subset": 5}, "--eval-subset is not available"),
     ({"dataset": "beton:a.beton,b.beton"}, "add --loader ffcv"),
     ({"image_size": 96, "val_resize": 256}, "train.val_resize=256 is 2.67 x train.image_size=96"),

@@ -8,7 +8,7 @@ checked here, by :func:`check_config`, which :func:`~regpipe.engine.train.train`
 
 from __future__ import annotations
 
-from regpipe.engine.algorithms import build_algorithms
+from regpipe.engine.algorithms import build_algorithms, reads_holdout
 from regpipe.engine.config import AUGMENT_WORDS, TrainConfig, augment_words, check_val_resize
 from regpipe.engine.loggers import check_logger
 from regpipe.engine.splits import parse_data_spec
@@ -50,7 +50,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.schedule == "plateau":
         raise ValueError("--schedule plateau decides from a held-out validation set, which --data beton:... "
                          "does not carve; use --schedule cosine or --data imagefolder:ROOT")
-    if any(a.needs_validation or a.name == "loss-delta-external" for a in algorithms):
+    if reads_holdout(algorithms):
         raise ValueError(f"recipe {cfg.recipe!r} decides from a held-out validation set, which --data beton:... "
                          "does not carve; use --data imagefolder:ROOT")
     if cfg.eval_subset is not None:
