@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ import torch
 
 from imagefolder import write_image_folder
 from regpipe.cli import main
-from regpipe.engine.algorithms import build_algorithms
+from regpipe.engine.algorithms import Copies, build_algorithms, replication_augment
 from regpipe.engine.build import build_run
 from regpipe.engine.config import ReplicationConfig, TrainConfig
 from regpipe.engine.distributed import DistInfo
+from regpipe.engine.loading import decode_copier, train_loader
 from regpipe.engine.train import train
 from regpipe.loaders.common import LOG_ENV
 from regpipe.loaders.file_index import FileIndex
@@ -119,3 +121,20 @@ def test_train_logs_decode_time_copies_and_the_fused_mix(loader: str, folder: Pa
     assert f"replicate[{loader}] 4 copies per image" in log
     assert "GradualSumMix: fused_mix[numba] uint8 -> float32" in log
     assert json.loads((out / "metrics.json").read_text())["epochs"][0]["m"] == 4
+
+
+@pytest.mark.parametrize("kind, spec, needle", [
+    ("dali", None, "--loader dali does not make copies at decode from in-memory arrays"),
+    ("ffcv", None, "--loader ffcv does not make copies at decode from in-memory arrays"),
+    ("torch", "imagefolder", "--loader torch does not make copies at decode: give the replication op"),
+])
+def test_no_copier_is_chosen_and_copies_are_refused_where_the_loader_does_not_decode_them(
+        kind: str, spec: str | None, needle: str) -> None:
+    """decode_copier and train_loader agree on which loaders make the copies: where decode_copier picks none,
+    train_loader refuses copies before it builds anything (the splits are read for nothing else)."""
+    splits = SimpleNamespace(spec=spec)
+    algorithms = build_algorithms(TrainConfig(recipe="replicate"))
+    assert decode_copier(kind, splits, algorithms) is None
+    with pytest.raises(ValueError, match=needle):
+        train_loader(kind, splits, [], seed=0, device=torch.device("cpu"), ops=[], channels_last=False, workers=0,
+                     copies=Copies(M, replication_augment(0)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regpipe.engine.algorithms import ComposeError, build_algorithms, parse_recipe
+from regpipe.engine.algorithms import ComposeError, build_algorithms, parse_recipe, reads_holdout
 from regpipe.engine.config import (
     CascadeConfig,
     GradualConfig,
@@ -367,3 +367,11 @@ def test_budgets_are_the_sums_of_the_epochs(fake_dir: Path) -> None:
 def test_schedule_and_evaluation_settings_are_checked(changes: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         TrainConfig(**changes)
+
+
+@pytest.mark.parametrize("recipe, reads", [("baseline", False), ("gradual+invariance", False), ("loss-delta", False),
+                                           ("cascade", True), ("loss-delta-external", True), ("cascade+invariance", True)])
+def test_reads_holdout_names_the_recipes_that_read_the_validation_split(recipe: str, reads: bool) -> None:
+    """The one predicate build_run (which carves the split) and check_config (which refuses it on .beton data)
+    share: a decision from the validation accuracy (cascade), or loss-delta-external's trial rows."""
+    assert reads_holdout(build_algorithms(TrainConfig(recipe=recipe))) is reads

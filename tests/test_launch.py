@@ -88,6 +88,8 @@ def test_local_processes_train_the_missing_runs_and_name_failed_jobs(
     (["--launcher", "local", "--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["--launcher", "submitit", "--slurm-time", "0"], "--slurm-time must be >= 1 minute"),
     (["--launcher", "submitit", "--slurm-gpus", "-1"], "--slurm-gpus must be >= 0"),
+    (["--launcher", "submitit", "--slurm-cpus", "0"], "--slurm-cpus must be >= 1, got 0"),
+    (["--launcher", "submitit", "--slurm-mem-gb", "0"], "--slurm-mem-gb must be >= 1, got 0"),
 ])
 def test_bad_launcher_options_are_refused_before_any_work(extra: list[str], message: str, fake_dir: Path,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

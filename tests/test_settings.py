@@ -114,6 +114,25 @@ def test_every_setting_has_a_flag_that_sets_it_alone() -> None:
     assert len({_flag(path) for path, _, _ in leaves}) == len(leaves)
 
 
+def test_every_word_setting_refuses_an_unknown_word_naming_its_choices() -> None:
+    """Each ``Literal`` setting's dataclass refuses a word outside its annotation, naming the setting, the word
+    and every choice the annotation lists (built directly: the dataclass's own check, not the parser's)."""
+    hints = typing.get_type_hints(TrainConfig)
+    checked = []
+    for path, kind, _ in _leaves():
+        if get_origin(kind) is not Literal:
+            continue
+        group, _, name = path.rpartition(".")
+        with pytest.raises(ValueError) as refused:
+            (hints[group] if group else TrainConfig)(**{name: "not-a-choice"})
+        message = str(refused.value)
+        assert f"{name} must be" in message and "'not-a-choice'" in message, message
+        assert all(repr(choice) in message for choice in get_args(kind)), message
+        checked.append(path)
+    assert sorted(checked) == sorted(["sum.mode", "cascade.mode", "gradual.mode", "patchup.loss", "loss_order.order",
+                                      "shape", "loss", "logger", "loader", "amp", "schedule"])
+
+
 def test_every_setting_has_its_help_written_once_in_its_class() -> None:
     """The help of each flag is its field's entry in its dataclass's ``Attributes:`` section, which tyro reads:
     every field has one, no entry names a field that does not exist, and the entries reach ``--help``."""
@@ -245,12 +264,17 @@ def test_compare_reads_a_runs_config_yaml(fake_dir: Path, tmp_path: Path, capsys
     ({"dataset": "imagefolder:/x", "recipe": "loss-order"}, "['loss-order'] read the whole training set in memory"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "schedule": "plateau"}, "--schedule plateau decides"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "recipe": "cascade"}, "recipe 'cascade' decides from a"),
+    ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "recipe": "loss-delta-external"},
+     "recipe 'loss-delta-external' decides from a"),
     ({"dataset": "beton:a.beton,b.beton", "loader": "ffcv", "eval_subset": 5}, "--eval-subset is not available"),
     ({"dataset": "beton:a.beton,b.beton"}, "add --loader ffcv"),
     ({"image_size": 96, "val_resize": 256}, "train.val_resize=256 is 2.67 x train.image_size=96"),
     ({"cascade": {"stages": [4, 2], "stop_at": 5}}, "cascade.stop_at=5 leaves none of the stages (4, 2)"),
     ({"recipe": "sum+gradual"}, "take over"),
     ({"logger": "tensorboard"}, "train.logger='tensorboard' writes under train.out"),
+    ({"dataset": "imagefolder:/x", "augment": "flip"}, "--augment flip: imagefolder:... data is always augmented"),
+    ({"dataset": "imagefolder:/x", "augment_pad": 2}, "--augment-pad 2 pads the crop of in-memory data"),
+    ({"augment": "crop", "augment_pad": 0}, "--augment crop with --augment-pad 0"),
 ])
 def test_cross_field_checks_are_in_check_config(changes: dict, needle: str) -> None:
     """Each setting is valid alone (the dataclasses build); check_config refuses the combination, reading nothing."""

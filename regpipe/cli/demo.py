@@ -25,6 +25,7 @@ from regpipe.core.files import atomic_write
 from regpipe.core.optional import require
 from regpipe.engine.algorithms import build_algorithms, parse_recipe
 from regpipe.engine.config import SMALL_DATA_PER_CLASS, TrainConfig
+from regpipe.engine.config_checks import check_config
 from regpipe.engine.robustness import EvalSettings
 
 __all__ = ["DEMO_EPOCHS", "DEMO_METHOD", "plot_demo", "register", "run", "verdict"]
@@ -54,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder with the Fashion-MNIST idx .gz files (default: $REGPIPE_DATA_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--samples-per-class", type=int, default=SMALL_DATA_PER_CLASS,
-                   help=f"training images per class (default: {SMALL_DATA_PER_CLASS})")
+                   help=f"training images per class, 0: every image (default: {SMALL_DATA_PER_CLASS})")
     p.add_argument("--val-per-class", type=int, default=TrainConfig.val_per_class,
                    help=f"held-out validation images per class (default: {TrainConfig.val_per_class})")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
@@ -75,10 +76,10 @@ def _configs(args: argparse.Namespace) -> dict[str, list[TrainConfig]]:
         # the per-epoch curve reads 1000 test images (a seeded draw); the final accuracy reads all of them
         cfg = TrainConfig(recipe=recipe, epochs=args.epochs, seed=args.seed, out=str(folder),
                           checkpoint_out=str(folder / "model.pt"), data_dir=args.data_dir,
-                          samples_per_class=args.samples_per_class or None, val_per_class=args.val_per_class,
+                          samples_per_class=args.samples_per_class, val_per_class=args.val_per_class,
                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                           eval_subset=1000)
-        build_algorithms(cfg)  # a recipe that cannot run is named before anything trains
+        check_config(cfg)  # settings that cannot run (together) are named before anything trains, as in compare
         configs[recipe] = [cfg]
     return configs
 

@@ -14,7 +14,7 @@ launches only the runs that have not finished.
   caps how many run at once (Slurm's job-array parallelism). Logs go to ``OUT/slurm/``.
 
 The options are fields of :class:`regpipe.cli.compare.CompareOptions`; the functions here read them as
-attributes of ``args`` (those fields plus ``out``, ``rerun`` and ``device``).
+attributes of ``args`` (those fields, ``rerun`` among them, plus ``out`` and ``device``).
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def check_launcher_options(args: Any) -> None:
     given = [f"--{name.replace('_', '-')}" for name in SLURM_OPTIONS if getattr(args, name) is not None]
     if given and args.launcher != "submitit":
         raise ValueError(f"{', '.join(given)} only apply to --launcher submitit (got --launcher {args.launcher})")
-    for name in ("slurm_gpus", "slurm_cpus", "slurm_mem_gb"):
-        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "slurm_gpus" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'slurm_gpus' else 1}, "
-                             f"got {getattr(args, name)}")
+    for name, low in (("slurm_gpus", 0), ("slurm_cpus", 1), ("slurm_mem_gb", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if args.slurm_time is not None and args.slurm_time < 1:
         raise ValueError(f"--slurm-time must be >= 1 minute, got {args.slurm_time}")
     if args.launcher == "submitit":

@@ -19,7 +19,7 @@ import torch
 
 from regpipe.core.batch import Batch
 from regpipe.engine import distributed
-from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext, staged_ops
+from regpipe.engine.algorithms import Algorithm, DataContext, Resource, RunContext, reads_holdout, staged_ops
 from regpipe.engine.config import TrainConfig
 from regpipe.engine.data import ArrayDataset, ImageArrays
 from regpipe.engine.loading import (clean_loader, decode_copier, default_workers, eval_loader, train_loader,
@@ -48,8 +48,7 @@ def _splits(cfg: TrainConfig, algorithms: list[Algorithm], workers: int) -> Spli
     if spec is None:
         return array_splits(prepare_data(cfg.dataset, cfg.seed, cfg.val_per_class, cfg.samples_per_class,
                                          data_dir=cfg.data_dir, shape=cfg.shape))
-    holdout = cfg.schedule == "plateau" or any(a.needs_validation or a.name == "loss-delta-external"
-                                                for a in algorithms)
+    holdout = cfg.schedule == "plateau" or reads_holdout(algorithms)
     val_per_class = cfg.val_per_class if holdout else None
     if spec.kind == "beton":  # which carves no validation set: check_config refused recipes that need one
         from regpipe.engine.ffcv_files import beton_splits
@@ -183,7 +182,8 @@ def build_run(cfg: TrainConfig, algorithms: list[Algorithm], device: torch.devic
     for alg in algorithms:
         alg.attach(context)
     # DALI and FFCV reading files make the copies at decode: that algorithm's replication op is left out, and
-    # the other ops run in stage order (copies are made, then mixed, then planned, whatever the order of the words).
+    # the other ops run in stage order (rows are augmented, copied, mixed, then planned, whatever the order of the
+    # words: staged_ops).
     copier = decode_copier(cfg.loader, splits, algorithms)
     ops = staged_ops(algorithms, decode_copier=copier)
     if info.rank > 0:

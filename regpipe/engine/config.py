@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_type_hints
 
 import dacite
 import tyro
@@ -52,6 +52,12 @@ __all__ = [
 ]
 
 MixMode = Literal["group", "permute"]
+#: The choices of TrainConfig's fields of the same names (``__post_init__`` checks values against them).
+Shape = Literal["cifar", "native"]
+TaskLoss = Literal["ce", "bce"]
+LoaderName = Literal["torch", "dali", "ffcv"]
+Amp = Literal["off", "bf16", "fp16"]
+Schedule = Literal["cosine", "plateau"]
 #: The per-epoch loggers besides ``metrics.json`` (always written): ``json`` adds none.
 LoggerName = Literal["json", "tensorboard", "wandb"]
 #: The small-data default of in-memory datasets (``samples_per_class="auto"``).
@@ -77,11 +83,6 @@ def _finite(owner: str, name: str, value: object, low: float | None = None, high
         raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{owner}.{name} must be in [{low}, {high}], got {value!r}")
-
-
-def _mode(owner: str, value: str) -> None:
-    if value not in ("group", "permute"):
-        raise ValueError(f"{owner}.mode must be 'group' or 'permute', got {value!r}")
 
 
 def _names(owner: str, name: str, value: tuple[str, ...]) -> None:
@@ -135,7 +136,7 @@ class SumConfig:
 
     def __post_init__(self) -> None:
         _positive_int("sum", "k", self.k)
-        _mode("sum", self.mode)
+        _choice("sum", "mode", self.mode, get_args(MixMode))
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class CascadeConfig:
             raise ValueError(f"cascade.stages must be strictly decreasing integers >= 1, got {self.stages!r}")
         _positive_int("cascade", "patience", self.patience)
         _positive_int("cascade", "stop_at", self.stop_at)
-        _mode("cascade", self.mode)
+        _choice("cascade", "mode", self.mode, get_args(MixMode))
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class GradualConfig:
         _finite("gradual", "fine_tune_frac", self.fine_tune_frac, 0.0, 1.0)
         if self.fine_tune_frac >= 1.0:
             raise ValueError(f"gradual.fine_tune_frac must be < 1, got {self.fine_tune_frac}")
-        _mode("gradual", self.mode)
+        _choice("gradual", "mode", self.mode, get_args(MixMode))
 
 
 @dataclass(frozen=True)
@@ -363,13 +364,6 @@ class SignConfig:
             raise ValueError(f"sign.eta must be > 0, got {self.eta}")
 
 
-        if not self.iters or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.iters):
-            raise ValueError(f"sign.iters must be integers >= 1, got {self.iters!r}")
-        _finite("sign", "eta", self.eta)
-        if self.eta <= 0:
-            raise ValueError(f"sign.eta must be > 0, got {self.eta}")
-
-
 #: ImageNet's evaluation transform: resize the shorter side to 256, centre-crop 224.
 IMAGENET_RESIZE_RATIO = 256 / 224
 #: Bounds of ``val_resize / image_size``. Below 1 the centre crop would be larger than the resized image;
@@ -523,13 +517,13 @@ class TrainConfig:
     out: str | None = None
     dataset: Annotated[str, _also("--data")] = "fashion-mnist"
     data_dir: str | None = None
-    shape: Literal["cifar", "native"] = "cifar"
+    shape: Shape = "cifar"
     batch_size: int = 64
     eval_batch_size: int | None = None
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    loss: Literal["ce", "bce"] = "ce"
+    loss: TaskLoss = "ce"
     val_per_class: int = 50
     checkpoint_out: str | None = None
     bn_recalibration: bool = True
@@ -538,15 +532,15 @@ class TrainConfig:
     channels_last: bool = False
     progress: bool = True
     logger: LoggerName = "json"
-    loader: Literal["torch", "dali", "ffcv"] = "torch"
+    loader: LoaderName = "torch"
     image_size: int = 224
     val_resize: int | None = None
     workers: int | None = None
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Amp = "off"
     resume: bool = False
     checkpoint_every: int | None = None
     cache_dir: str | None = None
-    schedule: Literal["cosine", "plateau"] = "cosine"
+    schedule: Schedule = "cosine"
     plateau_factor: float = 0.1
     plateau_patience: int = 3
     eval_every: int = 1
@@ -584,10 +578,9 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         check_plateau(self.plateau_factor, self.plateau_patience)
-        for name, choices in (("amp", ("off", "bf16", "fp16")), ("schedule", ("cosine", "plateau")),
-                              ("loss", ("ce", "bce")), ("loader", ("torch", "dali", "ffcv")),
-                              ("shape", ("cifar", "native")), ("logger", ("json", "tensorboard", "wandb"))):
-            _choice("train", name, getattr(self, name), choices)
+        for name, kind in (("amp", Amp), ("schedule", Schedule), ("loss", TaskLoss), ("loader", LoaderName),
+                           ("shape", Shape), ("logger", LoggerName)):
+            _choice("train", name, getattr(self, name), get_args(kind))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"train.seed must be an integer in [0, 2**63), got {self.seed!r}")
 

@@ -8,9 +8,7 @@ checked here, by :func:`check_config`, which :func:`~regpipe.engine.train.train`
 
 from __future__ import annotations
 
-from regpipe.engine.algorithms import build_algorithms
-from dataclasses import fields
-
+from regpipe.engine.algorithms import build_algorithms, reads_holdout
 from regpipe.engine.config import AUGMENT_WORDS, TrainConfig, augment_words, check_val_resize
 from regpipe.engine.loggers import check_logger
 from regpipe.engine.splits import parse_data_spec
@@ -52,7 +50,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.schedule == "plateau":
         raise ValueError("--schedule plateau decides from a held-out validation set, which --data beton:... "
                          "does not carve; use --schedule cosine or --data imagefolder:ROOT")
-    if any(a.needs_validation or a.name == "loss-delta-external" for a in algorithms):
+    if reads_holdout(algorithms):
         raise ValueError(f"recipe {cfg.recipe!r} decides from a held-out validation set, which --data beton:... "
                          "does not carve; use --data imagefolder:ROOT")
     if cfg.eval_subset is not None:
@@ -74,8 +72,7 @@ def _check_augment(cfg: TrainConfig, streamed: str | None) -> None:
         if cfg.augment != base:
             raise ValueError(f"--augment {cfg.augment}: {streamed}:... data is always augmented by the loader's "
                              f"random-resized crop and horizontal flip; use --augment auto or {base}")
-        default_pad = next(f.default for f in fields(TrainConfig) if f.name == "augment_pad")
-        if cfg.augment_pad != default_pad:
+        if cfg.augment_pad != TrainConfig.augment_pad:  # the field's default
             raise ValueError(f"--augment-pad {cfg.augment_pad} pads the crop of in-memory data; {streamed}:... data "
                              "is cropped by the loader's random-resized crop: leave --augment-pad unset")
         return

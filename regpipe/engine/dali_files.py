@@ -25,10 +25,9 @@ import torch
 
 from regpipe.core.optional import require
 from regpipe.engine.algorithms import Copies
-from regpipe.engine.datasets import ImageFolderDataset
+from regpipe.engine.datasets import ImageFolderDataset, training_chain
 from regpipe.loaders import EpochBatches, SizedLoader
 from regpipe.loaders._kernels import counter_uniforms
-from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
 __all__ = ["FileWindows", "dali_folder_loader"]
 
@@ -154,8 +153,7 @@ def dali_folder_loader(dataset: ImageFolderDataset, batches: Iterable[Sequence[i
     epochs = EpochBatches(batches)
     gpu = device.type == "cuda"
     size = dataset.size
-    chain = None if copies is None else \
-        Augment([RandomResizedCrop(size=(size, size)), RandomFlip(), *copies.augment.transforms])
+    chain = None if copies is None else training_chain(size, copies.augment.transforms)
     feed = FileWindows(dataset, epochs, start_epoch, copies=None if chain is None else (copies.m, chain.num_uniforms))
     decoder = "mixed" if gpu else "cpu"
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from regpipe.core.optional import require
 from regpipe.loaders._kernels import copy_params, encode_augment
 from regpipe.loaders.file_index import FileIndex
-from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
+from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop, RandomTransform
 
 __all__ = ["ImageFolderDataset", "centre_crop_box", "training_crop", "training_chain"]
 
@@ -42,10 +42,11 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError)
 
 
-def training_chain(size: int) -> Augment:
+def training_chain(size: int, then: Sequence[RandomTransform] = ()) -> Augment:
     """The ImageNet training augmentation as a regpipe chain: a random-resized crop to ``size x size`` (area
-    ``U(0.08, 1)``, pixel aspect log-uniform in ``[3/4, 4/3]``) and a horizontal flip with probability 1/2."""
-    return Augment([RandomResizedCrop(size=(size, size)), RandomFlip(horizontal=0.5)])
+    ``U(0.08, 1)``, pixel aspect log-uniform in ``[3/4, 4/3]``) and a horizontal flip with probability 1/2, then
+    the transforms ``then`` (a replicating recipe's chain, drawn per copy by DALI and FFCV)."""
+    return Augment([RandomResizedCrop(size=(size, size)), RandomFlip(horizontal=0.5), *then])
 
 
 def training_crop(chain: tuple[np.ndarray, int], size: int, seed: int, epoch: int, index: int, width: int,

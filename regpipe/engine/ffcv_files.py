@@ -123,15 +123,15 @@ def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import ToTensor
 
+    from regpipe.engine.datasets import training_chain
     from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder, WithIndices
-    from regpipe.ops.augment import Augment, RandomFlip, RandomResizedCrop
 
     ref = BetonRef(path)
     epochs = EpochBatches(batches)
     # the ImageNet crop (area 0.08-1, aspect 3/4-4/3, as FFCV's decoder) and a horizontal flip with probability 1/2,
     # then the copies' chain when the loader makes them
-    chain = [RandomResizedCrop(size=(size, size)), RandomFlip(), *(copies.augment.transforms if copies else [])]
-    decoder = ReplicatedCropDecoder(copies.m if copies else 1, Augment(chain), seed=seed)
+    chain = training_chain(size, copies.augment.transforms if copies else ())
+    decoder = ReplicatedCropDecoder(copies.m if copies else 1, chain, seed=seed)
     pipelines: dict[str, Any] = {name: None for name in ref.fields}  # None: the field is not read
     # the crops are keyed by each row's index: from the index field, else from the labels' WithIndices
     pipelines.update(image=[decoder, ToTensor()],

@@ -58,9 +58,15 @@ def decode_copier(kind: str, splits: Splits, algorithms: Sequence[Algorithm]) ->
     makes at decode: DALI or FFCV reading files (``imagefolder:``, ``beton:``) decode each image once and crop
     its copies there. ``None`` for in-memory data (the loaders read arrays already cropped) and for
     ``--loader torch``: their batches go through the device op."""
-    if splits.spec is None or kind not in DECODE_COPIES:
+    if not _decodes_copies(kind, splits):
         return None
     return next((alg for alg in algorithms if alg.copies() is not None), None)
+
+
+def _decodes_copies(kind: str, splits: Splits) -> bool:
+    """Whether the training loader ``kind`` makes a replicating recipe's copies at decode: DALI or FFCV reading
+    files (``splits.spec`` is set for ``imagefolder:`` and ``beton:`` data)."""
+    return splits.spec is not None and kind in DECODE_COPIES
 
 
 def worker_start_method(kind: str) -> str | None:
@@ -108,7 +114,7 @@ def train_loader(kind: str, splits: Splits, batches: Iterable[Sequence[int]], *,
     Raises:
         ValueError: ``copies`` for a loader that reads arrays or decodes with torch (they go through the device op).
     """
-    if copies is not None and (splits.spec is None or kind not in DECODE_COPIES):
+    if copies is not None and not _decodes_copies(kind, splits):
         raise ValueError(f"--loader {kind} does not make copies at decode"
                          f"{' from in-memory arrays' if splits.spec is None else ''}: give the replication op instead")
     common = dict(device=device, ops=ops, mean=splits.mean, std=splits.std, channels_last=channels_last)

@@ -7,7 +7,7 @@ reading its own config dataclass from the run's :class:`~regpipe.engine.config.T
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from regpipe.engine.algorithms.augment import BaseAugmentation
 from regpipe.engine.algorithms.base import (
@@ -46,6 +46,7 @@ __all__ = [
     "build_algorithms",
     "check_compatible",
     "parse_recipe",
+    "reads_holdout",
     "replication_augment",
     "staged_ops",
 ]
@@ -91,6 +92,12 @@ def parse_recipe(recipe: str) -> list[str]:
     if "baseline" in words and len(words) > 1:
         raise ValueError(f"recipe {recipe!r}: 'baseline' means no algorithm and combines with nothing")
     return words
+
+
+def reads_holdout(algorithms: Sequence[Algorithm]) -> bool:
+    """Whether an algorithm reads the held-out validation split: one that decides from its accuracy
+    (``needs_validation``), or loss-delta-external, which measures its trial steps on its rows."""
+    return any(a.needs_validation or a.name == "loss-delta-external" for a in algorithms)
 
 
 def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
