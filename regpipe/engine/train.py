@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from regpipe.core.batch import Batch
 from regpipe.core.files import remove_stale_temporaries
 from regpipe.engine import distributed
-from regpipe.engine.algorithms import Algorithm, build_algorithms
+from regpipe.engine.algorithms import build_algorithms
 from regpipe.engine.build import build_run
 from regpipe.engine.checkpoint import save_checkpoint
 from regpipe.engine.config import TrainConfig, write_config
@@ -51,7 +51,7 @@ RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "workers", "out",
 CONFIG_FILE = "config.yaml"
 
 
-def _check_run(cfg: TrainConfig, algorithms: list[Algorithm]) -> dict[str, Any] | None:
+def _check_run(cfg: TrainConfig) -> dict[str, Any] | None:
     """Refuse what cannot run before anything is read (the settings themselves are checked by
     :func:`check_config` before): output paths that are files, an unknown model, a state to resume that is
     missing, unreadable or written by other settings. Returns the state to resume (``None`` for a fresh run)."""
@@ -114,7 +114,7 @@ def train(cfg: TrainConfig, observe: Callable[[int, Batch], None] | None = None)
     """
     check_config(cfg)
     algorithms = build_algorithms(cfg)
-    saved = _check_run(cfg, algorithms)
+    saved = _check_run(cfg)
     device = resolve_device(cfg.device)
     info = distributed.setup(device)
     if info.distributed and device.type == "cuda":
