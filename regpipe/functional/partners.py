@@ -18,7 +18,7 @@ index draws its own arrangement and the copies of a seed meet different partners
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import torch
 
@@ -36,8 +36,8 @@ def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
     Args:
         n_rows: batch size ``N``.
         k: number of sum groups (``k >= 1``).
-        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed; logged once per ``(k, N)``
-            on the ``regpipe`` logger).
+        drop_remainder: allow ``N % k != 0`` (the remainder rows are not mixed; a ``UserWarning`` says
+            how many, shown once per ``(k, N)``).
 
     Returns:
         ``n = N // k``.
@@ -57,18 +57,11 @@ def group_rows(n_rows: int, k: int, drop_remainder: bool = False) -> int:
     return n_rows // k
 
 
-_LOGGED_DROPS: set[tuple[int, int]] = set()
-
-
 def _log_dropped(k: int, n_rows: int) -> None:
-    """The opt-in drop is logged (a warning on the ``regpipe`` logger), once per batch size and ``k``:
-    nothing is left out without a word."""
-    if (k, n_rows) in _LOGGED_DROPS:
-        return
-    _LOGGED_DROPS.add((k, n_rows))
-    logging.getLogger("regpipe").warning(
-        "drop_remainder=True: group mixing with k=%d leaves out the last %d of %d rows of every batch of %d rows",
-        k, n_rows % k, n_rows, n_rows)
+    """The opt-in drop is announced (a ``UserWarning``): nothing is left out without a word. Python's
+    warning filter shows it once per batch size and ``k`` (the message names both)."""
+    warnings.warn(f"drop_remainder=True: group mixing with k={k} leaves out the last {n_rows % k} of {n_rows} "
+                  f"rows of every batch of {n_rows} rows", UserWarning, stacklevel=3)
 
 
 def mix_sources(n_rows: int, k: int, perms: torch.Tensor | None = None, drop_remainder: bool = False,
