@@ -328,6 +328,9 @@ def test_tta_params_validation_and_bad_weight() -> None:
     with pytest.raises(ValueError, match="carry the weights .* this op's are"):  # a plan for another weight
         TestTimeSumAugmentation(k=2, draws=1, weight=3.0).apply(
             as_batch(rand_images(4, 1)), TTAParams.from_partners(torch.zeros(1, 4, 1, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="carry the weights .* this op's are"):  # and for its predictions
+        TestTimeSumAugmentation(k=2, draws=1, weight=3.0).predict(
+            lambda v: v.flatten(1), rand_images(4, 1), TTAParams.from_partners(torch.zeros(1, 4, 1, dtype=torch.int64)))
     with pytest.raises(ValueError, match="weight must be > 0, got 0"):
         TestTimeSumAugmentation(weight=0)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):

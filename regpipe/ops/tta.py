@@ -167,10 +167,14 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
                              "only partners drawn from the batch itself can be applied to it")
         if params.batch_size != batch.size:
             raise ValueError(f"these partners were drawn for {params.batch_size} rows, the batch has {batch.size}")
+        self._check_weights(params)
+        return mix_batch(batch, params)
+
+    def _check_weights(self, params: TTAParams) -> None:
+        """Replayed partners mix with this op's weights: refuse ones drawn with another ``weight``."""
         if params.column_weights != _tta_weights(self.weight, params.k):
             raise ValueError(f"these partners carry the weights {params.column_weights}, this op's are "
                              f"{_tta_weights(self.weight, params.k)} (weight={self.weight})")
-        return mix_batch(batch, params)
 
     def predict(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: TTAParams | None = None,
                 *, pool: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,13 +189,16 @@ class TestTimeSumAugmentation(BatchOp[TTAParams]):
             pool: ``(P, C, H, W)`` reference inputs the partners come from; ``None`` = ``x`` itself.
 
         Raises:
-            ValueError: ``params`` drawn against a pool of another size (or without one while ``pool`` is given).
+            ValueError: ``params`` drawn against a pool of another size (or without one while ``pool`` is given),
+                or with another ``weight``.
         """
         pool_size = None if pool is None else pool.shape[0]
         if params is None:
             params = self._draw(x.shape[0], x.device, pool_size)
         elif params.pool_size != pool_size:
             raise ValueError(f"these partners were drawn for pool_size={params.pool_size}, got pool_size={pool_size}")
+        else:
+            self._check_weights(params)
         return test_time_sum_predict(model, x, params.partners, pool=pool, weight=self.weight,
                                      chunk_size=self.chunk_size)
 
