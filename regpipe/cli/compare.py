@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from regpipe.cli.eval import number
-from regpipe.cli.launch import JobsFailed, check_launcher_options, launch
+from regpipe.cli.launch import JobsFailed, LauncherName, check_launcher_options, launch
 from regpipe.cli.report import check_compare_outputs, compare
 from regpipe.cli.settings import parse_command
 from regpipe.engine.algorithms import RECIPE_WORDS, parse_recipe
@@ -86,7 +86,7 @@ class CompareOptions:
     eval_eps: Fraction = 8 / 255
     eval_steps: int = 10
     eval_limit: int | None = None
-    launcher: Literal["inline", "local", "submitit"] = "inline"
+    launcher: LauncherName = "inline"
     jobs: int = 1
     slurm_partition: str | None = None
     slurm_gpus: int | None = None

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from regpipe.cli.report import finished_run
 from regpipe.core.optional import require
@@ -33,10 +33,10 @@ from regpipe.engine.config import TrainConfig
 from regpipe.engine.distributed import resolve_device
 from regpipe.engine.robustness import EvalSettings, evaluate_run
 
-__all__ = ["LAUNCHERS", "Job", "JobsFailed", "check_launcher_options", "launch", "run_job"]
+__all__ = ["Job", "JobsFailed", "check_launcher_options", "launch", "run_job", "LauncherName"]
 
 #: ``compare --launcher`` choices: ``inline`` trains in the compare process, one run after another.
-LAUNCHERS = ("inline", "local", "submitit")
+LauncherName = Literal["inline", "local", "submitit"]
 #: The Slurm options (``dest`` names), refused with another launcher so that none is silently ignored.
 SLURM_OPTIONS = ("slurm_partition", "slurm_gpus", "slurm_time", "slurm_cpus", "slurm_mem_gb", "slurm_cluster")
 
