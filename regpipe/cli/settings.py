@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -25,15 +24,11 @@ import tyro
 # it, with only the constructor wrapped (see _refusals_reraised).
 from tyro.constructors._struct_spec_dataclass import dataclass_rule
 
-from regpipe.engine.config import TrainConfig, config_from_dict, config_yaml, load_yaml
+from regpipe.engine.config import RESOLVED_FIELDS, TrainConfig, config_from_dict, config_yaml, load_yaml
 
 __all__ = ["Command", "NoOptions", "as_default", "parse_command"]
 
 Options = TypeVar("Options")
-
-#: TrainConfig fields resolved at construction from other fields, and the value that asks for it.
-RESOLVED = MappingProxyType({"val_resize": None, "samples_per_class": "auto", "augment": "auto"})
-
 
 @dataclass(frozen=True)
 class NoOptions:
@@ -123,14 +118,14 @@ def _comma_lists(registry: tyro.constructors.ConstructorRegistry) -> None:
 
 def as_default(cfg: TrainConfig, given: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
     """``cfg`` as the defaults of a command line: each field that ``TrainConfig`` resolves from others
-    (:data:`RESOLVED`) and that ``given`` (the keys a config file set) does not name is put back to the
+    (:data:`~regpipe.engine.config.RESOLVED_FIELDS`) and that ``given`` (the keys a config file set) does not name is put back to the
     value that asks for its resolution, so that the final settings resolve it: ``--image-size 64`` then gives
     ``val_resize`` 73, not the 256 resolved from the default 224.
 
     The returned object is only read field by field (tyro's defaults), never run.
     """
     unresolved = replace(cfg)
-    for name, value in RESOLVED.items():
+    for name, value in RESOLVED_FIELDS.items():
         if name not in given:
             object.__setattr__(unresolved, name, value)  # frozen: this copy holds the request, not a number
     return unresolved

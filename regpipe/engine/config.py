@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_type_hints
 
 import dacite
@@ -35,6 +36,7 @@ __all__ = [
     "LossOrderConfig",
     "MixUpConfig",
     "PatchUpConfig",
+    "RESOLVED_FIELDS",
     "ReplicationConfig",
     "SaliencyConfig",
     "SignConfig",
@@ -66,6 +68,9 @@ SMALL_DATA_PER_CLASS = 100
 STREAMED_PREFIXES = ("imagefolder:", "beton:")
 #: The words of ``augment`` (the base augmentation), in the order they are applied and recorded.
 AUGMENT_WORDS = ("crop", "flip")
+#: The fields :class:`TrainConfig` resolves at construction from other fields (``_resolve``), and the value
+#: that asks for the resolution.
+RESOLVED_FIELDS = MappingProxyType({"val_resize": None, "samples_per_class": "auto", "augment": "auto"})
 
 
 def _also(*names: str) -> Any:
