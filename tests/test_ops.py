@@ -50,6 +50,16 @@ def test_labels_to_targets_errors() -> None:
         labels_to_targets(torch.tensor([0.0, 1.0]), 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_labels_to_targets_equals_one_hot(dtype: torch.dtype, label_dtype: torch.dtype) -> None:
+    labels = torch.tensor([3, 0, 9, 3, 1], dtype=label_dtype)
+    targets = labels_to_targets(labels, 10, dtype)
+    assert targets.dtype == dtype
+    torch.testing.assert_close(targets, torch.nn.functional.one_hot(labels.long(), 10).to(dtype), rtol=0, atol=0)
+    assert labels_to_targets(labels[:0], 10).shape == (0, 10)
+
+
 # ---------------------------------------------------------------- mix_batch / SumMix
 
 
