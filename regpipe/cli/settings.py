@@ -118,9 +118,9 @@ def _comma_lists(registry: tyro.constructors.ConstructorRegistry) -> None:
 
 def as_default(cfg: TrainConfig, given: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
     """``cfg`` as the defaults of a command line: each field that ``TrainConfig`` resolves from others
-    (:data:`~regpipe.engine.config.RESOLVED_FIELDS`) and that ``given`` (the keys a config file set) does not name is put back to the
-    value that asks for its resolution, so that the final settings resolve it: ``--image-size 64`` then gives
-    ``val_resize`` 73, not the 256 resolved from the default 224.
+    (:data:`~regpipe.engine.config.RESOLVED_FIELDS`) and that ``given`` (the keys a config file set) does not
+    name is put back to the value that asks for its resolution, so that the final settings resolve it:
+    ``--image-size 64`` then gives ``val_resize`` 73, not the 256 resolved from the default 224.
 
     The returned object is only read field by field (tyro's defaults), never run.
     """

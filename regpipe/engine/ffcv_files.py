@@ -26,6 +26,7 @@ import torch
 from regpipe.core.optional import require
 from regpipe.engine import distributed
 from regpipe.engine.algorithms import Copies
+from regpipe.engine.datasets import training_chain
 from regpipe.engine.splits import DataSpec, Splits
 from regpipe.loaders import EpochBatches, ffcv_pass_loader
 
@@ -123,7 +124,6 @@ def beton_train_loader(path: Path, batches: Iterable[Sequence[int]], num_classes
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import ToTensor
 
-    from regpipe.engine.datasets import training_chain
     from regpipe.loaders.ffcv import FfcvLoader, ReplicatedCropDecoder, WithIndices
 
     ref = BetonRef(path)
